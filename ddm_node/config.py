@@ -1,0 +1,278 @@
+"""Typed configuration: dataclasses validated at the edge (YAML files and CLI flags).
+
+Every section is a frozen-free dataclass with defaults; `load_config` reads YAML, rejects unknown keys
+and ill-typed values with a one-line `DDMError` naming the field and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddm_node.errors import DDMError
+
+# name -> (hidden, depth, heads, patch). tiny/small run on a CPU; S/B/XL follow DiT for 32x32x4 latents.
+MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (64, 4, 4, 2),
+    "small": (128, 6, 4, 2),
+    "mnist": (192, 6, 6, 4),
+    "S/2": (384, 12, 6, 2),
+    "B/2": (768, 12, 12, 2),
+    "L/2": (1024, 24, 16, 2),
+    "XL/2": (1152, 28, 16, 2),
+}
+
+
+@dataclass
+class DataConfig:
+    """Which dataset and how much of it is held out for evaluation."""
+
+    dataset: str = "digits"
+    holdout_fraction: float = 0.1
+    split_seed: int = 0
+
+
+@dataclass
+class PartitionConfig:
+    """Features -> k-means -> K shards."""
+
+    experts: int = 4
+    features: str = "pca"  # "pca" or "dataset" (the dataset's own `features` array)
+    pca_dim: int = 32
+    fine_clusters: int = 0  # 0: auto (consolidate fine clusters only when the data is large)
+    sub_centroids: int = 4  # per-shard sub-centroids published for the centroid router
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """DiT expert. `size` picks hidden/depth/heads/patch from MODEL_SIZES; explicit values override."""
+
+    size: str = "tiny"
+    image_size: int = 8
+    channels: int = 1
+    num_classes: int = 10  # 0: unconditional
+    class_dropout: float = 0.1  # label dropout that trains the null class for CFG
+    hidden: int = 0
+    depth: int = 0
+    heads: int = 0
+    patch_size: int = 0
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with hidden/depth/heads/patch filled from the named size."""
+        if self.size not in MODEL_SIZES:
+            raise DDMError(f"model.size: unknown size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        h, d, n, p = MODEL_SIZES[self.size]
+        return dataclasses.replace(
+            self,
+            hidden=self.hidden or h,
+            depth=self.depth or d,
+            heads=self.heads or n,
+            patch_size=self.patch_size or p,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Flow-matching trainer for one expert."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    warmup_steps: int = 50
+    t_sampling: str = "logit_normal"  # "uniform" or "logit_normal"
+    seed: int = 0
+    checkpoint_every: int = 250
+    bf16: bool = True  # autocast on CUDA only
+    compile: bool = False  # torch.compile on CUDA only
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+
+
+@dataclass
+class RouterConfig:
+    """Learned router: a small DiT-style classifier on (x_t, t, y)."""
+
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 1e-3
+    size: str = "tiny"
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """ODE sampling of the ensemble."""
+
+    steps: int = 32
+    solver: str = "heun"  # "euler" or "heun"
+    routing: str = "top1"  # "top1", "top2", "topk", "full"
+    top_k: int = 2
+    cfg_scale: float = 1.0
+    router: str = "auto"  # "auto" (learned when present), "learned", "centroid"
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        """Range and choice checks that types alone do not catch. Returns self."""
+        checks = [
+            (0.0 <= self.data.holdout_fraction < 1.0, "data.holdout_fraction must be in [0, 1)"),
+            (self.partition.experts >= 1, "partition.experts must be >= 1"),
+            (self.partition.features in ("pca", "dataset"), "partition.features must be 'pca' or 'dataset'"),
+            (self.partition.pca_dim >= 1, "partition.pca_dim must be >= 1"),
+            (self.partition.sub_centroids >= 1, "partition.sub_centroids must be >= 1"),
+            (self.model.num_classes >= 0, "model.num_classes must be >= 0"),
+            (0.0 <= self.model.class_dropout < 1.0, "model.class_dropout must be in [0, 1)"),
+            (self.train.steps >= 0, "train.steps must be >= 0"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+            (self.train.t_sampling in ("uniform", "logit_normal"), "train.t_sampling must be 'uniform' or 'logit_normal'"),
+            (self.router.steps >= 0, "router.steps must be >= 0"),
+            (self.sample.steps >= 1, "sample.steps must be >= 1"),
+            (self.sample.solver in ("euler", "heun"), "sample.solver must be 'euler' or 'heun'"),
+            (self.sample.routing in ("top1", "top2", "topk", "full"), "sample.routing must be top1, top2, topk or full"),
+            (self.sample.router in ("auto", "learned", "centroid"), "sample.router must be auto, learned or centroid"),
+            (self.sample.top_k >= 1, "sample.top_k must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DDMError(msg)
+        self.model.resolved()
+        return self
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DDMError(f"{where} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except DDMError as exc:
+                errors.append(str(exc))
+        raise DDMError(errors[0] if errors else f"{where} has an invalid value")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise DDMError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise DDMError(f"{where} must be a list, got {type(value).__name__}")
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DDMError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DDMError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise DDMError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise DDMError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise DDMError(f"{where}: unsupported type {tp!r}")
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise DDMError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(values: dict, cls: type = Config, source: str = "config") -> Any:
+    """Build a dataclass of type `cls` from plain data, naming `source` in any error."""
+    try:
+        obj = _build(cls, values, "")
+        return obj.validate() if hasattr(obj, "validate") else obj
+    except DDMError as exc:
+        raise DDMError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 100}, validate."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise DDMError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise DDMError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise DDMError(f"{path}: top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise DDMError(f"{source}: section '{section}' must be a mapping")
+        values[section][key] = value
+    return from_dict(values, Config, source)
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain-data form of a config dataclass (tuples become lists, as in JSON)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def canonical_json(data: Any) -> bytes:
+    """Canonical JSON bytes: sorted keys, no spaces, UTF-8. Hashes and signatures are over these."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def config_hash(obj: Any) -> str:
+    """sha256 of a dataclass's canonical JSON."""
+    return hashlib.sha256(canonical_json(to_dict(obj))).hexdigest()

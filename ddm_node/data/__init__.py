@@ -1,0 +1,1 @@
+"""Datasets, partitioning and the run plan."""

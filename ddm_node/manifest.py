@@ -1,0 +1,263 @@
+"""Artifacts: a directory of files described by a signed manifest.
+
+An artifact directory holds its files, `manifest.json` (canonical JSON: kind, run id, shard, step,
+config hash, sha256 and size of every file, publisher key) and `manifest.sig` (Ed25519 signature of
+the manifest bytes). Directories are written under a temporary name and renamed into place, so a
+crash never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ddm_node.config import canonical_json
+from ddm_node.errors import DDMError, IntegrityError
+from ddm_node.identity import PUBLIC_HEX_LEN, Identity, verify_signature
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+KINDS = ("expert", "state", "stats", "router", "plan")
+MAX_MANIFEST_BYTES = 64 * 1024
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass
+class Manifest:
+    """What an artifact holds and who vouches for it. `id` is the sha256 of its canonical bytes."""
+
+    kind: str
+    run_id: str
+    shard: int  # -1 for artifacts that belong to no shard (router)
+    step: int
+    config_hash: str
+    files: dict[str, FileEntry]
+    publisher: str = ""  # hex Ed25519 public key; empty when unsigned
+    created: float = 0.0
+    extra: dict = field(default_factory=dict)  # small JSON metadata (loss, data position, ...)
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        return canonical_json(data)
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str = "manifest") -> "Manifest":
+        """Parse and validate untrusted manifest bytes; any defect is a one-line IntegrityError."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"{source}: manifest too large ({len(raw)} bytes)")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise IntegrityError(f"{source}: manifest is not valid JSON") from None
+        try:
+            files = {
+                str(name): FileEntry(sha256=str(e["sha256"]), size=int(e["size"]))
+                for name, e in dict(data.pop("files")).items()
+            }
+            m = cls(files=files, **data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"{source}: malformed manifest ({exc})") from None
+        m.check(source)
+        return m
+
+    def check(self, source: str = "manifest") -> None:
+        """Field types and ranges; file names must be plain names (never paths)."""
+        problems = [
+            (self.kind in KINDS, f"unknown kind {self.kind!r}"),
+            (isinstance(self.run_id, str) and bool(_HEX64.match(self.run_id)), "run_id must be 64 hex chars"),
+            (isinstance(self.shard, int) and not isinstance(self.shard, bool) and self.shard >= -1, "bad shard"),
+            (isinstance(self.step, int) and not isinstance(self.step, bool) and self.step >= 0, "bad step"),
+            (isinstance(self.config_hash, str) and len(self.config_hash) <= 128, "bad config_hash"),
+            (self.publisher == "" or (isinstance(self.publisher, str) and len(self.publisher) == PUBLIC_HEX_LEN
+                                      and bool(_HEX64.match(self.publisher))), "bad publisher key"),
+            (isinstance(self.extra, dict), "extra must be a mapping"),
+            (isinstance(self.created, (int, float)), "bad created time"),
+        ]
+        for ok, what in problems:
+            if not ok:
+                raise IntegrityError(f"{source}: {what}")
+        for name, entry in self.files.items():
+            if not _NAME_RE.match(name) or name in (MANIFEST, SIGNATURE):
+                raise IntegrityError(f"{source}: illegal file name {name!r}")
+            if not _HEX64.match(entry.sha256) or entry.size < 0:
+                raise IntegrityError(f"{source}: bad hash or size for {name}")
+
+
+def sha256_file(path: str | Path) -> FileEntry:
+    """sha256 and size of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return FileEntry(h.hexdigest(), size)
+
+
+def fsync_write(path: str | Path, data: bytes) -> None:
+    """Write bytes and fsync them (the caller renames the enclosing directory or file into place)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A fresh temporary directory beside `final`, to be filled and then passed to `commit_dir`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def commit_dir(staging: Path, final: str | Path) -> Path:
+    """Rename a filled staging directory to `final` (replacing an older copy), fsyncing the parent."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def seal(directory: str | Path, manifest: Manifest, identity: Identity | None = None) -> Manifest:
+    """Hash every file named in `manifest.files` inside `directory`, sign, write manifest.json/.sig.
+
+    The files must already be written (and fsynced) in `directory`; this fills in their hashes.
+    """
+    directory = Path(directory)
+    manifest.files = {name: sha256_file(directory / name) for name in sorted(manifest.files)}
+    manifest.created = manifest.created or time.time()
+    if identity is not None:
+        manifest.publisher = identity.public_hex
+    manifest.check()
+    raw = manifest.to_bytes()
+    fsync_write(directory / MANIFEST, raw)
+    if identity is not None:
+        fsync_write(directory / SIGNATURE, identity.sign(raw))
+    return manifest
+
+
+def check_signature(manifest: Manifest, raw: bytes, signature: bytes | None, trusted_keys: Iterable[str] | None,
+                    source: str) -> None:
+    """Raise IntegrityError unless the manifest is signed by its publisher (and trusted, when a list is given)."""
+    if not manifest.publisher or signature is None:
+        raise IntegrityError(f"{source}: manifest is not signed")
+    if not verify_signature(manifest.publisher, raw, signature):
+        raise IntegrityError(f"{source}: bad signature for publisher {manifest.publisher[:16]}")
+    trusted = set(trusted_keys or ())
+    if trusted and manifest.publisher not in trusted:
+        raise IntegrityError(f"{source}: publisher {manifest.publisher[:16]} is not in trusted_keys")
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse an artifact's manifest without checking files or signature."""
+    path = Path(directory) / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return Manifest.from_bytes(raw, str(path))
+
+
+def verify_artifact(directory: str | Path, *, require_signature: bool = True,
+                    trusted_keys: Iterable[str] | None = None, files: Iterable[str] | None = None) -> Manifest:
+    """Check an artifact directory: manifest, signature, then size and sha256 of every file.
+
+    `files` limits the byte check to those names (all of them by default). Raises IntegrityError
+    naming the first bad file.
+    """
+    directory = Path(directory)
+    raw_path = directory / MANIFEST
+    try:
+        raw = raw_path.read_bytes()
+    except OSError as exc:
+        raise IntegrityError(f"{raw_path}: cannot read ({exc.strerror or exc})") from None
+    manifest = Manifest.from_bytes(raw, str(raw_path))
+    if require_signature:
+        sig_path = directory / SIGNATURE
+        signature = sig_path.read_bytes() if sig_path.exists() else None
+        check_signature(manifest, raw, signature, trusted_keys, str(raw_path))
+    for name in sorted(files if files is not None else manifest.files):
+        if name not in manifest.files:
+            raise IntegrityError(f"{directory / name}: not listed in the manifest")
+        path = directory / name
+        if not path.is_file():
+            raise IntegrityError(f"{path}: missing")
+        got = sha256_file(path)
+        want = manifest.files[name]
+        if got.size != want.size:
+            raise IntegrityError(f"{path}: size {got.size} != {want.size} in the manifest (truncated or altered)")
+        if got.sha256 != want.sha256:
+            raise IntegrityError(f"{path}: sha256 does not match the manifest (altered)")
+    return manifest
+
+
+def copy_artifact(src: str | Path, dst: str | Path) -> Path:
+    """Copy an artifact directory atomically (staging directory, then rename)."""
+    stage = staging_dir(dst)
+    try:
+        for item in Path(src).iterdir():
+            if item.is_file():
+                shutil.copyfile(item, stage / item.name)
+        return commit_dir(stage, dst)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def check_name(name: str) -> str:
+    """Validate a plain file name (no separators); used before touching anything named by a peer."""
+    if not _NAME_RE.match(name):
+        raise DDMError(f"illegal file name {name!r}")
+    return name

@@ -1,0 +1,1 @@
+"""Expert training and the checkpoint format."""
