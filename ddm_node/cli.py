@@ -1,0 +1,302 @@
+"""The `ddm-node` command line. Every user error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ddm_node import __version__
+from ddm_node.errors import DDMError
+
+log = logging.getLogger("ddm_node")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, start: int = 0) -> Iterator:
+    """A rich progress bar on stderr; yields a function advance(step, loss)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=console(), transient=False) as prog:
+        task = prog.add_task(description, total=total, completed=start, info="")
+
+        def advance(step: int, loss: float | None = None) -> None:
+            prog.update(task, completed=step + 1 if step + 1 <= total else total,
+                        info="" if loss is None else f"loss {loss:.4f}")
+
+        yield advance
+
+
+def load_identity(path: str | None):
+    if path is None:
+        return None
+    from ddm_node.identity import Identity
+
+    return Identity.load(path)
+
+
+def load_plan(path: str):
+    from ddm_node.data.plan import Plan
+
+    return Plan.load(path)
+
+
+def positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+
+    return parse
+
+
+def sample_config(args, plan):
+    """The plan's sample config with CLI flags applied."""
+    from ddm_node.config import Config, from_dict, to_dict
+
+    values = to_dict(plan.cfg)
+    for key in ("steps", "routing", "solver", "router", "top_k", "cfg_scale"):
+        value = getattr(args, key, None)
+        if value is not None:
+            values["sample"][key] = value
+    return from_dict(values, Config, source="flags").sample
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_partition(args) -> int:
+    from ddm_node.config import load_config
+    from ddm_node.data.datasets import load_dataset
+    from ddm_node.data.plan import make_plan
+
+    cfg = load_config(args.config, {"data.dataset": args.dataset, "partition.experts": args.experts,
+                                    "train.steps": args.steps})
+    ds = load_dataset(cfg.data.dataset)
+    plan = make_plan(cfg, ds)
+    path = plan.save(args.out)
+    sizes = ", ".join(str(len(s.ids)) for s in plan.shards)
+    console().print(f"plan written to {path}: {len(plan.shards)} shards of {sizes} samples, "
+                    f"{len(plan.eval_ids)} held out, {cfg.train.steps} steps per expert")
+    print(plan.run_id)
+    return 0
+
+
+def cmd_train_expert(args) -> int:
+    from ddm_node.train.expert import train_shard
+
+    plan = load_plan(args.plan)
+    plan.shard(args.shard)
+    steps = plan.cfg.train.steps if args.steps is None else args.steps
+    with progress_bar(f"expert {args.shard}", steps) as advance:
+        path = train_shard(plan, args.shard, args.out, steps=steps, identity=load_identity(args.identity),
+                           on_step=advance, device=args.device)
+    print(path if path else f"shard {args.shard} already at step {steps}")
+    return 0
+
+
+def cmd_train_router(args) -> int:
+    from ddm_node.train.router_job import train_plan_router
+
+    plan = load_plan(args.plan)
+    steps = plan.cfg.router.steps if args.steps is None else args.steps
+    with progress_bar("router", steps) as advance:
+        path = train_plan_router(plan, args.out, steps=steps, identity=load_identity(args.identity), on_step=advance)
+    print(path)
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from ddm_node.bundle import sources_from_work_dirs, write_bundle
+
+    plan = load_plan(args.plan)
+    sources = sources_from_work_dirs(args.experts, [s.index for s in plan.shards])
+    out = write_bundle(args.out, plan, sources, Path(args.router) if args.router else None)
+    missing = [s.index for s in plan.shards if s.index not in sources]
+    if missing:
+        console().print(f"[yellow]missing shards: {missing}[/]")
+    print(out)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from ddm_node.bundle import load_bundle
+    from ddm_node.generate import generate, save_grid
+    from ddm_node.manifest import write_atomic
+
+    bundle = load_bundle(args.ensemble)
+    cfg = sample_config(args, bundle.plan)
+    s = generate(bundle, args.n, cfg, seed=args.seed)
+    save_grid(s.x, args.out)
+    if args.npz:
+        import io
+
+        buf = io.BytesIO()
+        arrays = {"x": s.x.numpy()}
+        if s.y is not None:
+            arrays["y"] = s.y.numpy()
+        np.savez(buf, **arrays)
+        write_atomic(args.npz, buf.getvalue())
+    console().print(f"{args.n} samples in {s.seconds:.1f}s ({args.n / max(s.seconds, 1e-9):.1f} images/s), "
+                    f"routing {cfg.routing}, router {type(bundle.velocity(cfg).router).__name__}, "
+                    f"{s.expert_samples / (args.n * cfg.steps * (2 if cfg.solver == 'heun' else 1)):.2f} "
+                    f"expert forwards per sample-step")
+    print(args.out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ddm_node.bundle import load_bundle
+    from ddm_node.data.datasets import load_dataset
+    from ddm_node.generate import generate, score
+
+    bundle = load_bundle(args.ensemble)
+    cfg = sample_config(args, bundle.plan)
+    ds = load_dataset(bundle.plan.dataset)
+    s = generate(bundle, args.n, cfg, seed=args.seed, dataset=ds)
+    scores = score(s.x, bundle.plan, ds, seed=args.seed)
+    if args.json:
+        import dataclasses
+
+        out = dataclasses.asdict(scores) | {"routing": cfg.routing, "router": cfg.router, "steps": cfg.steps,
+                                            "experts": sorted(bundle.models), "missing": bundle.missing,
+                                            "seconds": s.seconds}
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(f"{scores.line()}  routing {cfg.routing}, experts {sorted(bundle.models)}")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from ddm_node.identity import Identity
+
+    ident = Identity.generate()
+    ident.save(args.out, overwrite=args.force)
+    print(ident.public_hex)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ddm_node.demo import run_demo
+
+    return run_demo(args)
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def add_sample_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=positive("--steps"), help="ODE steps (default: the plan's sample.steps)")
+    p.add_argument("--routing", choices=["top1", "top2", "topk", "full"])
+    p.add_argument("--top-k", dest="top_k", type=positive("--top-k"))
+    p.add_argument("--router", choices=["auto", "learned", "centroid"])
+    p.add_argument("--solver", choices=["euler", "heun"])
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddm-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ddm-node {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("partition", help="cluster a dataset into K shards and write the run plan")
+    p.add_argument("--config", help="YAML config (default: built-in defaults = configs/default.yaml)")
+    p.add_argument("--dataset", help="digits | fashion-mnist | mnist | npz:PATH | folder:PATH")
+    p.add_argument("--experts", type=positive("--experts"), help="number of shards K")
+    p.add_argument("--steps", type=positive("--steps"), help="per-expert step budget")
+    p.add_argument("--out", required=True, help="directory for plan.json")
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("train-expert", help="train one shard's expert alone (no network)")
+    p.add_argument("--plan", required=True, help="plan directory or plan.json")
+    p.add_argument("--shard", required=True, type=positive("--shard"))
+    p.add_argument("--steps", type=positive("--steps"))
+    p.add_argument("--out", required=True, help="work directory for checkpoints")
+    p.add_argument("--identity", help="key file to sign checkpoints with (ddm-node keygen)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's train.device)")
+    p.set_defaults(func=cmd_train_expert)
+
+    p = sub.add_parser("train-router", help="train the learned router on all shards")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--steps", type=positive("--steps"))
+    p.add_argument("--out", required=True, help="router artifact directory")
+    p.add_argument("--identity")
+    p.set_defaults(func=cmd_train_router)
+
+    p = sub.add_parser("bundle", help="write an ensemble bundle from local expert checkpoints")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--experts", required=True, nargs="+", help="work directories of train-expert runs")
+    p.add_argument("--router", help="router artifact directory (default: centroid router)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("sample", help="sample a PNG grid from an ensemble bundle")
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("--n", type=positive("--n"), default=64)
+    add_sample_flags(p)
+    p.add_argument("--out", required=True, help="PNG grid path")
+    p.add_argument("--npz", help="also write the samples as .npz (x, y)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="FD_dom, KID, precision/recall of ensemble samples on the held-out split")
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("--n", type=positive("--n"), default=500)
+    add_sample_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("keygen", help="write a new Ed25519 identity key (mode 0600)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded digits dataset, with a report")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except DDMError as exc:
+        print(f"ddm-node {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddm-node {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

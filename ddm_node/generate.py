@@ -1,0 +1,107 @@
+"""Sampling from a bundle and scoring the samples against the plan's held-out split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddm_node.bundle import Bundle
+from ddm_node.config import SampleConfig
+from ddm_node.data.datasets import Dataset, load_dataset
+from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.errors import DDMError
+from ddm_node.manifest import write_atomic
+from ddm_node.metrics import Scores, evaluate, get_domain_classifier
+from router.sampler import sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """Generated images [N,C,H,W] in [-1,1], their class labels, and the cost of making them."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    seconds: float
+    expert_samples: int  # samples evaluated by experts, summed over steps
+    router_calls: int
+
+
+def class_labels(plan: Plan, n: int, seed: int, dataset: Dataset | None = None) -> torch.Tensor | None:
+    """n labels drawn (seeded) from the training split's class frequencies; None for unconditional runs."""
+    if plan.cfg.model.num_classes == 0:
+        return None
+    ds = dataset if dataset is not None else load_dataset(plan.dataset)
+    ids = np.concatenate([np.asarray(s.ids) for s in plan.shards])
+    labels = torch.from_numpy(ds.y[ids]).long()
+    pick = torch.randint(len(labels), (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return labels[pick]
+
+
+def generate(bundle: Bundle, n: int, cfg: SampleConfig, seed: int = 0, batch: int = 256,
+             dataset: Dataset | None = None) -> Samples:
+    """Draw n samples from the bundle's ensemble with the ODE solver, seeded."""
+    if n < 1:
+        raise DDMError(f"--n must be >= 1, got {n}")
+    c, h, w = bundle.plan.shape
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, c, h, w), generator=gen)
+    y = class_labels(bundle.plan, n, seed, dataset)
+    velocity = bundle.velocity(cfg)
+    start = time.perf_counter()
+    out = []
+    for i in range(0, n, batch):
+        yb = None if y is None else y[i:i + batch]
+        out.append(sample(velocity, noise[i:i + batch], cfg.steps, cfg.solver, yb))
+    x = torch.cat(out).clamp(-1, 1)
+    return Samples(x, y, time.perf_counter() - start, velocity.expert_samples, velocity.router_calls)
+
+
+def reference_split(plan: Plan, dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(held-out images, training images, training labels) of a plan, dataset fingerprint checked."""
+    ds = dataset if dataset is not None else load_dataset(plan.dataset)
+    check_dataset(plan, ds)
+    if not plan.eval_ids:
+        raise DDMError("the plan holds out no samples (data.holdout_fraction is 0); cannot evaluate")
+    train_ids = np.concatenate([np.asarray(s.ids) for s in plan.shards])
+    ref = torch.from_numpy(ds.x[plan.eval_ids]).float()
+    x_train = torch.from_numpy(ds.x[train_ids]).float()
+    y_train = torch.from_numpy(ds.y[train_ids]).long() if ds.y is not None else None
+    return ref, x_train, y_train
+
+
+def score(samples: torch.Tensor, plan: Plan, dataset: Dataset | None = None, seed: int = 0) -> Scores:
+    """FD_dom/KID/precision/recall of samples against the plan's held-out split."""
+    ds = dataset if dataset is not None else load_dataset(plan.dataset)
+    ref, x_train, y_train = reference_split(plan, ds)
+    clf = get_domain_classifier(x_train, y_train, max(plan.num_classes, 1) if y_train is not None else 0,
+                                plan.fingerprint)
+    return evaluate(samples, ref, clf, seed=seed)
+
+
+def save_grid(x: torch.Tensor, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
+    """Write images [N,C,H,W] in [-1,1] as one PNG grid (nearest-neighbour upscaled), atomically."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    n, c, h, w = x.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid = np.zeros((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img[i]
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3])
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    buf = BytesIO()
+    pil.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
+    return Path(path)

@@ -1,0 +1,411 @@
+"""`Swarm`: one hivemind DHT per node, with typed, owner-bound records under run-namespaced keys.
+
+Keys (hivemind hashes them; the text only has to be the same on every peer):
+
+    ddm/{run_id}/peers             PeerRecord        one per node (heartbeat)
+    ddm/{run_id}/claim/{shard}     Claim             leases, see claims.py
+    ddm/{run_id}/ckpt/{shard}      CheckpointRecord  checkpoints published by the trainer
+    ddm/{run_id}/replica/{shard}   ReplicaRecord     mirrors holding a checkpoint
+    ddm/{run_id}/stats/{shard}     StatsRecord       cluster statistics artifact
+    ddm/{run_id}/router            RouterRecord      learned router artifacts
+    ddm/plan/{run_id}              PlanRecord        peers serving the plan file
+
+Every node writes exactly one subkey per key: its owner marker `[owner:<public key hex>]`, signed
+by `Ed25519RecordValidator`. A node's newer record replaces its own older one and nobody else's.
+Readers parse every subkey with the record's `from_value`, and also require that the record names
+its subkey's owner where it has an owner field (a peer cannot announce a checkpoint "by" someone
+else) and the key's shard. Anything else is skipped with a warning; getters never raise on garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+import hivemind
+import psutil
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from ddm_node.errors import DDMError
+from ddm_node.identity import Identity
+from ddm_node.swarm.records import (
+    CheckpointRecord,
+    Claim,
+    PeerRecord,
+    PlanRecord,
+    ReplicaRecord,
+    RouterRecord,
+    StatsRecord,
+)
+from ddm_node.swarm.validator import MAX_TTL, MAX_VALUE_BYTES, Ed25519RecordValidator, owner_of_subkey
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 120.0  # announcements; the daemon re-announces well before this runs out
+RPC_TIMEOUT = 30.0  # seconds to wait for one DHT get/store
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    record: type
+    per_shard: bool
+    owner_field: str | None  # the record field that must equal the subkey's owner
+
+
+KINDS: dict[str, _Kind] = {
+    "peers": _Kind(PeerRecord, False, "public_key"),
+    "claim": _Kind(Claim, True, "public_key"),
+    "ckpt": _Kind(CheckpointRecord, True, "publisher"),
+    "replica": _Kind(ReplicaRecord, True, "holder_key"),
+    "stats": _Kind(StatsRecord, True, None),
+    "router": _Kind(RouterRecord, False, "publisher"),
+    "plan": _Kind(PlanRecord, False, None),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A valid record as read from the DHT, with its owner (public key hex) and DHT expiration."""
+
+    owner: str
+    record: Any
+    expiration: float
+
+
+def dht_time() -> float:
+    """The clock DHT expirations are measured on (hivemind's get_dht_time, i.e. wall time)."""
+    return get_dht_time()
+
+
+def _check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _HEX64.match(run_id):
+        raise DDMError(f"run id must be 64 lowercase hex characters, got {run_id!r}")
+    return run_id
+
+
+def dht_key(run_id: str, kind: str, shard: int | None = None) -> str:
+    """The DHT key of a record kind (see the module docstring)."""
+    _check_run_id(run_id)
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
+    if spec.per_shard:
+        if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+            raise DDMError(f"DHT kind {kind!r} needs a shard index >= 0, got {shard!r}")
+        return f"ddm/{run_id}/{kind}/{shard}"
+    if shard is not None:
+        raise DDMError(f"DHT kind {kind!r} takes no shard, got {shard!r}")
+    if kind == "plan":
+        return f"ddm/plan/{run_id}"
+    return f"ddm/{run_id}/{kind}"
+
+
+class Swarm:
+    """One node's DHT membership: typed writes under its own owner subkey, validated reads.
+
+    `Swarm(identity, run_id, initial_peers=[...], host="127.0.0.1", port=0)` starts a hivemind DHT
+    child process (and its p2pd); `shutdown()` stops both. Nothing global is registered: the caller
+    owns the lifetime (use it as a context manager, or call shutdown in a finally).
+    Calls are thread-safe (one lock around the pipe to the DHT process).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        run_id: str,
+        *,
+        initial_peers: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
+        self.identity = identity
+        self.run_id = _check_run_id(run_id)
+        self.public_key = identity.public_hex
+        self.validator = Ed25519RecordValidator(identity)
+        self.marker = self.validator.local_marker
+        self._lock = threading.Lock()
+        self._closed = False
+        self._procs: list[psutil.Process] = []
+        if isinstance(initial_peers, str) or not all(isinstance(p, str) for p in initial_peers):
+            raise DDMError(f"initial peers must be a list of multiaddr strings, got {initial_peers!r}")
+        self._dht = hivemind.DHT(
+            initial_peers=list(initial_peers) or None,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            start=False,  # started below, so a failed start can be cleaned up
+            nat_port_map=False,  # the default sends UPnP/NAT-PMP packets off the machine
+            record_validators=[self.validator],
+        )
+        try:
+            self._dht.run_in_background(await_ready=True)
+        except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
+            self._closed = True
+            self._dht.join(timeout=5)  # the child exits by itself after a failed start; reap it
+            _stop(_descendants(self._dht.pid))
+            raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
+        # Remember the process tree now: if the DHT child dies, p2pd is reparented and would be
+        # invisible from its pid at shutdown time.
+        self._procs = _descendants(self._dht.pid)
+        try:
+            self._peer_id = self._call(lambda: self._dht.peer_id).to_base58()
+        except Exception as exc:
+            self.shutdown()
+            raise DDMError(f"the DHT on {host}:{port} started but does not answer: {exc}") from None
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Swarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dht(self) -> hivemind.DHT:
+        """The underlying hivemind DHT (diagnostics and tests; writes should go through `put`)."""
+        return self._dht
+
+    @property
+    def dht_pid(self) -> int | None:
+        """Pid of the DHT child process (p2pd is its child)."""
+        return self._dht.pid
+
+    def shutdown(self) -> None:
+        """Stop the DHT child and its p2pd; safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            known = {p.pid for p in self._procs}
+            procs = self._procs + [p for p in _descendants(self._dht.pid) if p.pid not in known]
+            try:
+                self._dht.shutdown()
+            except Exception:
+                logger.warning("DHT shutdown raised; terminating its processes", exc_info=True)
+            self._dht.join(timeout=5)
+            # hivemind's own terminate() path (after a failed graceful stop) leaves p2pd running.
+            _stop(procs)
+
+    # -- identity and addresses -----------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        """This node's libp2p peer id (base58)."""
+        return self._peer_id
+
+    def visible_maddrs(self) -> list[str]:
+        """Multiaddrs other peers can use as `initial_peers` (each ends in /p2p/<peer id>)."""
+        return [str(m) for m in self._call(lambda: self._dht.get_visible_maddrs())]
+
+    @staticmethod
+    def now() -> float:
+        return dht_time()
+
+    # -- generic write/read ---------------------------------------------------------------------
+
+    def key(self, kind: str, shard: int | None = None, run_id: str | None = None) -> str:
+        return dht_key(run_id or self.run_id, kind, shard)
+
+    def put(
+        self,
+        kind: str,
+        shard: int | None,
+        record: Any,
+        ttl: float = DEFAULT_TTL,
+        *,
+        expiration: float | None = None,
+    ) -> bool:
+        """Store `record` under our own subkey of the `kind` key; True if the DHT accepted it.
+
+        Raises DDMError for a record readers would skip (wrong type, shard, owner, size, fields),
+        so a bug shows up at the writer. `expiration` (absolute DHT time) overrides `ttl`.
+        """
+        spec = KINDS.get(kind)
+        if spec is None:
+            raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
+        if not isinstance(record, spec.record):
+            raise DDMError(f"DHT kind {kind!r} takes a {spec.record.__name__}, got {type(record).__name__}")
+        run_id = record.run_id if kind == "plan" else self.run_id
+        key = dht_key(run_id, kind, shard)
+        if spec.per_shard and record.shard != shard:
+            raise DDMError(f"{kind} record for shard {record.shard} written under shard {shard}")
+        if spec.owner_field and getattr(record, spec.owner_field) != self.public_key:
+            raise DDMError(f"{kind} record's {spec.owner_field} is not this node's key")
+        value = record.validated().to_value()
+        size = len(MSGPackSerializer.dumps(value))
+        if size > MAX_VALUE_BYTES:
+            raise DDMError(f"{kind} record is {size} bytes, over the {MAX_VALUE_BYTES}-byte DHT limit")
+        now = dht_time()
+        if expiration is None:
+            if not 0 < ttl <= MAX_TTL:
+                raise DDMError(f"DHT ttl must be in (0, {MAX_TTL:.0f}] seconds, got {ttl}")
+            expiration = now + ttl
+        elif not now < expiration <= now + MAX_TTL:
+            raise DDMError(f"DHT expiration must be in the future and within {MAX_TTL:.0f} s")
+        self._ensure_open()
+        try:
+            ok = bool(
+                self._call_future(
+                    lambda: self._dht.store(key, value, expiration, subkey=self.marker, return_future=True)
+                )
+            )
+        except Exception as exc:
+            logger.warning("DHT store of %s failed: %s", key, exc)
+            return False
+        if not ok:
+            logger.debug("DHT store of %s was rejected (a newer record of ours is stored?)", key)
+        return ok
+
+    def read(self, kind: str, shard: int | None = None, run_id: str | None = None) -> list[Entry]:
+        """All valid records under a key, sorted by owner; invalid ones are logged and skipped."""
+        spec = KINDS.get(kind)
+        if spec is None:
+            raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
+        key = dht_key(run_id or self.run_id, kind, shard)
+        self._ensure_open()
+        try:
+            found = self._call_future(lambda: self._dht.get(key, latest=True, return_future=True))
+        except Exception as exc:
+            logger.warning("DHT get of %s failed: %s", key, exc)
+            return []
+        if found is None:
+            return []
+        if not isinstance(found.value, dict):
+            logger.warning("DHT key %s holds a plain value, not owned records; skipped", key)
+            return []
+        entries = []
+        for subkey, item in found.value.items():
+            entry = self._parse(kind, spec, key, shard, subkey, item)
+            if entry is not None:
+                entries.append(entry)
+        entries.sort(key=lambda e: e.owner)
+        return entries
+
+    def _parse(self, kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any, item: Any) -> Entry | None:
+        owner = owner_of_subkey(subkey)
+        if owner is None:  # impossible with our validator on every peer; cheap to check
+            logger.warning("skipping a record without owner under %s", key)
+            return None
+        try:
+            record = spec.record.from_value(item.value)
+        except DDMError as exc:
+            logger.warning("skipping a garbage record of %s under %s: %s", owner[:12], key, exc)
+            return None
+        if spec.per_shard and record.shard != shard:
+            logger.warning("skipping a record of %s under %s that names shard %s", owner[:12], key, record.shard)
+            return None
+        if spec.owner_field and getattr(record, spec.owner_field) != owner:
+            logger.warning("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
+            return None
+        if kind == "plan" and key != dht_key(record.run_id, "plan"):
+            logger.warning("skipping a plan record of %s for another run under %s", owner[:12], key)
+            return None
+        if isinstance(record, Claim):
+            record = replace(record, expires_at=float(item.expiration_time))  # the DHT's expiration counts
+        return Entry(owner=owner, record=record, expiration=float(item.expiration_time))
+
+    # -- typed readers --------------------------------------------------------------------------
+
+    def peers(self) -> list[PeerRecord]:
+        return [e.record for e in self.read("peers")]
+
+    def claims(self, shard: int) -> list[Claim]:
+        """Every valid claim record on `shard`, live or released (expires_at = DHT expiration)."""
+        return [e.record for e in self.read("claim", shard)]
+
+    def checkpoints(self, shard: int) -> list[CheckpointRecord]:
+        return [e.record for e in self.read("ckpt", shard)]
+
+    def replicas(self, shard: int) -> list[ReplicaRecord]:
+        return [e.record for e in self.read("replica", shard)]
+
+    def stats(self, shard: int) -> list[StatsRecord]:
+        return [e.record for e in self.read("stats", shard)]
+
+    def routers(self) -> list[RouterRecord]:
+        return [e.record for e in self.read("router")]
+
+    def plan_holders(self, run_id: str | None = None) -> list[PlanRecord]:
+        return [e.record for e in self.read("plan", run_id=run_id or self.run_id)]
+
+    # -- typed writers --------------------------------------------------------------------------
+
+    def heartbeat(self, record: PeerRecord, ttl: float = DEFAULT_TTL) -> bool:
+        return self.put("peers", None, record, ttl)
+
+    def announce_checkpoint(self, record: CheckpointRecord, ttl: float = DEFAULT_TTL) -> bool:
+        return self.put("ckpt", record.shard, record, ttl)
+
+    def announce_replica(self, record: ReplicaRecord, ttl: float = DEFAULT_TTL) -> bool:
+        return self.put("replica", record.shard, record, ttl)
+
+    def announce_stats(self, record: StatsRecord, ttl: float = DEFAULT_TTL) -> bool:
+        return self.put("stats", record.shard, record, ttl)
+
+    def announce_router(self, record: RouterRecord, ttl: float = DEFAULT_TTL) -> bool:
+        return self.put("router", None, record, ttl)
+
+    def announce_plan(self, record: PlanRecord, ttl: float = DEFAULT_TTL) -> bool:
+        return self.put("plan", None, record, ttl)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise DDMError("the swarm's DHT is shut down")
+
+    def _call(self, fn: Any) -> Any:
+        """Run a blocking DHT call with the pipe lock held (hivemind's pipe is not thread-safe)."""
+        with self._lock:
+            self._ensure_open()
+            return fn()
+
+    def _call_future(self, fn: Any) -> Any:
+        """Send a request under the lock, wait for its MPFuture outside it (calls overlap)."""
+        with self._lock:
+            self._ensure_open()
+            future = fn()
+        return future.result(timeout=RPC_TIMEOUT)
+
+
+def _descendants(pid: int | None) -> list[psutil.Process]:
+    """The DHT process and everything under it (p2pd), captured while they run."""
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _stop(procs: Iterable[psutil.Process]) -> None:
+    """Terminate, then kill, whichever of `procs` (captured before shutdown) still runs."""
+    alive = [p for p in procs if _running(p)]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=3)
+    for p in alive:
+        try:
+            logger.warning("killing leftover DHT process %d (%s)", p.pid, p.name())
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=3)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -1,0 +1,293 @@
+"""Typed DHT records. Each converts to a msgpack-friendly dict and back, validating untrusted input.
+
+`from_value` is the only door for data read from the DHT: it checks types, ranges and lengths and
+raises `DDMError` on anything else, so a garbage record never reaches the daemon. Unknown extra
+fields are ignored (a newer peer may add some); missing or malformed known fields are errors.
+This module does not import hivemind (cheap to import, pure data).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ddm_node.errors import DDMError
+
+MAX_STR = 256
+MAX_MADDRS = 16
+MAX_SHARD = 65535
+MAX_STEP = 2**62
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")  # libp2p peer ids are base58
+# host:port, host a name, IPv4 or [IPv6]; no whitespace, no scheme
+_GRPC = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+
+R = TypeVar("R", bound="_Record")
+
+
+def _bad(cls_name: str, field: str, why: str) -> DDMError:
+    return DDMError(f"bad {cls_name} record: {field} {why}")
+
+
+def _field(value: dict, cls_name: str, name: str) -> Any:
+    if name not in value:
+        raise _bad(cls_name, name, "is missing")
+    return value[name]
+
+
+def _int(v: Any, c: str, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(c, name, f"must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise _bad(c, name, f"out of range [{lo}, {hi}]: {v}")
+    return v
+
+
+def _time(v: Any, c: str, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(c, name, f"must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < 0 or v > 1e11:
+        raise _bad(c, name, f"is not a plausible time: {v}")
+    return v
+
+
+def _bool(v: Any, c: str, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(c, name, f"must be a boolean, got {type(v).__name__}")
+    return v
+
+
+def _text(v: Any, c: str, name: str, max_len: int = MAX_STR, allow_empty: bool = False) -> str:
+    if not isinstance(v, str):
+        raise _bad(c, name, f"must be a string, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise _bad(c, name, f"longer than {max_len} characters")
+    if not v and not allow_empty:
+        raise _bad(c, name, "is empty")
+    if not _PRINTABLE.match(v):
+        raise _bad(c, name, "holds non-printable characters")
+    return v
+
+
+def _hex64(v: Any, c: str, name: str) -> str:
+    if not isinstance(v, str) or not _HEX64.match(v):
+        raise _bad(c, name, "must be 64 lowercase hex characters")
+    return v
+
+
+def _peer_id(v: Any, c: str, name: str) -> str:
+    if not isinstance(v, str) or not _PEER_ID.match(v):
+        raise _bad(c, name, "is not a base58 peer id")
+    return v
+
+
+def _grpc(v: Any, c: str, name: str, allow_empty: bool = False) -> str:
+    v = _text(v, c, name, allow_empty=allow_empty)
+    if not v:
+        return v
+    match = _GRPC.match(v)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise _bad(c, name, f"is not host:port: {v!r}")
+    return v
+
+
+def _check_dict(value: Any, c: str) -> dict:
+    if not isinstance(value, dict):
+        raise DDMError(f"bad {c} record: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+class _Record:
+    """Shared helpers: `to_value` is the dataclass as a dict (tuples become lists)."""
+
+    def to_value(self) -> dict:
+        out = {}
+        for name in self.__dataclass_fields__:  # type: ignore[attr-defined]
+            v = getattr(self, name)
+            out[name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def validated(self: R) -> R:
+        """Round-trip through `from_value`: raises DDMError if this record would be rejected by readers."""
+        return type(self).from_value(self.to_value())  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class PeerRecord(_Record):
+    """A node's heartbeat: where to reach it and what it is doing (shard -1 = none)."""
+
+    peer_id: str
+    public_key: str
+    grpc: str
+    maddrs: tuple[str, ...]
+    version: str
+    heartbeat: float
+    state: str
+    shard: int
+
+    @classmethod
+    def from_value(cls, value: Any) -> "PeerRecord":
+        c = "peer"
+        v = _check_dict(value, c)
+        maddrs = _field(v, c, "maddrs")
+        if not isinstance(maddrs, (list, tuple)) or len(maddrs) > MAX_MADDRS:
+            raise _bad(c, "maddrs", f"must be a list of at most {MAX_MADDRS} strings")
+        return cls(
+            peer_id=_peer_id(_field(v, c, "peer_id"), c, "peer_id"),
+            public_key=_hex64(_field(v, c, "public_key"), c, "public_key"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc", allow_empty=True),
+            maddrs=tuple(_text(m, c, "maddrs[]") for m in maddrs),
+            version=_text(_field(v, c, "version"), c, "version", max_len=64),
+            heartbeat=_time(_field(v, c, "heartbeat"), c, "heartbeat"),
+            state=_text(_field(v, c, "state"), c, "state", max_len=64),
+            shard=_int(_field(v, c, "shard"), c, "shard", -1, MAX_SHARD),
+        )
+
+
+@dataclass(frozen=True)
+class Claim(_Record):
+    """A lease on a shard. `expires_at` mirrors the DHT expiration (readers overwrite it with the
+    expiration the DHT reports, which is the one that counts)."""
+
+    shard: int
+    peer_id: str
+    public_key: str
+    grpc: str
+    claimed_at: float
+    released: bool = False
+    expires_at: float = 0.0
+
+    def live(self, now: float) -> bool:
+        """Counts for ownership: not released and not expired at `now`."""
+        return not self.released and self.expires_at > now
+
+    @classmethod
+    def from_value(cls, value: Any) -> "Claim":
+        c = "claim"
+        v = _check_dict(value, c)
+        return cls(
+            shard=_int(_field(v, c, "shard"), c, "shard", 0, MAX_SHARD),
+            peer_id=_peer_id(_field(v, c, "peer_id"), c, "peer_id"),
+            public_key=_hex64(_field(v, c, "public_key"), c, "public_key"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc", allow_empty=True),
+            claimed_at=_time(_field(v, c, "claimed_at"), c, "claimed_at"),
+            released=_bool(v.get("released", False), c, "released"),
+            expires_at=_time(v.get("expires_at", 0.0), c, "expires_at"),
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointRecord(_Record):
+    """A published expert checkpoint: manifest ids are sha256 hex of the manifest bytes."""
+
+    shard: int
+    step: int
+    expert_manifest: str
+    state_manifest: str
+    publisher: str
+    grpc: str
+    final: bool
+
+    @classmethod
+    def from_value(cls, value: Any) -> "CheckpointRecord":
+        c = "checkpoint"
+        v = _check_dict(value, c)
+        return cls(
+            shard=_int(_field(v, c, "shard"), c, "shard", 0, MAX_SHARD),
+            step=_int(_field(v, c, "step"), c, "step", 0, MAX_STEP),
+            expert_manifest=_hex64(_field(v, c, "expert_manifest"), c, "expert_manifest"),
+            state_manifest=_hex64(_field(v, c, "state_manifest"), c, "state_manifest"),
+            publisher=_hex64(_field(v, c, "publisher"), c, "publisher"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
+            final=_bool(_field(v, c, "final"), c, "final"),
+        )
+
+
+@dataclass(frozen=True)
+class ReplicaRecord(_Record):
+    """A mirror holding (and serving) a copy of someone's checkpoint."""
+
+    shard: int
+    step: int
+    expert_manifest: str
+    state_manifest: str
+    publisher_of_checkpoint: str
+    holder_key: str
+    grpc: str
+
+    @classmethod
+    def from_value(cls, value: Any) -> "ReplicaRecord":
+        c = "replica"
+        v = _check_dict(value, c)
+        return cls(
+            shard=_int(_field(v, c, "shard"), c, "shard", 0, MAX_SHARD),
+            step=_int(_field(v, c, "step"), c, "step", 0, MAX_STEP),
+            expert_manifest=_hex64(_field(v, c, "expert_manifest"), c, "expert_manifest"),
+            state_manifest=_hex64(_field(v, c, "state_manifest"), c, "state_manifest"),
+            publisher_of_checkpoint=_hex64(
+                _field(v, c, "publisher_of_checkpoint"), c, "publisher_of_checkpoint"
+            ),
+            holder_key=_hex64(_field(v, c, "holder_key"), c, "holder_key"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
+        )
+
+
+@dataclass(frozen=True)
+class StatsRecord(_Record):
+    """A shard's cluster statistics artifact (manifest id) and where to fetch it."""
+
+    shard: int
+    manifest: str
+    grpc: str
+
+    @classmethod
+    def from_value(cls, value: Any) -> "StatsRecord":
+        c = "stats"
+        v = _check_dict(value, c)
+        return cls(
+            shard=_int(_field(v, c, "shard"), c, "shard", 0, MAX_SHARD),
+            manifest=_hex64(_field(v, c, "manifest"), c, "manifest"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
+        )
+
+
+@dataclass(frozen=True)
+class RouterRecord(_Record):
+    """A trained learned-router artifact."""
+
+    manifest: str
+    step: int
+    grpc: str
+    publisher: str
+
+    @classmethod
+    def from_value(cls, value: Any) -> "RouterRecord":
+        c = "router"
+        v = _check_dict(value, c)
+        return cls(
+            manifest=_hex64(_field(v, c, "manifest"), c, "manifest"),
+            step=_int(_field(v, c, "step"), c, "step", 0, MAX_STEP),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
+            publisher=_hex64(_field(v, c, "publisher"), c, "publisher"),
+        )
+
+
+@dataclass(frozen=True)
+class PlanRecord(_Record):
+    """A peer that serves the plan file whose sha256 is `run_id`."""
+
+    run_id: str
+    grpc: str
+
+    @classmethod
+    def from_value(cls, value: Any) -> "PlanRecord":
+        c = "plan"
+        v = _check_dict(value, c)
+        return cls(
+            run_id=_hex64(_field(v, c, "run_id"), c, "run_id"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
+        )

@@ -1,0 +1,147 @@
+"""A hivemind record validator that binds every DHT record to a node's persistent Ed25519 key.
+
+Modeled on hivemind's `RSASignatureValidator`, with three differences:
+
+- The key is our persistent `Identity` (hivemind's RSA validator can only make fresh keys).
+- The owner marker `[owner:<64-hex public key>]` must be the WHOLE subkey (a str). hivemind hashes
+  keys before they reach a validator (`DHTRecord.key` is the 20-byte DHTID, see
+  hivemind/dht/node.py and protocol.py), so a validator cannot tell a `ddm/...` key from any other
+  key. Only the subkey travels in clear (msgpack of the subkey). Hence this validator rejects EVERY
+  record that is not owned and signed: on a DHT that registers it, only owned records exist. This
+  also blocks two attacks on hivemind's storage: a plain (subkey-less) value with a later
+  expiration replaces a whole dictionary of subkeys, and a bytes subkey next to str subkeys makes
+  the storage heap raise TypeError on comparison.
+- A size cap (values over `MAX_VALUE_BYTES`) and an expiration cap (`MAX_TTL` seconds ahead, with
+  slack for clock skew), so a peer cannot park large or near-permanent records on others.
+
+Signature: Ed25519 over msgpack([DOMAIN, key, subkey, value-without-signature, expiration_time]),
+appended to the value as `SIG_MAGIC + 64 signature bytes` (fixed length, so stripping is a slice).
+The domain string keeps a record signature from ever being valid as a manifest signature (the
+same key signs both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from ddm_node.identity import Identity, verify_signature
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = b"ddm-node/dht-record/v1"
+SIG_MAGIC = b"\x00ddmsig1"
+SIG_LEN = 64  # Ed25519 signatures are always 64 bytes
+SUFFIX_LEN = len(SIG_MAGIC) + SIG_LEN
+MAX_VALUE_BYTES = 4096  # serialized value, signature excluded
+MAX_TTL = 24 * 3600.0  # longest expiration accepted, seconds ahead of now
+CLOCK_SLACK = 300.0  # tolerated clock skew between peers, seconds
+
+_OWNER_RE = re.compile(r"^\[owner:([0-9a-f]{64})\]$")
+
+
+def owner_marker(public_hex: str) -> str:
+    """The subkey under which the key `public_hex` writes its records."""
+    return f"[owner:{public_hex}]"
+
+
+def owner_of_subkey(subkey: object) -> str | None:
+    """The 64-hex owner named by a subkey (as the application sees it), or None if it names none."""
+    if not isinstance(subkey, str):
+        return None
+    match = _OWNER_RE.match(subkey)
+    return match.group(1) if match else None
+
+
+def _owner_of_subkey_bytes(subkey_bytes: bytes) -> str | None:
+    try:
+        subkey = MSGPackSerializer.loads(subkey_bytes)
+    except Exception:  # any malformed msgpack from the wire
+        return None
+    return owner_of_subkey(subkey)
+
+
+def _signed_bytes(record: DHTRecord) -> bytes:
+    """What the owner signs: the record with its value stripped of any signature."""
+    return MSGPackSerializer.dumps(
+        [DOMAIN, bytes(record.key), bytes(record.subkey), bytes(record.value), float(record.expiration_time)]
+    )
+
+
+class Ed25519RecordValidator(RecordValidatorBase):
+    """Signs our own records and admits only records signed by the owner their subkey names.
+
+    Register exactly one on every DHT of the swarm (`record_validators=[Ed25519RecordValidator(id)]`).
+    """
+
+    def __init__(self, identity: Identity):
+        self._identity = identity
+        self._public_hex = identity.public_hex
+        self._marker = owner_marker(self._public_hex)
+
+    @property
+    def public_hex(self) -> str:
+        return self._public_hex
+
+    @property
+    def local_marker(self) -> str:
+        """The subkey this node writes under (its owner marker)."""
+        return self._marker
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        """Append our signature when the record's subkey is our marker; leave other values unchanged."""
+        if _owner_of_subkey_bytes(record.subkey) != self._public_hex:
+            return record.value
+        signature = self._identity.sign(_signed_bytes(record))
+        return record.value + SIG_MAGIC + signature
+
+    def validate(self, record: DHTRecord) -> bool:
+        """True only for an owned, correctly signed record within the size and expiration caps."""
+        try:
+            return self._validate(record)
+        except Exception:  # a validator must never raise inside hivemind's RPC handlers
+            logger.debug("record validation raised", exc_info=True)
+            return False
+
+    def _validate(self, record: DHTRecord) -> bool:
+        owner = _owner_of_subkey_bytes(record.subkey)
+        if owner is None:
+            logger.debug("rejecting a DHT record without an owner subkey")
+            return False
+        value = bytes(record.value)
+        if len(value) < SUFFIX_LEN or value[-SUFFIX_LEN:-SIG_LEN] != SIG_MAGIC:
+            logger.debug("rejecting an unsigned DHT record of %s", owner[:12])
+            return False
+        if len(value) - SUFFIX_LEN > MAX_VALUE_BYTES:
+            logger.debug("rejecting an oversized DHT record of %s (%d bytes)", owner[:12], len(value))
+            return False
+        if record.expiration_time > get_dht_time() + MAX_TTL + CLOCK_SLACK:
+            logger.debug("rejecting a DHT record of %s that expires too far ahead", owner[:12])
+            return False
+        stripped = dataclasses.replace(record, value=value[:-SUFFIX_LEN])
+        if not verify_signature(owner, _signed_bytes(stripped), value[-SIG_LEN:]):
+            logger.debug("rejecting a DHT record with a bad signature for %s", owner[:12])
+            return False
+        return True
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        """Remove our signature suffix (called by hivemind only after `validate` succeeded)."""
+        value = bytes(record.value)
+        if len(value) >= SUFFIX_LEN and value[-SUFFIX_LEN:-SIG_LEN] == SIG_MAGIC:
+            return value[:-SUFFIX_LEN]
+        return value
+
+    @property
+    def priority(self) -> int:
+        # Like hivemind's signature validator: validate before any validator that parses values.
+        return 10
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        # A second validator with the same key is a duplicate: absorb it. One with another key is
+        # not mergeable; two signing validators on one DHT would strip each other's signatures, so
+        # a DHT must be given exactly one (Swarm does that).
+        return isinstance(other, Ed25519RecordValidator) and other.public_hex == self._public_hex

@@ -1,0 +1,311 @@
+"""The checkpoint format: expert (EMA weights), training state and cluster statistics artifacts.
+
+Layout (docs/ARCHITECTURE.md "Artifacts"):
+    WORK/shard_{k:03d}/step_{s:08d}/expert/  model.safetensors (EMA), config.json (ModelConfig), manifest
+    WORK/shard_{k:03d}/step_{s:08d}/state/   state.safetensors (model, EMA, optimizer, RNG), config.json
+                                             ({"model": ModelConfig, "train": TrainConfig}), manifest
+    WORK/shard_{k:03d}/stats/                stats.safetensors, manifest
+A step directory is built whole in a staging directory and renamed into place once, so a crash leaves
+only a dot-named temporary directory, which every reader here ignores. Tensors travel as safetensors
+only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ddm_node.config import ModelConfig, TrainConfig, canonical_json, from_dict, to_dict
+from ddm_node.errors import DDMError, IntegrityError
+from ddm_node.identity import Identity
+from ddm_node.manifest import FileEntry, Manifest, commit_dir, seal, staging_dir, verify_artifact
+from ddm_node.model import DiT
+from ddm_node.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+EXPERT, STATE, STATS = "expert", "state", "stats"
+MODEL_FILE, STATE_FILE, STATS_FILE, CONFIG_FILE = "model.safetensors", "state.safetensors", "stats.safetensors", "config.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+STALE_STAGING_S = 3600.0  # staging directories older than this are leftovers of a crash
+
+
+def shard_dir(work_dir: str | Path, shard: int) -> Path:
+    """WORK/shard_{k:03d}."""
+    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
+        raise DDMError(f"bad shard index {shard!r}")
+    return Path(work_dir) / f"shard_{shard:03d}"
+
+
+def checkpoint_dir(work_dir: str | Path, shard: int, step: int) -> Path:
+    """WORK/shard_{k:03d}/step_{s:08d}."""
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**8:
+        raise DDMError(f"bad checkpoint step {step!r}")
+    return shard_dir(work_dir, shard) / f"step_{step:08d}"
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file, fsynced (the enclosing staging directory is renamed into place later)."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "wb") as f:
+        f.write(canonical_json(data))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise DDMError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DDMError(f"{path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise DDMError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _seal(directory: Path, kind: str, run_id: str, shard: int, step: int, config_hash: str, files: Iterable[str],
+          identity: Identity | None, extra: dict) -> Manifest:
+    manifest = Manifest(kind=kind, run_id=run_id, shard=shard, step=step, config_hash=config_hash,
+                        files={name: FileEntry("", 0) for name in files}, extra=extra)
+    try:
+        return seal(directory, manifest, identity)
+    except IntegrityError as exc:  # a bad run id or config hash from the caller, not a bad file
+        raise DDMError(str(exc)) from None
+
+
+def write_checkpoint(work_dir: str | Path, run_id: str, shard: int, trainer: Trainer, config_hash: str,
+                     identity: Identity | None = None, extra: dict | None = None) -> Path:
+    """Write WORK/shard_k/step_s/{expert,state}/ for the trainer's current step, atomically; returns the step dir.
+
+    `extra` (small JSON, e.g. the loss) goes into both manifests; the state manifest also holds
+    `trainer.extra_state()`, whose keys `extra` may not override.
+    """
+    step = trainer.step
+    final = checkpoint_dir(work_dir, shard, step)
+    train_extra = trainer.extra_state()
+    user_extra = dict(extra or {})
+    clash = sorted(set(user_extra) & set(train_extra))
+    if clash:
+        raise DDMError(f"checkpoint extra may not set trainer field '{clash[0]}'")
+    model_cfg = to_dict(trainer.model_cfg)
+    stage = staging_dir(final)
+    try:
+        expert, state = stage / EXPERT, stage / STATE
+        expert.mkdir()
+        state.mkdir()
+        _save_tensors(trainer.ema.state_dict(), expert / MODEL_FILE)
+        _write_json(expert / CONFIG_FILE, model_cfg)
+        _seal(expert, EXPERT, run_id, shard, step, config_hash, (MODEL_FILE, CONFIG_FILE), identity,
+              {**user_extra, "step": step})
+        _save_tensors(trainer.state_tensors(), state / STATE_FILE)
+        _write_json(state / CONFIG_FILE, {"model": model_cfg, "train": to_dict(trainer.train_cfg)})
+        _seal(state, STATE, run_id, shard, step, config_hash, (STATE_FILE, CONFIG_FILE), identity,
+              {**user_extra, **train_extra})
+        commit_dir(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    logger.info("checkpoint written: %s", final)
+    return final
+
+
+def list_checkpoints(work_dir: str | Path, shard: int) -> list[Path]:
+    """Step directories of a shard, newest first (temporary and other directories are ignored)."""
+    root = shard_dir(work_dir, shard)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
+
+
+def verify_checkpoint(step_dir: str | Path, require_signature: bool = False,
+                      trusted_keys: Iterable[str] | None = None) -> tuple[Manifest, Manifest]:
+    """Verify both artifacts of a step dir and that their manifests agree with its place; IntegrityError if not."""
+    step_dir = Path(step_dir)
+    m = _STEP_RE.match(step_dir.name)
+    if not m:
+        raise IntegrityError(f"{step_dir}: not a step directory")
+    step = int(m.group(1))
+    require = require_signature or bool(trusted_keys)
+    manifests = []
+    for kind in (EXPERT, STATE):
+        manifest = verify_artifact(step_dir / kind, require_signature=require, trusted_keys=trusted_keys)
+        if manifest.kind != kind or manifest.step != step:
+            raise IntegrityError(f"{step_dir / kind}: manifest says kind {manifest.kind!r} step {manifest.step}, "
+                                 f"expected {kind!r} step {step}")
+        manifests.append(manifest)
+    expert, state = manifests
+    if (expert.run_id, expert.shard, expert.config_hash) != (state.run_id, state.shard, state.config_hash):
+        raise IntegrityError(f"{step_dir}: expert and state manifests disagree on run, shard or config")
+    return expert, state
+
+
+def latest_checkpoint(work_dir: str | Path, shard: int, require_signature: bool = False,
+                      trusted_keys: Iterable[str] | None = None) -> Path | None:
+    """Newest step dir whose expert/ and state/ both verify; corrupt ones are logged and skipped.
+
+    A non-empty `trusted_keys` implies `require_signature`.
+    """
+    for step_dir in list_checkpoints(work_dir, shard):
+        try:
+            expert, _ = verify_checkpoint(step_dir, require_signature, trusted_keys)
+        except IntegrityError as exc:
+            logger.warning("skipping checkpoint %s: %s", step_dir, exc)
+            continue
+        if expert.shard != shard:
+            logger.warning("skipping checkpoint %s: manifest is for shard %d", step_dir, expert.shard)
+            continue
+        return step_dir
+    return None
+
+
+def _parse_model_cfg(data: object, source: str) -> ModelConfig:
+    if not isinstance(data, dict):
+        raise DDMError(f"{source}: model config must be a mapping")
+    return from_dict(data, ModelConfig, source=source).resolved()
+
+
+def load_state(state_dir: str | Path, trainer: Trainer, require_signature: bool = False,
+               trusted_keys: Iterable[str] | None = None) -> int:
+    """Verify a state artifact and load it into `trainer`; returns the step it resumes at."""
+    state_dir = Path(state_dir)
+    manifest = verify_artifact(state_dir, require_signature=require_signature or bool(trusted_keys),
+                               trusted_keys=trusted_keys)
+    if manifest.kind != STATE:
+        raise DDMError(f"{state_dir}: artifact kind is {manifest.kind!r}, expected 'state'")
+    cfg_path = state_dir / CONFIG_FILE
+    cfg = _read_json(cfg_path)
+    saved_model = _parse_model_cfg(cfg.get("model"), f"{cfg_path} (model)")
+    if saved_model != trainer.model_cfg:
+        raise DDMError(f"{cfg_path}: model config differs from this trainer's ({saved_model} vs {trainer.model_cfg})")
+    if isinstance(cfg.get("train"), dict):
+        saved_train = from_dict(cfg["train"], TrainConfig, source=f"{cfg_path} (train)")
+        if saved_train != trainer.train_cfg:
+            logger.info("resuming with a training config that differs from the checkpoint's")
+    else:
+        raise DDMError(f"{cfg_path}: 'train' must be a mapping")
+    if manifest.extra.get("step") != manifest.step:
+        raise DDMError(f"{state_dir}: state step {manifest.extra.get('step')!r} != manifest step {manifest.step}")
+    trainer.load_state(_load_tensors(state_dir / STATE_FILE), manifest.extra)
+    return trainer.step
+
+
+def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: bool = False,
+                trusted_keys: Iterable[str] | None = None) -> DiT:
+    """Build a DiT from an expert artifact's config.json and load its EMA weights (eval mode, no grads)."""
+    expert_dir = Path(expert_dir)
+    if verify:
+        manifest = verify_artifact(expert_dir, require_signature=require_signature or bool(trusted_keys),
+                                   trusted_keys=trusted_keys)
+        if manifest.kind != EXPERT:
+            raise DDMError(f"{expert_dir}: artifact kind is {manifest.kind!r}, expected 'expert'")
+    cfg_path = expert_dir / CONFIG_FILE
+    cfg = _parse_model_cfg(_read_json(cfg_path), str(cfg_path))
+    try:
+        model = DiT(cfg)
+    except ValueError as exc:
+        raise DDMError(f"{cfg_path}: {exc}") from None
+    weights = _load_tensors(expert_dir / MODEL_FILE)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise DDMError(f"{expert_dir / MODEL_FILE}: weights do not match config.json ({what})")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape or not weights[name].is_floating_point():
+            raise DDMError(f"{expert_dir / MODEL_FILE}: '{name}' has shape {list(weights[name].shape)}, "
+                           f"expected {list(shape)}")
+    model.load_state_dict(weights, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def stats_dir(work_dir: str | Path, shard: int) -> Path:
+    """WORK/shard_{k:03d}/stats."""
+    return shard_dir(work_dir, shard) / STATS
+
+
+def write_stats(work_dir: str | Path, run_id: str, shard: int, tensors: dict[str, torch.Tensor], config_hash: str,
+                identity: Identity | None = None) -> Path:
+    """Write the shard's cluster statistics artifact (kind "stats", step 0) atomically; returns its dir."""
+    if not tensors or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise DDMError("stats must be a non-empty mapping of names to tensors")
+    final = stats_dir(work_dir, shard)
+    stage = staging_dir(final)
+    try:
+        _save_tensors(tensors, stage / STATS_FILE)
+        _seal(stage, STATS, run_id, shard, 0, config_hash, (STATS_FILE,), identity, {})
+        commit_dir(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return final
+
+
+def read_stats(stats_path: str | Path, verify: bool = True, require_signature: bool = False,
+               trusted_keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a stats artifact (verified first unless `verify` is False)."""
+    stats_path = Path(stats_path)
+    if verify:
+        manifest = verify_artifact(stats_path, require_signature=require_signature or bool(trusted_keys),
+                                   trusted_keys=trusted_keys)
+        if manifest.kind != STATS:
+            raise DDMError(f"{stats_path}: artifact kind is {manifest.kind!r}, expected 'stats'")
+    return _load_tensors(stats_path / STATS_FILE)
+
+
+def _remove_dir(path: Path) -> None:
+    # Rename first: a half-deleted directory must never look like a step directory.
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune_checkpoints(work_dir: str | Path, shard: int, keep: int = 2) -> None:
+    """Delete all but the `keep` newest step dirs, never the newest valid one; clear stale temp dirs."""
+    if keep < 1:
+        raise DDMError(f"prune keep must be >= 1, got {keep}")
+    steps = list_checkpoints(work_dir, shard)
+    kept = set(steps[:keep])
+    if steps[keep:]:
+        newest_valid = latest_checkpoint(work_dir, shard)
+        if newest_valid is not None:
+            kept.add(newest_valid)
+    for step_dir in steps:
+        if step_dir not in kept:
+            logger.info("pruning checkpoint %s", step_dir)
+            _remove_dir(step_dir)
+    root = shard_dir(work_dir, shard)
+    now = time.time()
+    for p in root.iterdir() if root.is_dir() else ():
+        leftover = p.name.startswith(".") and (".tmp-" in p.name or ".del-" in p.name or ".old-" in p.name)
+        if leftover and p.is_dir() and now - p.stat().st_mtime > STALE_STAGING_S:
+            logger.info("removing stale temporary directory %s", p)
+            shutil.rmtree(p, ignore_errors=True)

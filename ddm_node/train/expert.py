@@ -1,0 +1,108 @@
+"""Train one shard's expert from a plan: data selection, stats artifact, resume, periodic checkpoints.
+
+This is the whole of an island's training work; the daemon calls `train_shard` with hooks for
+announcing checkpoints and for stopping on a signal, and `ddm-node train-expert` calls it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ddm_node.config import config_hash
+from ddm_node.data.datasets import Dataset, load_dataset
+from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.identity import Identity
+from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.trainer import Trainer
+from router.centroid import ClusterStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardData:
+    """A shard's training samples as tensors."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+
+
+def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None) -> ShardData:
+    """Load the plan's dataset (checking its fingerprint) and select the shard's samples."""
+    ids = plan.shard(shard).ids
+    ds = dataset if dataset is not None else load_dataset(plan.dataset)
+    check_dataset(plan, ds)
+    x = torch.from_numpy(ds.x[ids]).float()
+    y = torch.from_numpy(ds.y[ids]).long() if ds.y is not None and plan.cfg.model.num_classes > 0 else None
+    return ShardData(x, y)
+
+
+def run_config_hash(plan: Plan) -> str:
+    """Hash of the model and training config that every checkpoint of this run records."""
+    cfg = plan.cfg
+    return config_hash(cfg.model) + config_hash(cfg.train)[:16]
+
+
+def ensure_stats(plan: Plan, shard: int, work_dir: Path, data: ShardData, identity: Identity | None) -> Path:
+    """Write the shard's cluster-statistics artifact once (it does not change with training)."""
+    stats_dir = work_dir / f"shard_{shard:03d}" / "stats"
+    if stats_dir.exists():
+        try:
+            ckpt.read_stats(stats_dir, verify=True)
+            return stats_dir
+        except Exception as exc:  # a damaged copy is rewritten from the data, never trusted
+            log.warning("rewriting damaged stats artifact %s: %s", stats_dir, exc)
+    stats = ClusterStats.from_data(data.x, sub_centroids=plan.cfg.partition.sub_centroids, seed=plan.cfg.partition.seed)
+    return ckpt.write_stats(work_dir, plan.run_id, shard, stats.to_tensors(), run_config_hash(plan), identity)
+
+
+def train_shard(
+    plan: Plan,
+    shard: int,
+    work_dir: str | Path,
+    steps: int | None = None,
+    identity: Identity | None = None,
+    resume_from: Path | None = None,
+    dataset: Dataset | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+) -> Path | None:
+    """Train shard `shard` of `plan` up to `steps` (default: the plan's budget), checkpointing into `work_dir`.
+
+    Resumes from `resume_from` (a state artifact directory) or the newest valid local checkpoint.
+    Returns the newest checkpoint directory (None if nothing was trained or written).
+    """
+    cfg = plan.cfg
+    work_dir = Path(work_dir)
+    target = cfg.train.steps if steps is None else steps
+    data = shard_data(plan, shard, dataset)
+    ensure_stats(plan, shard, work_dir, data, identity)
+    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device)
+    latest = ckpt.latest_checkpoint(work_dir, shard)
+    state_dir = resume_from or (latest / "state" if latest else None)
+    if state_dir is not None:
+        step = ckpt.load_state(state_dir, trainer)
+        log.info("shard %d: resumed at step %d from %s", shard, step, state_dir)
+    if trainer.step >= target:
+        return latest
+    chash = run_config_hash(plan)
+    written: list[Path] = []
+
+    def checkpoint(step: int) -> None:
+        path = ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
+        ckpt.prune_checkpoints(work_dir, shard, keep=2)
+        written.append(path)
+        if on_checkpoint:
+            on_checkpoint(path)
+
+    reached = trainer.run(target, on_step=on_step, on_checkpoint=checkpoint, should_stop=should_stop)
+    if not written or not written[-1].name.endswith(f"{reached:08d}"):
+        checkpoint(reached)
+    return written[-1]

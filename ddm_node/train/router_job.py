@@ -1,0 +1,87 @@
+"""The learned-router job: train on noised samples of every shard, write a signed router artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ddm_node.config import RouterConfig, canonical_json, from_dict, to_dict
+from ddm_node.data.datasets import Dataset, load_dataset
+from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.errors import DDMError, IntegrityError
+from ddm_node.identity import Identity
+from ddm_node.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
+from router.learned import LearnedRouter, RouterNet, router_model_config, train_router
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def plan_router_data(plan: Plan, dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All training samples of the plan with their shard index as the label."""
+    ds = dataset if dataset is not None else load_dataset(plan.dataset)
+    check_dataset(plan, ds)
+    ids = [i for s in plan.shards for i in s.ids]
+    cluster = [s.index for s in plan.shards for _ in s.ids]
+    x = torch.from_numpy(ds.x[ids]).float()
+    y = torch.from_numpy(ds.y[ids]).long() if ds.y is not None and plan.cfg.model.num_classes > 0 else None
+    return x, torch.tensor(cluster, dtype=torch.long), y
+
+
+def train_plan_router(plan: Plan, out_dir: str | Path, steps: int | None = None, identity: Identity | None = None,
+                      dataset: Dataset | None = None, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Train the learned router of `plan` and write it as a sealed artifact at `out_dir`."""
+    cfg = plan.cfg.router
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    x, cluster, y = plan_router_data(plan, dataset)
+    c, h, _ = plan.shape
+    experts = [s.index for s in plan.shards]
+    router = train_router(x, cluster, y, plan.num_classes, h, c, experts, cfg, on_step=on_step)
+    return write_router(out_dir, plan, router, cfg, identity)
+
+
+def write_router(out_dir: str | Path, plan: Plan, router: LearnedRouter, cfg: RouterConfig,
+                 identity: Identity | None = None) -> Path:
+    """Seal a router artifact: model.safetensors + config.json (router config, image shape, expert ids)."""
+    c, h, _ = plan.shape
+    config = {"router": to_dict(cfg), "image_size": h, "channels": c, "num_classes": plan.num_classes,
+              "experts": list(router.experts)}
+    stage = staging_dir(out_dir)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in router.net.state_dict().items()}, str(stage / MODEL_FILE))
+        fsync_write(stage / CONFIG_FILE, canonical_json(config))
+        manifest = Manifest(kind="router", run_id=plan.run_id, shard=-1, step=cfg.steps, config_hash="",
+                            files={MODEL_FILE: FileEntry("", 0), CONFIG_FILE: FileEntry("", 0)})
+        seal(stage, manifest, identity)
+        return commit_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def load_router(router_dir: str | Path, require_signature: bool = False, trusted_keys=None) -> LearnedRouter:
+    """Verify and load a router artifact into a LearnedRouter (eval mode, CPU)."""
+    router_dir = Path(router_dir)
+    verify_artifact(router_dir, require_signature=require_signature, trusted_keys=trusted_keys)
+    try:
+        config = json.loads((router_dir / CONFIG_FILE).read_bytes())
+        experts = [int(e) for e in config["experts"]]
+        cfg = from_dict(config["router"], RouterConfig, source=str(router_dir / CONFIG_FILE))
+        model_cfg = router_model_config(cfg, int(config["image_size"]), int(config["channels"]), int(config["num_classes"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DDMError(f"{router_dir / CONFIG_FILE}: malformed router config ({exc})") from None
+    net = RouterNet(model_cfg, len(experts))
+    try:
+        net.load_state_dict(load_file(str(router_dir / MODEL_FILE)))
+    except Exception as exc:  # shape mismatch or unreadable file
+        raise IntegrityError(f"{router_dir / MODEL_FILE}: cannot load router weights ({str(exc).splitlines()[0]})") from None
+    return LearnedRouter(net.eval(), experts)

@@ -1,0 +1,72 @@
+"""Shared test fixtures: every process a test run spawns is found and reaped, even after failures.
+
+Each pytest run tags its environment with a unique DDM_TEST_SESSION value. Children inherit it
+(daemons, hivemind's DHT child, p2pd), so at the end we can find exactly our own leftovers by
+their environment, wherever they were reparented, and fail the run if any survived.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import psutil
+import pytest
+
+SESSION_TAG = os.environ.setdefault("DDM_TEST_SESSION", uuid.uuid4().hex)
+
+
+def tagged_processes() -> list[psutil.Process]:
+    """Live processes (other than this one) carrying this run's DDM_TEST_SESSION tag."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get("DDM_TEST_SESSION") == SESSION_TAG and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def reap(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    """After the whole run, no daemon, DHT child or p2pd started by the tests may still be alive."""
+    yield
+    deadline = time.time() + 10
+    left = tagged_processes()
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = tagged_processes()
+    if left:
+        names = [f"{p.pid}:{' '.join(p.cmdline()[:3])}" for p in left if p.is_running()]
+        reap(left)
+        pytest.fail(f"processes left behind by the tests (now killed): {names}")
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A config small enough to train an expert in a few seconds on one core."""
+    from ddm_node.config import load_config
+
+    return load_config(
+        overrides={
+            "model.hidden": 32, "model.depth": 2, "model.heads": 2,
+            "train.steps": 60, "train.batch_size": 32, "train.checkpoint_every": 20, "train.warmup_steps": 5,
+            "router.steps": 60, "router.batch_size": 64,
+            "sample.steps": 8, "partition.experts": 2,
+        }
+    )

@@ -1,0 +1,467 @@
+"""Swarm layer: records, the Ed25519 record validator, owner-bound DHT records and shard claims.
+
+Unit tests run without processes; `multiproc` tests start real hivemind DHT peers on 127.0.0.1
+(each a child process with its own p2pd) and shut every one down in fixtures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import secrets
+import threading
+import time
+
+import psutil
+import pytest
+
+import ddm_node.swarm  # noqa: F401  (first: it picks hivemind's memory sharing strategy before hivemind loads)
+from ddm_node.errors import DDMError
+from ddm_node.identity import Identity
+from ddm_node.swarm.claims import ClaimManager, winner
+from ddm_node.swarm.dht import Swarm, dht_key
+from ddm_node.swarm.records import (
+    CheckpointRecord,
+    Claim,
+    PeerRecord,
+    PlanRecord,
+    ReplicaRecord,
+    RouterRecord,
+    StatsRecord,
+)
+from ddm_node.swarm.validator import MAX_VALUE_BYTES, Ed25519RecordValidator
+from hivemind.dht.routing import DHTID  # noqa: E402  (after ddm_node.swarm, see above)
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+H = "ab" * 32  # a valid 64-hex id
+H2 = "cd" * 32
+PEER = "12D3KooWHPmjMnsMBwLTJvWNnh7qgUvkjVeHuGniGo9tQ1ygBwoM"
+
+
+def _p2pd_descendants() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "p2pd" in p.name() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+def _samples(pub: str = H) -> list:
+    return [
+        PeerRecord(PEER, pub, "127.0.0.1:5000", ("/ip4/127.0.0.1/tcp/1/p2p/" + PEER,), "0.1.0", 1.5e9, "train", 3),
+        Claim(2, PEER, pub, "", 1.7e9, released=True, expires_at=1.7e9 + 30),
+        CheckpointRecord(1, 500, H, H2, pub, "node-a.local:50051", False),
+        ReplicaRecord(1, 500, H, H2, H2, pub, "[::1]:50051"),
+        StatsRecord(4, H2, "10.0.0.2:7000"),
+        RouterRecord(H, 10, "127.0.0.1:1", pub),
+        PlanRecord(H2, "127.0.0.1:2"),
+    ]
+
+
+@pytest.mark.parametrize("record", _samples(), ids=lambda r: type(r).__name__)
+def test_record_round_trip(record):
+    value = record.to_value()
+    assert all(isinstance(v, (str, int, float, bool, list)) for v in value.values())
+    packed = MSGPackSerializer.loads(MSGPackSerializer.dumps(value))
+    assert type(record).from_value(packed) == record
+
+
+@pytest.mark.parametrize(
+    "cls, patch, needle",
+    [
+        (CheckpointRecord, {"step": "7"}, "step must be an integer"),
+        (CheckpointRecord, {"step": -1}, "step out of range"),
+        (CheckpointRecord, {"final": 1}, "final must be a boolean"),
+        (CheckpointRecord, {"expert_manifest": "AB" * 32}, "expert_manifest must be 64 lowercase hex"),
+        (CheckpointRecord, {"publisher": H[:-1]}, "publisher must be 64 lowercase hex"),
+        (CheckpointRecord, {"grpc": "http://x:1"}, "grpc is not host:port"),
+        (CheckpointRecord, {"grpc": "h:70000"}, "grpc is not host:port"),
+        (CheckpointRecord, {"shard": True}, "shard must be an integer"),
+        (PeerRecord, {"maddrs": ["x"] * 17}, "maddrs must be a list"),
+        (PeerRecord, {"state": "s" * 65}, "state longer than 64"),
+        (PeerRecord, {"version": "a\nb"}, "non-printable"),
+        (PeerRecord, {"heartbeat": float("nan")}, "heartbeat is not a plausible time"),
+        (PeerRecord, {"peer_id": "0OIl"}, "peer_id is not a base58"),
+        (Claim, {"claimed_at": None}, "claimed_at must be a number"),
+        (Claim, {"shard": -1}, "shard out of range"),
+        (PlanRecord, {"run_id": None}, "run_id must be 64"),
+    ],
+)
+def test_record_rejects_garbage(cls, patch, needle):
+    base = next(r for r in _samples() if isinstance(r, cls)).to_value()
+    with pytest.raises(DDMError, match=needle):
+        cls.from_value({**base, **patch})
+
+
+@pytest.mark.parametrize("junk", [None, 3, "x", [1, 2], b"\x00", {}])
+def test_record_rejects_non_mappings_and_missing_fields(junk):
+    with pytest.raises(DDMError):
+        StatsRecord.from_value(junk)
+
+
+def test_record_missing_field_named():
+    value = _samples()[2].to_value()
+    del value["state_manifest"]
+    with pytest.raises(DDMError, match="state_manifest is missing"):
+        CheckpointRecord.from_value(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# validator
+
+
+def _record(validator: Ed25519RecordValidator, subkey, value=None, key="ddm/run/ckpt/0", ttl=60.0) -> DHTRecord:
+    """A record as hivemind builds it (key hashed, subkey and value msgpack), signed by `validator`."""
+    raw = DHTRecord(
+        key=DHTID.generate(source=key).to_bytes(),
+        subkey=MSGPackSerializer.dumps(subkey),
+        value=MSGPackSerializer.dumps(value if value is not None else {"step": 1}),
+        expiration_time=get_dht_time() + ttl,
+    )
+    return dataclasses.replace(raw, value=validator.sign_value(raw))
+
+
+def test_validator_sign_validate_strip():
+    va = Ed25519RecordValidator(Identity.generate())
+    rec = _record(va, va.local_marker, {"step": 5})
+    assert rec.value != MSGPackSerializer.dumps({"step": 5})  # signature appended
+    assert va.validate(rec)
+    assert MSGPackSerializer.loads(va.strip_value(rec)) == {"step": 5}
+    # any peer's validator (another key) accepts it too: validity depends only on the owner's key
+    assert Ed25519RecordValidator(Identity.generate()).validate(rec)
+
+
+def test_validator_rejects_tampering():
+    va = Ed25519RecordValidator(Identity.generate())
+    rec = _record(va, va.local_marker, {"step": 5})
+    forged_value = MSGPackSerializer.dumps({"step": 6}) + rec.value[-72:]  # same signature, new value
+    assert not va.validate(dataclasses.replace(rec, value=forged_value))
+    assert not va.validate(dataclasses.replace(rec, expiration_time=rec.expiration_time + 100))
+    other_key = DHTID.generate(source="ddm/run/ckpt/1").to_bytes()
+    assert not va.validate(dataclasses.replace(rec, key=other_key))  # signature bound to the key
+    flipped = bytearray(rec.value)
+    flipped[-1] ^= 1
+    assert not va.validate(dataclasses.replace(rec, value=bytes(flipped)))
+
+
+def test_validator_rejects_wrong_owner_and_unowned():
+    va, vb = Ed25519RecordValidator(Identity.generate()), Ed25519RecordValidator(Identity.generate())
+    # A cannot sign under B's marker: sign_value leaves it unsigned, and a re-labelled signature fails
+    unsigned = _record(va, vb.local_marker)
+    assert not va.validate(unsigned)
+    mine = _record(va, va.local_marker)
+    relabelled = dataclasses.replace(mine, subkey=MSGPackSerializer.dumps(vb.local_marker))
+    assert not vb.validate(relabelled)
+    # every record must be owned: plain values, foreign subkeys, bytes subkeys are all refused
+    assert not va.validate(_record(va, None))
+    assert not va.validate(_record(va, "some-subkey"))
+    assert not va.validate(_record(va, va.local_marker.encode()))
+    assert not va.validate(_record(va, va.local_marker + "x"))
+
+
+def test_validator_caps_size_and_expiration():
+    va = Ed25519RecordValidator(Identity.generate())
+    assert va.validate(_record(va, va.local_marker, {"x": "a" * (MAX_VALUE_BYTES - 16)}))
+    assert not va.validate(_record(va, va.local_marker, {"x": "a" * MAX_VALUE_BYTES}))
+    assert not va.validate(_record(va, va.local_marker, ttl=30 * 86400.0))
+
+
+def test_validator_never_raises_on_junk():
+    va = Ed25519RecordValidator(Identity.generate())
+    for _ in range(50):
+        junk = DHTRecord(secrets.token_bytes(20), secrets.token_bytes(8), secrets.token_bytes(100), 1e9)
+        assert va.validate(junk) is False
+    marker = MSGPackSerializer.dumps(va.local_marker)
+    assert va.validate(DHTRecord(b"", marker, b"", float("nan"))) is False
+
+
+def test_validator_merge_policy():
+    ident = Identity.generate()
+    v = Ed25519RecordValidator(ident)
+    assert v.merge_with(Ed25519RecordValidator(ident))
+    assert not v.merge_with(Ed25519RecordValidator(Identity.generate()))
+
+
+# ---------------------------------------------------------------------------------------------
+# winner rule
+
+
+def _claim(pub: str, at: float, released: bool = False, expires: float = 1e10) -> Claim:
+    return Claim(0, PEER, pub, "", at, released=released, expires_at=expires)
+
+
+def test_winner_is_deterministic_and_order_free():
+    claims = [_claim("3" * 64, 10.0), _claim("1" * 64, 11.0), _claim("2" * 64, 10.0), _claim("0" * 64, 12.0)]
+    results = {winner(list(p), now=100.0) for p in itertools.permutations(claims)}
+    assert results == {claims[2]}  # earliest claimed_at; the tie 10.0 goes to the smaller key "22.."
+
+
+def test_winner_ignores_released_and_expired():
+    now = 100.0
+    assert winner([], now) is None
+    assert winner([_claim("1" * 64, 1.0, released=True)], now) is None
+    assert winner([_claim("1" * 64, 1.0, expires=now)], now) is None
+    alive = _claim("2" * 64, 50.0)
+    assert winner([_claim("1" * 64, 1.0, released=True), _claim("0" * 64, 2.0, expires=99.0), alive], now) == alive
+
+
+def test_dht_keys():
+    assert dht_key(H, "claim", 3) == f"ddm/{H}/claim/3"
+    assert dht_key(H, "peers") == f"ddm/{H}/peers"
+    assert dht_key(H, "plan") == f"ddm/plan/{H}"
+    for args in [(H, "claim"), (H, "peers", 1), (H, "nope"), ("xyz", "peers"), (H, "ckpt", -1)]:
+        with pytest.raises(DDMError):
+            dht_key(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# real DHT peers
+
+
+@pytest.fixture(scope="module")
+def trio():
+    """Three peers of one run: A bootstraps, B and C join through A."""
+    run_id = secrets.token_hex(32)
+    swarms: list[Swarm] = []
+    try:
+        swarms.append(Swarm(Identity.generate(), run_id))
+        for _ in range(2):
+            swarms.append(Swarm(Identity.generate(), run_id, initial_peers=swarms[0].visible_maddrs()))
+        yield tuple(swarms)
+    finally:
+        for s in swarms:
+            s.shutdown()
+        leftover = _p2pd_descendants()
+        assert not leftover, f"p2pd still running after shutdown: {[p.pid for p in leftover]}"
+
+
+_shards = itertools.count(100)  # each test uses its own shards, so tests do not see each other's records
+
+
+def _ckpt(swarm: Swarm, shard: int, step: int) -> CheckpointRecord:
+    return CheckpointRecord(shard, step, H, H2, swarm.public_key, "127.0.0.1:50051", False)
+
+
+@pytest.mark.multiproc
+def test_records_visible_across_peers(trio):
+    a, b, c = trio
+    shard = next(_shards)
+    assert b.checkpoints(shard) == [] and b.routers() == []  # get() returns None: empty list
+    maddrs = tuple(a.visible_maddrs())
+    peer = PeerRecord(a.peer_id, a.public_key, "127.0.0.1:50051", maddrs, "0.1.0", a.now(), "idle", -1)
+    written = [
+        a.heartbeat(peer, ttl=30),
+        a.announce_checkpoint(_ckpt(a, shard, 10), ttl=30),
+        a.announce_replica(ReplicaRecord(shard, 10, H, H2, H2, a.public_key, "127.0.0.1:1"), ttl=30),
+        a.announce_stats(StatsRecord(shard, H, "127.0.0.1:1"), ttl=30),
+        a.announce_router(RouterRecord(H, 3, "127.0.0.1:1", a.public_key), ttl=30),
+        a.announce_plan(PlanRecord(a.run_id, "127.0.0.1:1"), ttl=30),
+    ]
+    assert all(written)
+    assert [p.peer_id for p in b.peers()] == [a.peer_id]
+    assert b.checkpoints(shard) == [_ckpt(a, shard, 10)]
+    assert [r.holder_key for r in c.replicas(shard)] == [a.public_key]
+    assert [s.manifest for s in c.stats(shard)] == [H]
+    assert [r.step for r in b.routers()] == [3]
+    assert [p.run_id for p in c.plan_holders(a.run_id)] == [a.run_id]
+    assert c.plan_holders(H) == []  # another run's plan key
+    # a node's newer record replaces its own older one; B's record sits next to A's
+    assert a.announce_checkpoint(_ckpt(a, shard, 20), ttl=30)
+    assert b.announce_checkpoint(_ckpt(b, shard, 5), ttl=30)
+    got = {r.publisher: r.step for r in c.checkpoints(shard)}
+    assert got == {a.public_key: 20, b.public_key: 5}
+
+
+@pytest.mark.multiproc
+def test_peer_cannot_overwrite_anothers_subkey(trio):
+    a, b, _ = trio
+    shard = next(_shards)
+    assert a.announce_checkpoint(_ckpt(a, shard, 7), ttl=30)
+    forged = _ckpt(a, shard, 999).to_value()
+    key = a.key("ckpt", shard)
+    stored = b.dht.store(key, forged, get_dht_time() + 60, subkey=a.marker)  # B has no right to A's subkey
+    assert stored is False
+    for reader in (a, b):
+        assert [r.step for r in reader.checkpoints(shard)] == [7]
+
+
+@pytest.mark.multiproc
+def test_forged_and_garbage_records_are_skipped(trio, caplog):
+    a, b, c = trio
+    shard = next(_shards)
+    assert a.announce_checkpoint(_ckpt(a, shard, 1), ttl=30)
+    import hivemind
+
+    raw = None
+    try:
+        # a peer without our validator: it stores whatever it likes locally and offers it to readers
+        raw = hivemind.DHT(
+            initial_peers=a.visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True, nat_port_map=False
+        )
+        key = a.key("ckpt", shard)
+        # C signs garbage under its own marker, and a claim that pretends to be A's
+        assert c.dht.store(key, {"shard": "x"}, get_dht_time() + 30, subkey=c.marker)
+        fake = Claim(shard, a.peer_id, a.public_key, "", 1.0, expires_at=get_dht_time() + 30)
+        assert c.dht.store(a.key("claim", shard), fake.to_value(), get_dht_time() + 30, subkey=c.marker)
+        far = get_dht_time() + 3600
+        raw.store(key, _ckpt(a, shard, 999).to_value(), far, subkey=a.marker)  # unsigned, A's marker
+        raw.store(key, {"junk": 1}, far, subkey="[owner:" + "e" * 64 + "]")  # unsigned, invented owner
+        raw.store(key, "plain value replacing the dictionary", far + 10)  # no subkey at all
+        with caplog.at_level(logging.WARNING, logger="ddm_node.swarm.dht"):
+            for reader in (a, b):
+                assert [(r.publisher, r.step) for r in reader.checkpoints(shard)] == [(a.public_key, 1)]
+                assert reader.claims(shard) == []
+        assert "garbage record" in caplog.text and "is not its owner" in caplog.text
+    finally:
+        if raw is not None:
+            raw.shutdown()
+
+
+@pytest.mark.multiproc
+def test_put_refuses_records_readers_would_skip(trio):
+    a, b, _ = trio
+    shard = next(_shards)
+    with pytest.raises(DDMError, match="not this node's key"):
+        a.announce_checkpoint(_ckpt(b, shard, 1))
+    with pytest.raises(DDMError, match="written under shard"):
+        a.put("ckpt", shard + 1, _ckpt(a, shard, 1))
+    with pytest.raises(DDMError, match="takes a CheckpointRecord"):
+        a.put("ckpt", shard, StatsRecord(shard, H, "127.0.0.1:1"))
+    big = PeerRecord(a.peer_id, a.public_key, "", tuple("m" * 256 for _ in range(16)), "v", 1.0, "s", -1)
+    with pytest.raises(DDMError, match="over the 4096-byte"):
+        a.heartbeat(big)
+    with pytest.raises(DDMError, match="bad checkpoint record"):
+        a.announce_checkpoint(dataclasses.replace(_ckpt(a, shard, 1), step=-5))
+
+
+@pytest.mark.multiproc
+def test_concurrent_claims_have_one_winner(trio):
+    managers = [ClaimManager(s, ttl=3.0, settle=0.5) for s in trio]
+    for _ in range(3):
+        shard = next(_shards)
+        barrier = threading.Barrier(len(managers))
+        results: dict[int, bool] = {}
+
+        def race(i: int, m: ClaimManager) -> None:
+            barrier.wait()
+            results[i] = m.try_claim(shard)
+
+        threads = [threading.Thread(target=race, args=(i, m)) for i, m in enumerate(managers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert sorted(results.values()) == [False, False, True], results
+        won = next(i for i, ok in results.items() if ok)
+        for m in managers:  # every peer agrees on the owner
+            assert m.owner(shard).public_key == trio[won].public_key
+        assert managers[won].held() == [shard]
+        managers[won].release(shard)
+
+
+@pytest.mark.multiproc
+def test_expired_claim_is_taken_over(trio):
+    a, b, _ = trio
+    shard = next(_shards)
+    ma, mb = ClaimManager(a, ttl=2.0, settle=0.3), ClaimManager(b, ttl=2.0, settle=0.3)
+    assert ma.try_claim(shard)
+    assert not mb.try_claim(shard)
+    time.sleep(2.3)  # A does not renew; its lease runs out
+    assert mb.owner(shard) is None
+    assert mb.try_claim(shard)
+    assert not ma.renew(shard)  # A's lease expired: it must not come back
+    assert ma.owner(shard).public_key == b.public_key
+    mb.release(shard)
+
+
+@pytest.mark.multiproc
+def test_release_frees_immediately_and_renew_extends(trio):
+    a, b, _ = trio
+    shard = next(_shards)
+    ma, mb = ClaimManager(a, ttl=3.0, settle=0.3), ClaimManager(b, ttl=3.0, settle=0.3)
+    assert ma.try_claim(shard)
+    first = ma.owner(shard)
+    time.sleep(0.2)
+    assert ma.renew(shard)
+    renewed = mb.owner(shard)
+    assert renewed.public_key == a.public_key and renewed.claimed_at == first.claimed_at
+    assert renewed.expires_at > first.expires_at
+    assert not mb.try_claim(shard)
+    ma.release(shard)
+    assert mb.owner(shard) is None
+    assert mb.try_claim(shard)  # no waiting for A's old expiration
+    assert ma.owner(shard).public_key == b.public_key
+    mb.release(shard)
+
+
+@pytest.mark.multiproc
+def test_renew_retreats_when_an_older_claim_appears(trio):
+    a, b, _ = trio
+    shard = next(_shards)
+    ma = ClaimManager(a, ttl=3.0, settle=0.3)
+    assert ma.try_claim(shard)
+    mine = ma.owner(shard)
+    # B claimed earlier on the other side of a partition; now its claim becomes visible
+    now = get_dht_time()
+    older = Claim(shard, b.peer_id, b.public_key, "", mine.claimed_at - 5.0, expires_at=now + 3.0)
+    assert b.put("claim", shard, older, expiration=older.expires_at)
+    assert not ma.renew(shard)
+    assert ma.held() == []
+    assert a.claims(shard) and all(c.released for c in a.claims(shard) if c.public_key == a.public_key)
+    assert ma.owner(shard).public_key == b.public_key
+
+
+@pytest.mark.multiproc
+def test_shutdown_stops_dht_and_p2pd_and_is_idempotent():
+    swarm = Swarm(Identity.generate(), secrets.token_hex(32))
+    try:
+        procs = psutil.Process(swarm.dht_pid).children(recursive=True) + [psutil.Process(swarm.dht_pid)]
+        assert any("p2pd" in p.name() for p in procs)
+    finally:
+        swarm.shutdown()
+    swarm.shutdown()
+    assert swarm.closed
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    with pytest.raises(DDMError, match="shut down"):
+        swarm.peers()
+
+
+@pytest.mark.multiproc
+def test_failed_start_is_a_one_line_error():
+    before = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
+    with pytest.raises(DDMError, match="cannot start the DHT"):
+        Swarm(Identity.generate(), secrets.token_hex(32), initial_peers=["garbage"])
+    with pytest.raises(DDMError, match="initial peers"):
+        Swarm(Identity.generate(), secrets.token_hex(32), initial_peers="/ip4/127.0.0.1/tcp/1")
+    with pytest.raises(DDMError, match="run id"):
+        Swarm(Identity.generate(), "not-a-run-id")
+    time.sleep(0.2)
+    new = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.pid not in before]
+    assert [p for p in new if p.status() != psutil.STATUS_ZOMBIE] == [], "a failed start left processes"
+
+
+@pytest.mark.multiproc
+def test_shutdown_after_the_dht_child_died():
+    swarm = Swarm(Identity.generate(), secrets.token_hex(32))
+    try:
+        tree = [psutil.Process(swarm.dht_pid), *psutil.Process(swarm.dht_pid).children(recursive=True)]
+        assert any("p2pd" in p.name() for p in tree)
+        tree[0].kill()  # the DHT child dies (left unreaped: multiprocessing reaps it in shutdown)
+        deadline = time.time() + 5
+        while tree[0].status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.05)
+        started = time.time()
+    finally:
+        swarm.shutdown()
+    assert time.time() - started < 2.5  # no grace-period wait for a dead child
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
