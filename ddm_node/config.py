@@ -110,7 +110,7 @@ class RouterConfig:
     steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
-    size: str = "tiny"
+    size: str = "router"
     seed: int = 0
 
 

@@ -37,6 +37,7 @@ class Expert:
         self.model = model
         self.num_classes = num_classes
         self.cfg_scale = float(cfg_scale)
+        self.forward_samples = 0  # samples through the model, CFG's doubled passes included
 
     @property
     def null_class(self) -> int:
@@ -47,14 +48,17 @@ class Expert:
         t = broadcast_t(t, b, x.dtype, x.device)
         null = torch.full((b,), self.null_class, dtype=torch.long, device=x.device)
         if y is None or self.num_classes == 0:
+            self.forward_samples += b
             return self.model(x, t, null)
         y = y.to(device=x.device, dtype=torch.long)
         if y.shape != (b,):
             raise DDMError(f"class labels must have shape ({b},), got {tuple(y.shape)}")
         cond = y != self.null_class
         if self.cfg_scale == 1.0 or not bool(cond.any()):
+            self.forward_samples += b
             return self.model(x, t, y)
         idx = cond.nonzero().squeeze(1)
+        self.forward_samples += b + idx.shape[0]
         v = self.model(torch.cat([x, x[idx]]), torch.cat([t, t[idx]]), torch.cat([y, null[idx]]))
         out, v_u = v[:b].clone(), v[b:]
         out[idx] = v_u + self.cfg_scale * (out[idx] - v_u)
@@ -67,8 +71,8 @@ class EnsembleVelocity:
     `experts` maps shard id -> velocity callable (x, t[B], y) -> v. The router (anything with `experts`,
     `log_probs(x, t, y)` and `subset(ids)`) is restricted to the experts present, which renormalizes
     p(k | x_t, t) over them: the exact marginal flow of the data of those clusters only.
-    Counters for cost accounting: expert_calls (forward passes), expert_samples (samples through
-    experts), router_calls (router forward passes).
+    Counters for cost accounting: expert_calls (expert invocations), expert_samples (samples routed to
+    experts, before any CFG doubling, which `Expert.forward_samples` counts), router_calls (router passes).
     """
 
     def __init__(self, experts: dict[int, Callable], router, routing: str = "top1", top_k: int = 2):

@@ -200,8 +200,10 @@ def test_cfg_math():
     assert torch.equal(Expert(m, nc, cfg_scale=1.0)(x, t, y), v_c)
     assert torch.equal(Expert(m, nc, cfg_scale=3.0)(x, t, None), v_u)
     m.calls = 0
-    got = Expert(m, nc, cfg_scale=3.0)(x, t, y)
+    guided = Expert(m, nc, cfg_scale=3.0)
+    got = guided(x, t, y)
     assert m.calls == 1  # conditional and unconditional passes batched together
+    assert guided.forward_samples == 6 + 5  # the null-labelled sample is not doubled
     assert torch.allclose(got, v_u + 3.0 * (v_c - v_u), atol=1e-12)
     assert torch.equal(got[4], v_u[4])  # a null-labelled sample stays unconditional
     all_null = torch.full((6,), nc)

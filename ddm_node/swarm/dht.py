@@ -146,8 +146,7 @@ class Swarm:
             self._dht.join(timeout=5)  # the child exits by itself after a failed start; reap it
             _stop(_descendants(self._dht.pid))
             raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
-        # Remember the process tree now: if the DHT child dies, p2pd is reparented and would be
-        # invisible from its pid at shutdown time.
+        # Remember the process tree now: once the DHT child is gone, its pid no longer leads to p2pd.
         self._procs = _descendants(self._dht.pid)
         try:
             self._peer_id = self._call(lambda: self._dht.peer_id).to_base58()
@@ -190,7 +189,8 @@ class Swarm:
             except Exception:
                 logger.warning("DHT shutdown raised; terminating its processes", exc_info=True)
             self._dht.join(timeout=5)
-            # hivemind's own terminate() path (after a failed graceful stop) leaves p2pd running.
+            # Safety net: anything of the tree still running after hivemind's stop (measured here:
+            # p2pd exits with its parent, so this normally finds nothing) is terminated, then killed.
             _stop(procs)
 
     # -- identity and addresses -----------------------------------------------------------------

@@ -45,7 +45,7 @@ def train_plan_router(plan: Plan, out_dir: str | Path, steps: int | None = None,
     x, cluster, y = plan_router_data(plan, dataset)
     c, h, _ = plan.shape
     experts = [s.index for s in plan.shards]
-    router = train_router(x, cluster, y, plan.num_classes, h, c, experts, cfg, on_step=on_step)
+    router = train_router(x, cluster, y, plan.cfg.model.num_classes, h, c, experts, cfg, on_step=on_step)
     return write_router(out_dir, plan, router, cfg, identity)
 
 
@@ -53,7 +53,7 @@ def write_router(out_dir: str | Path, plan: Plan, router: LearnedRouter, cfg: Ro
                  identity: Identity | None = None) -> Path:
     """Seal a router artifact: model.safetensors + config.json (router config, image shape, expert ids)."""
     c, h, _ = plan.shape
-    config = {"router": to_dict(cfg), "image_size": h, "channels": c, "num_classes": plan.num_classes,
+    config = {"router": to_dict(cfg), "image_size": h, "channels": c, "num_classes": plan.cfg.model.num_classes,
               "experts": list(router.experts)}
     stage = staging_dir(out_dir)
     try:

@@ -1,0 +1,283 @@
+"""Sample-quality metrics: domain classifier (determinism, cache), FD_dom, KID, precision/recall.
+
+The classifier is trained once per module on sklearn's digits (loaded directly, not through the
+dataset loader). Everything runs single-threaded: on the shared 2-core machine multi-threaded BLAS
+under load is an order of magnitude slower.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from threadpoolctl import threadpool_limits
+
+from ddm_node import metrics
+from ddm_node.errors import DDMError
+from ddm_node.metrics import (DomainClassifier, Scores, evaluate, frechet_distance, get_domain_classifier, kid,
+                              precision_recall, train_domain_classifier)
+
+FINGERPRINT = "0123456789abcdef" * 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    return x, torch.tensor(d.target, dtype=torch.int64)
+
+
+@pytest.fixture(scope="module")
+def clf(digits) -> DomainClassifier:
+    x, y = digits
+    return train_domain_classifier(x, y, 10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def halves(digits) -> tuple[torch.Tensor, torch.Tensor]:
+    x, _ = digits
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm[: len(x) // 2]], x[perm[len(x) // 2:]]
+
+
+@pytest.fixture(scope="module")
+def scores(clf, halves) -> dict[str, Scores]:
+    ref, other = halves
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
+    blurred = F.conv2d(F.pad(other, (1, 1, 1, 1), mode="replicate"), kernel[None, None])
+    noise = torch.randn(other.shape, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    mean_image = ref.mean(0, keepdim=True).expand_as(other).contiguous()
+    cases = {"real": other, "blur": blurred, "noise": noise, "mean": mean_image}
+    return {name: evaluate(s, ref, clf, seed=0) for name, s in cases.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier
+
+
+def test_classifier_accuracy_and_features(clf, digits):
+    x, _ = digits
+    assert clf.accuracy >= 0.95
+    assert not clf.pseudo_labels and clf.num_classes == 10
+    assert len(clf.hash) == 64 and clf.hash == metrics.weights_hash(clf.net)
+    f = clf.features(x[:100], batch=32)
+    assert f.shape == (100, clf.net.feature_dim) and 64 <= f.shape[1] <= 128
+    assert np.allclose(f, clf.features(x[:100], batch=512), atol=1e-5)  # batching does not change features
+    assert (f.std(0) > 0).all()  # no dead (constant) feature dimensions
+    with pytest.raises(DDMError, match="shape"):
+        clf.features(torch.zeros(4, 1, 16, 16))
+    with pytest.raises(DDMError, match="NaN"):
+        clf.features(torch.full((4, 1, 8, 8), float("nan")))
+
+
+def test_training_is_deterministic_and_leaves_global_state(clf, digits, tmp_path):
+    """A second training (through the empty cache) gives the same weights hash; RNG/flags are restored."""
+    x, y = digits
+    rng_before = torch.get_rng_state()
+    det_before = torch.are_deterministic_algorithms_enabled()
+    again = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
+    assert again.hash == clf.hash
+    assert again.accuracy == clf.accuracy
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.are_deterministic_algorithms_enabled() == det_before
+    files = list(tmp_path.glob("domain-*.safetensors"))
+    assert files == [metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT, tmp_path)]
+    assert files[0].name.startswith(f"domain-{FINGERPRINT[:16]}-")
+    assert metrics.load_classifier(files[0]).hash == clf.hash
+
+
+def test_cache_hit_does_not_retrain_and_corruption_retrains(clf, digits, tmp_path, monkeypatch):
+    x, y = digits
+    path = metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT, tmp_path)
+    metrics.save_classifier(clf, path)
+    calls = []
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained despite a valid cache file")
+
+    monkeypatch.setattr(metrics, "train_domain_classifier", no_training)
+    hit = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
+    assert hit.hash == clf.hash and hit.accuracy == clf.accuracy
+    assert np.allclose(hit.features(x[:50]), clf.features(x[:50]))
+
+    def counted(*args, **kwargs):
+        # stands in for a retraining, which test_training_is_deterministic... shows gives clf's weights
+        calls.append(1)
+        return clf
+
+    monkeypatch.setattr(metrics, "train_domain_classifier", counted)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x40  # flip a bit in the tensor data: loads fine, hash no longer matches
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DDMError, match="does not match"):
+        metrics.load_classifier(path)
+    fixed = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
+    assert calls == [1] and fixed.hash == clf.hash
+    assert metrics.load_classifier(path).hash == clf.hash  # the retrained copy replaced the bad file
+
+    path.write_bytes(path.read_bytes()[:1000])  # truncated: cannot be loaded at all
+    with pytest.raises(DDMError, match="unreadable"):
+        metrics.load_classifier(path)
+    assert get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path).hash == clf.hash
+    assert calls == [1, 1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_cache_rejects_bad_fingerprint(digits, tmp_path):
+    x, y = digits
+    with pytest.raises(DDMError, match="fingerprint"):
+        get_domain_classifier(x, y, 10, "../../etc", cache_dir=tmp_path)
+
+
+def test_unlabeled_data_uses_pseudo_labels(digits, halves):
+    x, _ = digits
+    pseudo = train_domain_classifier(x, None, 0, seed=0, epochs=4)
+    assert pseudo.pseudo_labels and pseudo.num_classes == metrics.PSEUDO_CLUSTERS
+    assert pseudo.accuracy > 0.7  # held-out accuracy on the cluster labels
+    ref, other = halves
+    real = evaluate(other, ref, pseudo)
+    noise = evaluate(torch.rand(other.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1, ref, pseudo)
+    assert noise.fd_dom > 10 * real.fd_dom
+
+
+def test_bad_training_input(digits):
+    x, y = digits
+    with pytest.raises(DDMError, match="labels"):
+        train_domain_classifier(x, y[:10], 10)
+    with pytest.raises(DDMError, match="labels"):
+        train_domain_classifier(x, y, 5)
+    with pytest.raises(DDMError, match="float tensor"):
+        train_domain_classifier(x[:, 0], y, 10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores on digits
+
+
+def test_fd_dom_separates_real_from_degraded(scores):
+    real, blur, noise, mean = (scores[k].fd_dom for k in ("real", "blur", "noise", "mean"))
+    assert real < 1.0
+    assert blur > 5 * real
+    assert noise > 10 * real and noise > 1.5 * blur
+    assert mean > 2 * noise
+
+
+def test_kid_near_zero_for_real_and_large_for_noise(scores):
+    real, noise = scores["real"], scores["noise"]
+    assert abs(real.kid) < 0.05 and abs(real.kid) < 2 * real.kid_std + 0.01
+    assert noise.kid > 20 * max(abs(real.kid), 0.01)
+    assert noise.kid - 5 * noise.kid_std > 0
+
+
+def test_precision_recall_on_digits(scores):
+    real, noise, mean = scores["real"], scores["noise"], scores["mean"]
+    assert real.precision > 0.85 and real.recall > 0.85
+    assert noise.precision < 0.6 and noise.precision < real.precision - 0.3
+    assert mean.recall < 0.05  # a collapsed generator covers none of the real manifold
+
+
+def test_scores_line(scores, clf):
+    line = scores["real"].line()
+    assert line.startswith("FD_dom ") and "FID" not in line
+    assert f"classifier {clf.hash[:8]}..." in line and f"n={scores['real'].n}" in line
+    assert "KID " in line and "±" in line and " P " in line and " R " in line
+
+
+def test_evaluate_rejects_bad_samples(clf, halves):
+    ref, _ = halves
+    with pytest.raises(DDMError, match="shape"):
+        evaluate(torch.zeros(10, 3, 8, 8), ref, clf)
+    with pytest.raises(DDMError, match="at least 4"):
+        evaluate(ref[:2], ref, clf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metric functions on synthetic features
+
+
+def test_frechet_identical_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 4)) @ rng.normal(size=(4, 4)) + 3.0
+    assert frechet_distance(a, a) < 1e-8
+    b = rng.normal(size=(20000, 4)) @ np.linalg.cholesky(np.cov(a, rowvar=False)).T + a.mean(0)
+    assert frechet_distance(a, b) < 0.05 * np.trace(np.cov(a, rowvar=False))
+
+
+def test_frechet_closed_form_1d_and_diagonal():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 2.0, size=(500, 1)), rng.normal(-0.5, 0.5, size=(300, 1))
+    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    # these point sets have exactly diagonal sample covariance diag(2 s^2 / 3)
+    def cross(mu, s):
+        pts = np.array([[s[0], 0], [-s[0], 0], [0, s[1]], [0, -s[1]]], dtype=float)
+        return pts + np.asarray(mu, dtype=float)
+    p, q = cross([1.0, 2.0], [3.0, 1.0]), cross([0.0, -1.0], [1.0, 4.0])
+    k = np.sqrt(2 / 3)
+    want = 1.0 + 9.0 + (k * 3 - k * 1) ** 2 + (k * 1 - k * 4) ** 2
+    assert frechet_distance(p, q) == pytest.approx(want, rel=1e-9)
+    # population closed form for diagonal Gaussians, from large samples
+    s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([2.0, 2.0, 1.0])
+    a = rng.normal(size=(200000, 3)) * s1 + 1.0
+    b = rng.normal(size=(200000, 3)) * s2
+    assert frechet_distance(a, b) == pytest.approx(3.0 + ((s1 - s2) ** 2).sum(), rel=0.02)
+
+
+def test_frechet_general_covariance_and_singular():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.3
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
+    # a constant feature (zero variance) and fewer samples than dimensions: finite, non-negative, right value
+    a1, b1 = rng.normal(size=(50, 1)), rng.normal(2.0, 1.0, size=(40, 1))
+    pad = lambda f: np.hstack([f, np.full((len(f), 1), 7.0)])  # noqa: E731
+    assert frechet_distance(pad(a1), pad(b1)) == pytest.approx(frechet_distance(a1, b1), rel=1e-4)
+    few_a, few_b = rng.normal(size=(10, 32)), rng.normal(size=(12, 32))
+    fd = frechet_distance(few_a, few_b)
+    assert np.isfinite(fd) and fd > 0
+    with pytest.raises(DDMError, match="dimensions differ"):
+        frechet_distance(a, b[:, :3])
+    with pytest.raises(DDMError, match="finite"):
+        frechet_distance(np.full((5, 2), np.nan), b[:, :2])
+
+
+def test_kid_unbiased_and_shift():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(1000, 8)), rng.normal(size=(1000, 8))
+    same, same_std = kid(a, b, subsets=20, subset_size=200)
+    assert abs(same) < 3 * same_std + 1e-3
+    shifted, shifted_std = kid(a, b + 1.0, subsets=20, subset_size=200)
+    assert shifted > 10 * max(abs(same), same_std) and shifted > 5 * shifted_std
+    assert kid(a, b, subsets=5, seed=1) == kid(a, b, subsets=5, seed=1)
+    assert kid(a[:30], b, subsets=3)[0] == pytest.approx(kid(a[:30], b, subsets=3)[0])  # subsets shrink to n
+
+
+def test_precision_recall_synthetic():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(300, 5))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # real has two far-apart modes, fake only one: precision stays high, recall halves
+    two = np.vstack([rng.normal(size=(200, 5)), rng.normal(size=(200, 5)) + 20.0])
+    p, r = precision_recall(two, rng.normal(size=(200, 5)))
+    assert p > 0.8 and 0.4 < r < 0.55
+    with pytest.raises(DDMError, match="k must"):
+        precision_recall(real, real, k=0)
