@@ -196,6 +196,33 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+def cmd_start(args) -> int:
+    from ddm_node.daemon import run_island
+
+    return run_island(args)
+
+
+def cmd_status(args) -> int:
+    from ddm_node.status import run_status
+
+    return run_status(args)
+
+
+def cmd_assemble(args) -> int:
+    from ddm_node.assemble import run_assemble
+
+    return run_assemble(args)
+
+
+def cmd_verify(args) -> int:
+    from ddm_node.bundle import verify_bundle
+
+    index = verify_bundle(args.dir, require_signature=not args.allow_unsigned, trusted_keys=args.trusted_key or None)
+    print(f"{args.dir}: OK, {len(index['experts'])} experts, router {index['router']['kind']}, "
+          f"missing {index['missing'] or 'none'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ddm_node.demo import run_demo
 
@@ -271,6 +298,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing key file")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("start", help="run an island: claim shards, train, publish, mirror, serve")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--plan", help="plan directory or plan.json (starts or joins the run it defines)")
+    src.add_argument("--run", dest="run_id", metavar="RUN_ID", help="join a run; the plan is fetched from a peer")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                   help="DHT multiaddrs of any running peers (none: start a new swarm)")
+    p.add_argument("--identity", required=True, help="Ed25519 key file (ddm-node keygen)")
+    p.add_argument("--work-dir", required=True, help="where checkpoints, mirrors and the plan live")
+    p.add_argument("--config", help="YAML whose swarm section overrides this node's timing")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (DHT and gRPC)")
+    p.add_argument("--grpc-port", type=positive("--grpc-port"), default=0)
+    p.add_argument("--dht-port", type=positive("--dht-port"), default=0)
+    p.add_argument("--announce-file", help="write peer id, DHT multiaddrs and gRPC address here when ready")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=positive("--threads"), default=0, help="torch threads (0: torch default)")
+    p.add_argument("--exit-when-done", action="store_true", help="exit once every shard and the router are done")
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("status", help="a table of the run's shards: owner, step, heartbeat, checkpoints, replicas")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--run", dest="run_id", required=True, metavar="RUN_ID")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the plan")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("assemble", help="fetch the newest verified expert of every shard and write a bundle")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--run", dest="run_id", required=True, metavar="RUN_ID")
+    p.add_argument("--out", required=True)
+    p.add_argument("--min-experts", type=positive("--min-experts"), default=1)
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for unfinished shards")
+    p.add_argument("--identity", help="key file for this peer's DHT records (default: a throwaway key)")
+    p.set_defaults(func=cmd_assemble)
+
+    p = sub.add_parser("verify", help="check every signature and hash in a bundle")
+    p.add_argument("dir")
+    p.add_argument("--trusted-key", action="append", metavar="HEX", help="accept only these publishers")
+    p.add_argument("--allow-unsigned", action="store_true", help="check hashes only (local bundles)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits dataset, with a report")
     p.add_argument("--out", default="demo-out")

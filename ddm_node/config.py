@@ -127,6 +127,22 @@ class SampleConfig:
 
 
 @dataclass
+class SwarmConfig:
+    """How islands cooperate: leases, mirroring, announcements, trust. Carried in the plan; the
+    timing fields may be overridden per node by `ddm-node start --config` (trusted_keys may not)."""
+
+    lease_ttl: float = 30.0  # a claim expires this long after its last renewal (renewed every ttl/3)
+    settle: float = 2.0  # wait between writing a claim and re-reading it
+    replicas: int = 2  # other shards each node mirrors (rendezvous hashing)
+    mirror_interval: float = 5.0  # seconds between mirror sweeps
+    heartbeat: float = 5.0  # seconds between peer heartbeats
+    announce_ttl: float = 120.0  # DHT expiration of announcements (re-announced every ttl/3)
+    trusted_keys: list[str] = field(default_factory=list)  # publisher keys (hex); empty: any valid signature
+    router_job: bool = True  # train the learned router once every shard is done
+    compress: bool = False  # zstd on transfers (fp32 weights gain ~8%; see docs/BENCHMARKS.md)
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -136,6 +152,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     def validate(self) -> "Config":
         """Range and choice checks that types alone do not catch. Returns self."""
@@ -160,6 +177,14 @@ class Config:
             (self.sample.routing in ("top1", "top2", "topk", "full"), "sample.routing must be top1, top2, topk or full"),
             (self.sample.router in ("auto", "learned", "centroid"), "sample.router must be auto, learned or centroid"),
             (self.sample.top_k >= 1, "sample.top_k must be >= 1"),
+            (self.swarm.lease_ttl > 0, "swarm.lease_ttl must be > 0"),
+            (0 <= self.swarm.settle < self.swarm.lease_ttl, "swarm.settle must be in [0, lease_ttl)"),
+            (self.swarm.replicas >= 0, "swarm.replicas must be >= 0"),
+            (self.swarm.mirror_interval > 0, "swarm.mirror_interval must be > 0"),
+            (self.swarm.heartbeat > 0, "swarm.heartbeat must be > 0"),
+            (self.swarm.announce_ttl > 0, "swarm.announce_ttl must be > 0"),
+            (all(len(k) == 64 and all(c in "0123456789abcdef" for c in k) for k in self.swarm.trusted_keys),
+             "swarm.trusted_keys must be 64-hex Ed25519 public keys (ddm-node keygen prints them)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -170,15 +170,23 @@ def _describe(x: object) -> str:
 
 @contextlib.contextmanager
 def _deterministic(seed: int) -> Iterator[None]:
-    """Seed torch and force deterministic kernels inside the block; restore both afterwards."""
+    """Seed torch, force deterministic kernels and one intra-op thread inside the block; restore all after.
+
+    One thread because CPU kernels split reductions by thread count: with 2 threads the weights (and so
+    the hash) differ from those trained with 1. Pinned, the hash depends only on the torch build and CPU.
+    The digits classifier trains in about 4 s on one core, and it is cached.
+    """
     was_det = torch.are_deterministic_algorithms_enabled()
     was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
         try:
             yield
         finally:
+            torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 
 
@@ -295,9 +303,9 @@ def recipe_hash(shape: tuple[int, ...], num_classes: int, labeled: bool, seed: i
     """First 12 hex chars of the sha256 of everything that decides the trained weights except the data."""
     recipe = {
         "version": RECIPE_VERSION, "shape": list(shape), "num_classes": num_classes if labeled else 0,
-        "labeled": labeled, "seed": seed, "epochs": epochs, "feature_dim": FEATURE_DIM, "widths": list(WIDTHS), "batch": BATCH_SIZE,
-        "lr": LEARNING_RATE, "holdout": HOLDOUT_FRACTION, "target_steps": TARGET_STEPS,
-        "pseudo": [PSEUDO_CLUSTERS, PSEUDO_PCA_DIM] if not labeled else None,
+        "labeled": labeled, "seed": seed, "epochs": epochs, "feature_dim": FEATURE_DIM,
+        "widths": list(WIDTHS), "batch": BATCH_SIZE, "lr": LEARNING_RATE, "holdout": HOLDOUT_FRACTION,
+        "target_steps": TARGET_STEPS, "pseudo": [PSEUDO_CLUSTERS, PSEUDO_PCA_DIM] if not labeled else None,
     }
     return hashlib.sha256(canonical_json(recipe)).hexdigest()[:12]
 
@@ -347,7 +355,7 @@ def load_classifier(path: str | Path) -> DomainClassifier:
         net.load_state_dict(tensors, strict=True)
         clf = DomainClassifier(net=net.eval(), hash=meta["hash"], accuracy=float(meta["accuracy"]),
                                pseudo_labels=meta["pseudo_labels"] == "True", num_classes=net.num_classes)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError) as exc:
         raise DDMError(f"{path}: unreadable domain classifier ({str(exc).splitlines()[0][:200]})") from None
     actual = weights_hash(net)
     if actual != clf.hash:
@@ -389,7 +397,10 @@ def get_domain_classifier(x_train: torch.Tensor, y_train: torch.Tensor | None, n
         except DDMError as exc:
             log.warning("%s; retraining", exc)
     clf = train_domain_classifier(x_train, y_train, num_classes, seed=seed, epochs=epochs)
-    save_classifier(clf, path)
+    try:
+        save_classifier(clf, path)
+    except OSError as exc:  # an unwritable cache costs a retraining next time, not this result
+        log.warning("cannot cache the domain classifier at %s (%s)", path, exc.strerror or exc)
     return clf
 
 

@@ -84,11 +84,17 @@ def test_classifier_accuracy_and_features(clf, digits):
 
 
 def test_training_is_deterministic_and_leaves_global_state(clf, digits, tmp_path):
-    """A second training (through the empty cache) gives the same weights hash; RNG/flags are restored."""
+    """A second training (through the empty cache, with 2 threads set outside) gives the same weights
+    hash as the first (trained with 1); RNG state, flags and thread count are restored."""
     x, y = digits
     rng_before = torch.get_rng_state()
     det_before = torch.are_deterministic_algorithms_enabled()
-    again = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
+    torch.set_num_threads(2)
+    try:
+        again = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert again.hash == clf.hash
     assert again.accuracy == clf.accuracy
     assert torch.equal(torch.get_rng_state(), rng_before)
@@ -136,8 +142,15 @@ def test_cache_hit_does_not_retrain_and_corruption_retrains(clf, digits, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
-def test_cache_rejects_bad_fingerprint(digits, tmp_path):
+def test_cache_location_and_bad_fingerprint(digits, tmp_path, monkeypatch):
     x, y = digits
+    monkeypatch.setenv("DDM_CACHE_DIR", str(tmp_path / "env"))
+    path = metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT)
+    assert path.parent == tmp_path / "env"
+    assert path != metrics.cache_path(tuple(x.shape), 10, False, FINGERPRINT)  # unlabeled: another recipe
+    assert path != metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT, seed=1)
+    monkeypatch.delenv("DDM_CACHE_DIR")
+    assert metrics.default_cache_dir() == metrics.Path.home() / ".cache" / "ddm-node"
     with pytest.raises(DDMError, match="fingerprint"):
         get_domain_classifier(x, y, 10, "../../etc", cache_dir=tmp_path)
 
@@ -236,27 +249,38 @@ def test_frechet_closed_form_1d_and_diagonal():
     assert frechet_distance(a, b) == pytest.approx(3.0 + ((s1 - s2) ** 2).sum(), rel=0.02)
 
 
+def _reference_fd(a: np.ndarray, b: np.ndarray) -> float:
+    """FD through the symmetric form tr (S1^1/2 S2 S1^1/2)^1/2, with eigh only (no sqrtm)."""
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(inner).sum())
+
+
 def test_frechet_general_covariance_and_singular():
     rng = np.random.default_rng(2)
     a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
     b = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.3
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = np.linalg.eigvalsh(r1 @ s2 @ r1)
-    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
-    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
-    # a constant feature (zero variance) and fewer samples than dimensions: finite, non-negative, right value
+    assert frechet_distance(a, b) == pytest.approx(_reference_fd(a, b), rel=1e-6)
+    # a constant feature (zero variance): same value as without it
     a1, b1 = rng.normal(size=(50, 1)), rng.normal(2.0, 1.0, size=(40, 1))
     pad = lambda f: np.hstack([f, np.full((len(f), 1), 7.0)])  # noqa: E731
     assert frechet_distance(pad(a1), pad(b1)) == pytest.approx(frechet_distance(a1, b1), rel=1e-4)
-    few_a, few_b = rng.normal(size=(10, 32)), rng.normal(size=(12, 32))
-    fd = frechet_distance(few_a, few_b)
-    assert np.isfinite(fd) and fd > 0
+    # fewer samples than dimensions: both covariances singular
+    few_a, few_b = rng.normal(size=(10, 32)), rng.normal(size=(12, 32)) + 0.5
+    assert frechet_distance(few_a, few_b) == pytest.approx(_reference_fd(few_a, few_b), rel=1e-3)
     with pytest.raises(DDMError, match="dimensions differ"):
         frechet_distance(a, b[:, :3])
     with pytest.raises(DDMError, match="finite"):
         frechet_distance(np.full((5, 2), np.nan), b[:, :2])
+
+
+def test_domain_net_sizes():
+    for channels, size in ((1, 8), (1, 16), (1, 28), (3, 32)):
+        net = metrics.DomainNet(channels, size, 7)
+        x = torch.rand(5, channels, size, size) * 2 - 1
+        assert net(x).shape == (5, 7) and net.features(x).shape == (5, metrics.FEATURE_DIM)
 
 
 def test_kid_unbiased_and_shift():

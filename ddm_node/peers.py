@@ -1,0 +1,68 @@
+"""Joining a run's swarm as a client (status, assemble) and getting its plan from any peer.
+
+`join_swarm` starts a DHT peer (on 127.0.0.1 by default) under a throwaway identity unless one is given;
+`fetch_plan` asks the peers that announce a `PlanRecord` for the plan bytes, which `NodeClient.get_plan`
+checks against the run id (sha256), so any peer may serve it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
+from ddm_node.data.plan import Plan
+from ddm_node.errors import DDMError
+from ddm_node.identity import Identity
+from ddm_node.swarm.dht import Swarm
+from ddm_node.transfer.client import NodeClient
+
+log = logging.getLogger(__name__)
+
+PLAN_POLL = 1.0  # seconds between plan look-ups while nobody serves it yet
+PLAN_CALL_TIMEOUT = 10.0  # seconds for one GetPlan call
+
+
+def join_swarm(initial_peers: Sequence[str], run_id: str, identity: Identity | None = None,
+               host: str = "127.0.0.1") -> Swarm:
+    """A DHT peer of run `run_id` joined through `initial_peers` (multiaddrs); the caller shuts it down.
+
+    Without `identity` a throwaway key is generated: a reader writes no records, so its key only
+    has to sign the validator's (unused) writes.
+    """
+    if not initial_peers:
+        raise DDMError("give at least one --initial-peers multiaddr of a running peer")
+    return Swarm(identity or Identity.generate(), run_id, initial_peers=list(initial_peers), host=host)
+
+
+def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0) -> Plan:
+    """The plan of `run_id` from any peer that announces it, retried until `timeout` seconds pass.
+
+    Every plan is checked against the run id (sha256 of its bytes) before it is parsed, so a peer
+    cannot hand out another plan. Raises DDMError naming the run id (and why each peer failed)
+    when nobody serves it in time.
+    """
+    deadline = time.monotonic() + max(0.0, timeout)
+    reasons: dict[str, str] = {}
+    while True:
+        holders = list(dict.fromkeys(r.grpc for r in swarm.plan_holders(run_id)))
+        for address in holders:
+            remaining = deadline - time.monotonic()
+            try:
+                with NodeClient(address, timeout=min(PLAN_CALL_TIMEOUT, max(1.0, remaining))) as client:
+                    raw = client.get_plan(run_id)
+                plan = Plan.from_bytes(raw, f"plan of run {run_id[:16]} from {address}")
+                log.info("plan of run %s from %s", run_id[:16], address)
+                return plan
+            except DDMError as exc:
+                reasons[address] = str(exc)
+                log.warning("plan from %s: %s", address, exc)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(PLAN_POLL, max(0.0, deadline - time.monotonic())))
+    if not reasons:
+        raise DDMError(f"no peer announces the plan of run {run_id} (waited {timeout:.0f} s); "
+                       f"is the run id right and are the initial peers part of its swarm?")
+    tried = "; ".join(f"{a}: {r}" for a, r in reasons.items())
+    raise DDMError(f"cannot get the plan of run {run_id} from any peer: {tried}")
