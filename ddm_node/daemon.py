@@ -139,6 +139,7 @@ class Island:
         self.mirror = Mirror(self)
         self._register_local()
         self._write_announce_file()
+        self.event("start", grpc=self.grpc, peer_id=self.swarm.peer_id)
         self._spawn(self._keeper, "keeper")
         self._spawn(self.mirror.loop, "mirror")
         log.info("island %s ready: grpc %s, run %s", self.me[:12], self.grpc, self.plan.run_id[:12])
@@ -196,6 +197,12 @@ class Island:
     def budget(self) -> int:
         return self.plan.cfg.train.steps
 
+    def event(self, kind: str, **fields) -> None:
+        """Append one JSON line to WORK/events.jsonl: the island's history, read by the demo report."""
+        line = json.dumps({"t": round(time.time(), 3), "event": kind, "island": self.me[:12], **fields})
+        with self._lock, open(self.work_dir / "events.jsonl", "a") as f:
+            f.write(line + "\n")
+
     # ------------------------------------------------------------------------------ announcements
 
     def _announce(self, kind: str, shard: int | None, record) -> None:
@@ -232,6 +239,7 @@ class Island:
                 shard = self.active
                 if shard is not None and shard in self.claims.held() and not self.claims.renew(shard):
                     log.warning("lost the lease on shard %d; stopping its training", shard)
+                    self.event("lease_lost", shard=shard)
                     self.lease_lost.set()
                 self._heartbeat()
                 if time.monotonic() - last_announce > self.cfg.announce_ttl / 3:
@@ -247,6 +255,7 @@ class Island:
         expert = self.store.register(step_dir / ckpt.EXPERT, trusted_keys=self.cfg.trusted_keys or None)
         state = self.store.register(step_dir / ckpt.STATE, trusted_keys=self.cfg.trusted_keys or None)
         if mirrored_from is None:
+            self.event("checkpoint", shard=shard, step=expert.step)
             self._announce("ckpt", shard, CheckpointRecord(shard, expert.step, expert.id, state.id, self.me, self.grpc,
                                                            final=expert.step >= self.budget))
         else:
@@ -323,6 +332,7 @@ class Island:
                 if owner is not None and owner.public_key != self.me:
                     continue
                 if self.claims.try_claim(shard):
+                    self.event("claim", shard=shard)
                     self._train(shard)
                     break
             else:
@@ -341,6 +351,9 @@ class Island:
                         on_checkpoint=lambda d: self.publish_checkpoint(d, shard),
                         should_stop=lambda: self.stop.is_set() or self.lease_lost.is_set())
             self.publish_stats(shard)
+            latest = ckpt.latest_checkpoint(self.work_dir, shard)
+            if latest is not None and int(latest.name.split("_")[1]) >= self.budget:
+                self.event("done", shard=shard, step=self.budget)
         finally:
             self.active = None
             self.mirror.resume(shard)
@@ -360,12 +373,17 @@ class Island:
                 step_dir = fetch_checkpoint(self.work_dir, shard, step, expert_id, state_id, holders,
                                             self.plan.run_id, self.cfg.trusted_keys)
                 log.info("shard %d: resuming from step %d fetched from %s", shard, step, holders)
+                self.event("resume", shard=shard, step=step, source="swarm", publisher=publisher[:12],
+                           holders=list(holders))
                 self.publish_checkpoint(step_dir, shard, mirrored_from=publisher if publisher != self.me else None)
                 return
             except DDMError as exc:
                 log.warning("shard %d: checkpoint at step %d unusable: %s", shard, step, exc)
         if local:
             log.info("shard %d: resuming from local step %d", shard, local_step)
+            publisher = ckpt.verify_checkpoint(local)[0].publisher
+            self.event("resume", shard=shard, step=local_step, source="local mirror" if publisher != self.me else "local",
+                       publisher=publisher[:12])
 
     def _router_job(self) -> bool:
         """Claim the router job (claim slot K) and train it; False when someone else holds it."""
@@ -381,6 +399,7 @@ class Island:
         try:
             out = train_plan_router(self.plan, self.work_dir / ROUTER_DIR, identity=self.identity)
             self._publish_router(out)
+            self.event("router", steps=self.plan.cfg.router.steps)
             return True
         finally:
             self.active, self.state = None, "idle"

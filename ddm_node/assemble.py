@@ -1,0 +1,350 @@
+"""`ddm-node assemble`: fetch the newest verified expert of every shard from the swarm and write a bundle.
+
+Rules (docs/ASSEMBLE.md):
+- Candidates of a shard are its checkpoint and replica records, grouped by (expert manifest id,
+  announced step), newest step first. The holders of a manifest are every gRPC address that
+  announces it for that shard, publishers before mirrors.
+- A candidate's manifest is fetched first (small, checked against its id, signature and the run's
+  trusted keys) and must agree with what was announced: kind "expert", this run, this shard, the
+  announced step and this run's config hash. A disagreement is a lie (or a stale, reused record):
+  it is logged and that candidate is never tried again. Then the files are fetched from any
+  holder by sha256 and verified (transfer/client.py); on any failure the next-newest candidate is
+  tried.
+- The shard's statistics artifact (needed by the centroid router) comes from its stats records,
+  or else from whatever the expert's holders list; it must be kind "stats" of this run and shard.
+- Router: the newest router record whose artifact verifies (kind "router", this run) gives a learned
+  router; without one the bundle uses the centroid router.
+- Passes repeat every POLL seconds until every shard has a final checkpoint (step >= the plan's
+  budget) and, when the plan has a router job, a router is fetched, or `--wait` runs out.
+- Fewer than `--min-experts` experts: exit 2, nothing written. Otherwise `write_bundle` verifies
+  everything again and writes the bundle atomically; missing shards are named on stderr and in
+  model_index.json. Downloads collect in a hidden staging directory beside `--out`, removed at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
+from ddm_node.bundle import INDEX, ExpertSource, write_bundle
+from ddm_node.data.plan import Plan
+from ddm_node.errors import DDMError
+from ddm_node.identity import Identity
+from ddm_node.manifest import Manifest
+from ddm_node.peers import fetch_plan, join_swarm
+from ddm_node.swarm.dht import Swarm
+from ddm_node.swarm.records import CheckpointRecord, ReplicaRecord, RouterRecord
+from ddm_node.train.expert import run_config_hash
+from ddm_node.transfer.client import NodeClient, fetch_artifact
+
+__all__ = ["join_swarm", "fetch_plan", "assemble", "run_assemble", "Candidate", "expert_candidates"]
+
+log = logging.getLogger(__name__)
+
+POLL = 2.0  # seconds between passes while waiting for unfinished shards
+PLAN_TIMEOUT = 20.0  # seconds to wait for the plan at least (even with --wait 0)
+MANIFEST_TIMEOUT = 10.0  # seconds for one GetManifest call
+
+
+@dataclass
+class Candidate:
+    """One artifact announced as `step`, and every address that announces it."""
+
+    manifest: str
+    step: int
+    holders: list[str]
+    announced_by: list[str] = field(default_factory=list)  # public keys, for the logs
+
+
+def _group(entries: Iterable[tuple[str, int, str, str]]) -> list[Candidate]:
+    """(manifest, step, grpc, announcer) tuples -> candidates, newest step first.
+
+    Holders are per manifest (any step): whoever announces a manifest serves it, and the bytes are
+    checked anyway. Groups are per (manifest, step) so a wrong step only spoils its own group.
+    """
+    entries = list(entries)
+    holders: dict[str, list[str]] = {}
+    for manifest, _, grpc, _ in entries:
+        holders.setdefault(manifest, [])
+        if grpc not in holders[manifest]:
+            holders[manifest].append(grpc)
+    groups: dict[tuple[str, int], Candidate] = {}
+    for manifest, step, _, who in entries:
+        c = groups.setdefault((manifest, step), Candidate(manifest, step, holders[manifest]))
+        c.announced_by.append(who)
+    return sorted(groups.values(), key=lambda c: (-c.step, -len(c.holders), c.manifest))
+
+
+def expert_candidates(checkpoints: list[CheckpointRecord], replicas: list[ReplicaRecord]) -> list[Candidate]:
+    """A shard's expert candidates from its checkpoint records (publishers first) and replica records."""
+    return _group([(r.expert_manifest, r.step, r.grpc, r.publisher) for r in checkpoints]
+                  + [(r.expert_manifest, r.step, r.grpc, r.holder_key) for r in replicas])
+
+
+def router_candidates(routers: list[RouterRecord]) -> list[Candidate]:
+    return _group([(r.manifest, r.step, r.grpc, r.publisher) for r in routers])
+
+
+def stats_candidates(entries: Iterable[tuple[str, int, str, str]], prefer: Iterable[str] = ()) -> list[Candidate]:
+    """Stats manifests from (manifest, 0, grpc, "") entries, those served by a `prefer` address first."""
+    prefer = set(prefer)
+    groups = _group(entries)
+    return sorted(groups, key=lambda c: (not prefer & set(c.holders), -len(c.holders), c.manifest))
+
+
+@dataclass
+class Expected:
+    """What an announcement says an artifact is; `mismatch` names the first field the manifest contradicts."""
+
+    kind: str
+    run_id: str
+    shard: int
+    step: int | None = None
+    config_hash: str | None = None
+
+    def mismatch(self, m: Manifest) -> str | None:
+        checks = [("kind", m.kind, self.kind), ("run", m.run_id, self.run_id), ("shard", m.shard, self.shard),
+                  ("step", m.step, self.step), ("config hash", m.config_hash, self.config_hash)]
+        for name, got, want in checks:
+            if want is not None and got != want:
+                return f"{name} is {str(got)[:16]}, expected {str(want)[:16]}"
+        return None
+
+
+@dataclass
+class Fetched:
+    """An artifact in the staging area."""
+
+    directory: Path
+    manifest: Manifest
+    holders: list[str]  # the addresses that announced it
+
+
+@dataclass
+class ShardProgress:
+    expert: Fetched | None = None
+    stats: Fetched | None = None
+    reasons: list[str] = field(default_factory=list)  # why the newest candidates failed (last pass)
+
+
+class Assembler:
+    """Fetches and verifies a run's artifacts into `staging`, pass after pass."""
+
+    def __init__(self, swarm: Swarm, plan: Plan, staging: Path, progress=None):
+        self.swarm = swarm
+        self.plan = plan
+        self.run_id = plan.run_id
+        cfg = plan.cfg
+        self.target = cfg.train.steps
+        self.router_job = cfg.swarm.router_job
+        self.trusted = list(cfg.swarm.trusted_keys) or None
+        self.config_hash = run_config_hash(plan)
+        self.staging = staging
+        self.progress = progress  # rich.progress.Progress or None
+        self.shards = {s.index: ShardProgress() for s in plan.shards}
+        self.router: Fetched | None = None
+        self.lies: set[tuple[str, int]] = set()  # (manifest, announced step) found false: never again
+
+    # -- passes -------------------------------------------------------------------------------
+
+    def complete(self) -> bool:
+        """Every shard has a final expert and its stats, and the router if the plan has a router job."""
+        shards_done = all(p.expert is not None and p.stats is not None and p.expert.manifest.step >= self.target
+                          for p in self.shards.values())
+        return shards_done and (self.router is not None or not self.router_job)
+
+    def one_pass(self) -> None:
+        for k, prog in self.shards.items():
+            if prog.expert is None or prog.expert.manifest.step < self.target:
+                self._update_expert(k, prog)
+            if prog.expert is not None and prog.stats is None:
+                self._update_stats(k, prog)
+        if self.router is None:
+            self._update_router()
+
+    def _update_expert(self, k: int, prog: ShardProgress) -> None:
+        cands = expert_candidates(self.swarm.checkpoints(k), self.swarm.replicas(k))
+        have = prog.expert.manifest.step if prog.expert else -1
+        reasons = []
+        for c in cands:
+            if c.step <= have:
+                break  # sorted newest first: nothing newer than what we hold
+            if (c.manifest, c.step) in self.lies:
+                continue
+            expect = Expected("expert", self.run_id, k, c.step, self.config_hash)
+            got, why = self._fetch(f"shard {k} expert step {c.step}", c, self.staging / f"expert_{k}", expect)
+            if got is not None:
+                prog.expert = got
+                break
+            reasons.append(f"step {c.step} ({c.manifest[:12]}): {why}")
+        if not cands:
+            reasons.append("no checkpoint or replica announced")
+        prog.reasons = reasons if prog.expert is None else []
+
+    def _update_stats(self, k: int, prog: ShardProgress) -> None:
+        records = [(r.manifest, 0, r.grpc, "") for r in self.swarm.stats(k)]
+        cands = stats_candidates(records + self._listed_stats(k, prog.expert.holders), prefer=prog.expert.holders)
+        reasons = []
+        for c in cands:
+            expect = Expected("stats", self.run_id, k, None, self.config_hash)
+            got, why = self._fetch(f"shard {k} stats", c, self.staging / f"stats_{k}", expect)
+            if got is not None:
+                prog.stats = got
+                return
+            reasons.append(f"stats {c.manifest[:12]}: {why}")
+        prog.reasons = reasons or ["no statistics artifact announced or listed by the expert's holders"]
+
+    def _update_router(self) -> None:
+        for c in router_candidates(self.swarm.routers()):
+            if (c.manifest, c.step) in self.lies:
+                continue
+            got, _ = self._fetch(f"router step {c.step}", c, self.staging / "router",
+                                 Expected("router", self.run_id, -1, c.step))
+            if got is not None:
+                self.router = got
+                return
+
+    def _listed_stats(self, k: int, holders: list[str]) -> list[tuple[str, int, str, str]]:
+        """Stats artifacts the expert's holders list (a mirror holds them too), as (manifest, 0, holder, "")."""
+        found = []
+        for h in holders:
+            try:
+                with NodeClient(h, timeout=MANIFEST_TIMEOUT) as client:
+                    refs = client.list_artifacts(self.run_id, "stats", k)
+            except DDMError as exc:
+                log.info("listing stats of shard %d at %s: %s", k, h, exc)
+                continue
+            found += [(ref.manifest_id, 0, h, "") for ref in refs]
+        return found
+
+    # -- one artifact -------------------------------------------------------------------------
+
+    def _manifest(self, holders: list[str], manifest_id: str) -> Manifest:
+        """The manifest from the first holder giving a verified one (id, signature, trusted keys)."""
+        reasons = []
+        for h in holders:
+            try:
+                with NodeClient(h, timeout=MANIFEST_TIMEOUT) as client:
+                    manifest, _, _ = client.get_manifest(manifest_id, self.trusted)
+                return manifest
+            except DDMError as exc:
+                reasons.append(str(exc))
+        raise DDMError("; ".join(reasons) or "no holders")
+
+    def _fetch(self, label: str, c: Candidate, dest: Path, expect: Expected) -> tuple[Fetched | None, str]:
+        """Check the announcement against the manifest, then download and verify; (None, why) on failure."""
+        try:
+            manifest = self._manifest(c.holders, c.manifest)
+        except DDMError as exc:
+            log.warning("%s: no verified manifest %s: %s", label, c.manifest[:16], exc)
+            return None, f"no verified manifest ({exc})"
+        problem = expect.mismatch(manifest)
+        if problem is not None:
+            who = ", ".join(sorted({k[:12] for k in c.announced_by if k})) or "a peer"
+            log.warning("%s: %s announced manifest %s but its %s; ignoring it (a lie or a stale record)",
+                        label, who, c.manifest[:16], problem)
+            self.lies.add((c.manifest, c.step))
+            return None, f"announcement is false: {problem}"
+        total = sum(e.size for e in manifest.files.values())
+        task = self.progress.add_task(label, total=total) if self.progress is not None else None
+        advance: Callable[[int], None] | None = None
+        if task is not None:
+            def advance(n: int) -> None:
+                self.progress.advance(task, n)
+        try:
+            got = fetch_artifact(c.holders, c.manifest, dest, trusted_keys=self.trusted, progress=advance)
+        except DDMError as exc:
+            log.warning("%s: fetching %s failed: %s", label, c.manifest[:16], exc)
+            if task is not None:
+                self.progress.update(task, description=f"{label} [red]failed[/]")
+            return None, str(exc)
+        if task is not None:
+            self.progress.update(task, completed=total)
+        return Fetched(dest, got, c.holders), ""
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace anything at `out` but an earlier bundle (write_bundle swaps the directory)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DDMError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file():
+        raise DDMError(f"--out {out} is a non-empty directory that is not a bundle; refusing to replace it")
+
+
+def assemble(swarm: Swarm, plan: Plan, out: str | Path, min_experts: int = 1, wait: float = 0.0,
+             console=None) -> Path:
+    """Fetch the newest verified artifacts of `plan`'s run from the swarm and write the bundle at `out`.
+
+    Raises DDMError, writing nothing, when fewer than `min_experts` experts verify.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    out = Path(out)
+    _check_out(out)
+    console = console or Console(stderr=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=console) as progress:
+            job = Assembler(swarm, plan, staging, progress)
+            deadline = time.monotonic() + max(0.0, wait)
+            passes = 0
+            while True:
+                job.one_pass()
+                passes += 1
+                left = deadline - time.monotonic()
+                if job.complete() or left <= 0:
+                    break
+                time.sleep(min(POLL, left))
+        return _write(job, plan, out, min_experts, console, passes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write(job: Assembler, plan: Plan, out: Path, min_experts: int, console, passes: int) -> Path:
+    sources: dict[int, ExpertSource] = {}
+    for k, prog in job.shards.items():
+        if prog.expert is not None and prog.stats is not None:
+            sources[k] = ExpertSource(k, prog.expert.directory, prog.stats.directory)
+            step = prog.expert.manifest.step
+            if step < job.target:
+                console.print(f"[yellow]shard {k}: newest verified checkpoint is step {step} of {job.target} "
+                              f"(not final)[/]")
+        else:
+            why = "; ".join(prog.reasons) or "no verified expert"
+            console.print(f"[yellow]shard {k}: missing ({why})[/]")
+    missing = [k for k in job.shards if k not in sources]
+    if len(sources) < min_experts:
+        raise DDMError(f"only {len(sources)} of {len(job.shards)} experts verified (missing shards {missing}) "
+                       f"after {passes} pass(es); --min-experts is {min_experts}; nothing written to {out}")
+    router_dir = job.router.directory if job.router is not None else None
+    if router_dir is None and job.router_job:
+        console.print("[yellow]no verified learned router; the bundle uses the centroid router[/]")
+    write_bundle(out, plan, sources, router_dir, require_signature=True, trusted_keys=job.trusted)
+    router = f"learned (step {job.router.manifest.step})" if job.router is not None else "centroid"
+    steps = ", ".join(f"{k}@{job.shards[k].expert.manifest.step}" for k in sorted(sources))
+    console.print(f"bundle {out}: {len(sources)} of {len(job.shards)} experts (shard@step {steps}), "
+                  f"router {router}" + (f", missing {missing}" if missing else ""))
+    return out
+
+
+def run_assemble(args) -> int:
+    """`ddm-node assemble`: join the run's swarm, fetch verified experts (and router), write the bundle."""
+    identity = Identity.load(args.identity) if getattr(args, "identity", None) else None
+    _check_out(Path(args.out))
+    swarm = join_swarm(args.initial_peers, args.run_id, identity)
+    try:
+        plan = fetch_plan(swarm, args.run_id, timeout=max(PLAN_TIMEOUT, args.wait))
+        out = assemble(swarm, plan, args.out, min_experts=args.min_experts, wait=args.wait)
+    finally:
+        swarm.shutdown()
+    print(out)
+    return 0
