@@ -78,6 +78,7 @@ class Island:
         self.stop = threading.Event()  # set by a signal: finish the step, checkpoint, leave
         self.lease_lost = threading.Event()  # set by the keeper: another island now owns our shard
         self.active: int | None = None  # shard being trained
+        self.trained: set[int] = set()  # shards this island has trained (it does not mirror those)
         self.state = "starting"
         self.store = ArtifactStore()
         self.server: TransferServer | None = None
@@ -341,6 +342,7 @@ class Island:
 
     def _train(self, shard: int) -> None:
         self.active, self.state = shard, "training"
+        self.trained.add(shard)
         self.lease_lost.clear()
         self.mirror.pause(shard)
         try:

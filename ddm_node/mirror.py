@@ -104,11 +104,11 @@ class Mirror:
             self._paused.discard(shard)
 
     def targets(self) -> list[int]:
-        """The R shards this island mirrors: top of its rendezvous order, skipping what it trains."""
+        """The R shards this island mirrors: top of its rendezvous order, skipping what it trains or trained."""
         from ddm_node.daemon import rendezvous
 
         isl = self.island
-        shards = [s for s in range(len(isl.plan.shards)) if s != isl.active]
+        shards = [s for s in range(len(isl.plan.shards)) if s != isl.active and s not in isl.trained]
         return rendezvous("mirror/" + isl.me, shards)[: isl.cfg.replicas]
 
     def loop(self) -> None:
