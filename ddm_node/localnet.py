@@ -155,11 +155,12 @@ class LocalNet:
         raise DDMError(f"timed out after {timeout:.0f}s waiting for {what}; logs under {self.root}/islands")
 
 
-def all_done(k: int, router: bool = True) -> Callable[[list[dict]], bool]:
-    """Predicate: every shard has a `done` event (and the router one, when asked)."""
+def all_done(k: int, router: bool = True) -> Callable[[list[dict]], list[dict] | None]:
+    """Predicate: every shard has a `done` event (and the router one, when asked); returns the events."""
 
-    def check(events: list[dict]) -> bool:
+    def check(events: list[dict]) -> list[dict] | None:
         done = {e["shard"] for e in events if e["event"] == "done"}
-        return len(done) >= k and (not router or any(e["event"] == "router" for e in events))
+        finished = len(done) >= k and (not router or any(e["event"] == "router" for e in events))
+        return events if finished else None
 
     return check
