@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="where checkpoints, mirrors and the plan live")
     p.add_argument("--config", help="YAML whose swarm section overrides this node's timing")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (DHT and gRPC)")
+    p.add_argument("--announce-host", help="address peers dial, when --host is a wildcard such as 0.0.0.0")
     p.add_argument("--grpc-port", type=positive("--grpc-port"), default=0)
     p.add_argument("--dht-port", type=positive("--dht-port"), default=0)
     p.add_argument("--announce-file", help="write peer id, DHT multiaddrs and gRPC address here when ready")

@@ -56,6 +56,7 @@ class IslandOptions:
     grpc_port: int = 0
     dht_port: int = 0
     announce_file: Path | None = None
+    announce_host: str | None = None  # the address peers dial when host is a wildcard like 0.0.0.0
     swarm_overrides: dict = field(default_factory=dict)  # a --config file's swarm section (timing only)
     device: str | None = None
     exit_when_done: bool = False
@@ -127,9 +128,11 @@ class Island:
         self.server = TransferServer(self.store, NodeInfoData(peer_id="", public_key=self.me, version=__version__),
                                      host=self.opts.host, port=self.opts.grpc_port)
         self.grpc = self.server.start()
+        if self.opts.announce_host:
+            self.grpc = f"{self.opts.announce_host}:{self.grpc.rsplit(':', 1)[1]}"
         run_id = self._local_plan_id()
         self.swarm = Swarm(self.identity, run_id or self.opts.run_id, initial_peers=self.opts.initial_peers,
-                           host=self.opts.host, port=self.opts.dht_port)
+                           host=self.opts.host, port=self.opts.dht_port, announce_host=self.opts.announce_host)
         self.server.info.peer_id = self.swarm.peer_id
         self.server.info.grpc_address = self.grpc
         self.plan = self._get_plan()
@@ -432,13 +435,17 @@ def island_options(args) -> IslandOptions:
     for maddr in args.initial_peers:
         if not maddr.startswith("/") or "/p2p/" not in maddr:
             raise DDMError(f"--initial-peers: {maddr!r} is not a multiaddr like /ip4/1.2.3.4/tcp/31337/p2p/PEER_ID")
+    if args.host in ("0.0.0.0", "::") and not args.announce_host:
+        raise DDMError(f"--host {args.host} listens everywhere but peers need one address to dial: "
+                       "give --announce-host ADDRESS (and --dht-port)")
     if args.run_id is not None and (len(args.run_id) != 64 or any(c not in "0123456789abcdef" for c in args.run_id)):
         raise DDMError(f"--run: {args.run_id!r} is not a run id (64 hex characters printed by ddm-node partition)")
     return IslandOptions(
         identity=Identity.load(args.identity), work_dir=Path(args.work_dir),
         plan_path=Path(args.plan) if args.plan else None, run_id=args.run_id, initial_peers=list(args.initial_peers),
         host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
-        announce_file=Path(args.announce_file) if args.announce_file else None, swarm_overrides=overrides,
+        announce_file=Path(args.announce_file) if args.announce_file else None,
+        announce_host=args.announce_host, swarm_overrides=overrides,
         device=args.device, exit_when_done=args.exit_when_done)
 
 

@@ -33,7 +33,8 @@ def join_swarm(initial_peers: Sequence[str], run_id: str, identity: Identity | N
     """
     if not initial_peers:
         raise DDMError("give at least one --initial-peers multiaddr of a running peer")
-    return Swarm(identity or Identity.generate(), run_id, initial_peers=list(initial_peers), host=host)
+    return Swarm(identity or Identity.generate(), run_id, initial_peers=list(initial_peers), host=host,
+                 client_mode=True)
 
 
 def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0) -> Plan:

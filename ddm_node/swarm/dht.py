@@ -121,7 +121,12 @@ class Swarm:
         initial_peers: Sequence[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
+        announce_host: str | None = None,
+        client_mode: bool = False,
     ):
+        """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
+        `port`). `client_mode`: a reader that joins through others but accepts no connections and never
+        enters routing tables (status, assemble)."""
         self.identity = identity
         self.run_id = _check_run_id(run_id)
         self.public_key = identity.public_hex
@@ -132,9 +137,14 @@ class Swarm:
         self._procs: list[psutil.Process] = []
         if isinstance(initial_peers, str) or not all(isinstance(p, str) for p in initial_peers):
             raise DDMError(f"initial peers must be a list of multiaddr strings, got {initial_peers!r}")
+        if announce_host is not None and not port:
+            raise DDMError("announcing an address needs a fixed DHT port (--dht-port)")
+        announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None
         self._dht = hivemind.DHT(
             initial_peers=list(initial_peers) or None,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            announce_maddrs=announce,
+            client_mode=client_mode,
             start=False,  # started below, so a failed start can be cleaned up
             nat_port_map=False,  # the default sends UPnP/NAT-PMP packets off the machine
             record_validators=[self.validator],
