@@ -5,6 +5,7 @@ ratio), because the machine is shared and absolute numbers drift with load. This
 
 - `machine_info()` / `load_average()`: what to print next to a measured number;
 - `interleaved(a, b, reps)`: run two measurement callables alternately and collect both series;
+- `interleave({name: fn}, reps)`: the same for any number of sides (rotating order);
 - `median_ratio(a_vals, b_vals)`: the median of the per-pair ratios a_i / b_i;
 - `Timer`: a tiny perf_counter context manager;
 - `write_section(doc, name, markdown)`: replace only this script's section of a markdown file
@@ -131,6 +132,22 @@ def interleaved(a: Callable[[], float], b: Callable[[], float], reps: int,
             b_vals.append(b())
             a_vals.append(a())
     return a_vals, b_vals
+
+
+def interleave(measures: dict[str, Callable[[], float]], reps: int,
+               warmup: int = 0) -> dict[str, list[float]]:
+    """Like `interleaved` for any number of sides: each repetition runs every callable once, in an order
+    rotated by one each time (A B C, B C A, C A B, ...). Returns name -> list of `reps` values."""
+    names = list(measures)
+    for _ in range(warmup):
+        for name in names:
+            measures[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            out[name].append(measures[name]())
+    return out
 
 
 def median_ratio(a_vals: Sequence[float], b_vals: Sequence[float]) -> float:

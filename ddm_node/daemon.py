@@ -100,7 +100,8 @@ class Island:
         try:
             self._start_services()
             self._work()
-            self._serve()
+            if not self.stop.is_set():
+                self._serve()
             return 0
         finally:
             self.shutdown()
@@ -108,20 +109,24 @@ class Island:
     def shutdown(self) -> None:
         """Stop background threads, release any claim, stop the gRPC server, the DHT and p2pd."""
         self.stop.set()
+        log.info("shutting down: joining threads")
         for t in self._threads:
             t.join(timeout=10)
+        log.info("shutting down: releasing claims")
         if self.claims is not None:
             for shard in self.claims.held():
                 try:
                     self.claims.release(shard)
                 except Exception as exc:  # the DHT may already be unreachable; the lease then expires
                     log.warning("could not release shard %d: %s", shard, exc)
+        log.info("shutting down: gRPC server and DHT")
         if self.server is not None:
             self.server.stop(grace=1.0)
             self.server = None
         if self.swarm is not None:
             self.swarm.shutdown()
             self.swarm = None
+        log.info("shut down")
 
     def _start_services(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -456,7 +461,13 @@ def run_island(args) -> int:
         torch.set_num_threads(args.threads)
     island = Island(island_options(args))
 
+    main_pid = os.getpid()
+
     def on_signal(signum, _frame):
+        if os.getpid() != main_pid:  # hivemind's forked DHT process inherited this handler: die as it expects
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         log.warning("signal %d: finishing the step, checkpointing, leaving", signum)
         island.stop.set()
 

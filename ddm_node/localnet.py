@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ddm_node.errors import DDMError
 
@@ -74,13 +74,18 @@ class LocalNet:
             self.cli("keygen", "--out", str(key))
         return key
 
-    def start(self, name: str, *args: str) -> IslandProc:
-        """Start `ddm-node start ARGS` as island `name` in its own process group."""
-        work = self.root / "islands" / name
+    def start(self, name: str, *args: str, wrap: Sequence[str] = (), work: Path | None = None) -> IslandProc:
+        """Start `ddm-node start ARGS` as island `name` in its own process group.
+
+        `wrap` prefixes the command (e.g. `ip netns exec NS`, which execs: the pid stays the island's);
+        `work` puts the work dir elsewhere (e.g. on a small tmpfs) while the log stays under the root.
+        """
+        log = self.root / "islands" / name / "island.log"
+        work = work or log.parent
         work.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
         (work / "announce.json").unlink(missing_ok=True)
-        log = work / "island.log"
-        cmd = [sys.executable, "-m", "ddm_node.cli", "-v", "start", *args, "--identity", str(self.key(name)),
+        cmd = [*wrap, sys.executable, "-m", "ddm_node.cli", "-v", "start", *args, "--identity", str(self.key(name)),
                "--work-dir", str(work), "--announce-file", str(work / "announce.json"), "--threads", str(self.threads)]
         with open(log, "ab") as f:
             popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
@@ -111,10 +116,11 @@ class LocalNet:
             proc.popen.wait()
 
     def stop_all(self, timeout: float = 30) -> dict[str, int]:
-        """SIGTERM every live island, wait, SIGKILL stragglers and leftover group members. Returns exit codes."""
+        """SIGTERM every live island (its main process, as `kill PID` would), wait, then SIGKILL stragglers and
+        leftover group members. Returns exit codes."""
         for p in self.procs:
             if p.alive:
-                self.kill(p, signal.SIGTERM)
+                p.popen.send_signal(signal.SIGTERM)
         deadline = time.time() + timeout
         for p in self.procs:
             try:
