@@ -158,7 +158,7 @@ def cmd_sample(args) -> int:
         np.savez(buf, **arrays)
         write_atomic(args.npz, buf.getvalue())
     console().print(f"{args.n} samples in {s.seconds:.1f}s ({args.n / max(s.seconds, 1e-9):.1f} images/s), "
-                    f"routing {cfg.routing}, router {type(bundle.velocity(cfg).router).__name__}, "
+                    f"routing {cfg.routing}, router {s.router}, "
                     f"{s.expert_samples / (args.n * cfg.steps * (2 if cfg.solver == 'heun' else 1)):.2f} "
                     f"expert forwards per sample-step")
     print(args.out)

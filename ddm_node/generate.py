@@ -31,6 +31,7 @@ class Samples:
     seconds: float
     expert_samples: int  # samples evaluated by experts, summed over steps
     router_calls: int
+    router: str  # the router class that routed them
 
 
 def class_labels(plan: Plan, n: int, seed: int, dataset: Dataset | None = None) -> torch.Tensor | None:
@@ -60,7 +61,8 @@ def generate(bundle: Bundle, n: int, cfg: SampleConfig, seed: int = 0, batch: in
         yb = None if y is None else y[i:i + batch]
         out.append(sample(velocity, noise[i:i + batch], cfg.steps, cfg.solver, yb))
     x = torch.cat(out).clamp(-1, 1)
-    return Samples(x, y, time.perf_counter() - start, velocity.expert_samples, velocity.router_calls)
+    return Samples(x, y, time.perf_counter() - start, velocity.expert_samples, velocity.router_calls,
+                   type(velocity.router).__name__)
 
 
 def reference_split(plan: Plan, dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
