@@ -134,19 +134,31 @@ def interleaved(a: Callable[[], float], b: Callable[[], float], reps: int,
     return a_vals, b_vals
 
 
-def interleave(measures: dict[str, Callable[[], float]], reps: int,
-               warmup: int = 0) -> dict[str, list[float]]:
+def interleave(measures: dict[str, Callable[[], float]], reps: int, warmup: int = 0,
+               budget_s: float | None = None, min_reps: int = 2) -> dict[str, list[float]]:
     """Like `interleaved` for any number of sides: each repetition runs every callable once, in an order
-    rotated by one each time (A B C, B C A, C A B, ...). Returns name -> list of `reps` values."""
+    rotated by one each time (A B C, B C A, C A B, ...). Returns name -> list of values (one per rep).
+
+    With `budget_s`, stops early (after at least `min_reps` whole repetitions) when another repetition
+    as long as the slowest so far would end past the budget: a loaded machine gets fewer pairs, not a
+    run that never ends. Every list always has the same length.
+    """
     names = list(measures)
+    start = time.monotonic()
     for _ in range(warmup):
         for name in names:
             measures[name]()
     out: dict[str, list[float]] = {name: [] for name in names}
+    longest = 0.0
     for i in range(reps):
+        t0 = time.monotonic()
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             out[name].append(measures[name]())
+        longest = max(longest, time.monotonic() - t0)
+        if (budget_s is not None and i + 1 >= min_reps and i + 1 < reps
+                and time.monotonic() + longest - start > budget_s):
+            break
     return out
 
 
@@ -165,10 +177,12 @@ def median(vals: Sequence[float]) -> float:
 # ---------------------------------------------------------------- markdown
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; floats are printed with 3 significant decimals."""
+    """A GitHub markdown table. Floats: 3 decimals below 10 (ratios), 1 below 100, none above."""
     def fmt(v: object) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+            if abs(v) >= 100:
+                return f"{v:,.0f}"
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
         return str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -240,3 +254,73 @@ def read_section(doc: Path, name: str) -> str | None:
 def print_ratio(label: str, ratio: float) -> None:
     """Print the final line every bench script ends with: `<label> ratio: <x>`."""
     print(f"{label} ratio: {ratio:.3f}", flush=True)
+
+
+# ---------------------------------------------------------------- a trained digits ensemble (cached)
+
+@dataclass
+class TrainedRun:
+    """A small trained digits ensemble: plan, work dir (checkpoints with training state), bundle."""
+
+    root: Path
+    plan_dir: Path
+    work_dir: Path
+    bundle: Path  # with the learned router; `load_bundle(bundle).router("centroid")` gives the other one
+
+    def expert_weights(self, shard: int = 0) -> Path:
+        """The trained expert's inference weights (EMA, fp32 safetensors)."""
+        return self.bundle / f"expert_{shard}" / "model.safetensors"
+
+    def state_file(self, shard: int = 0) -> Path:
+        """The trained expert's training state (model, EMA, AdamW moments, RNG; fp32 safetensors)."""
+        from ddm_node.train import checkpoint as ckpt
+
+        step_dir = ckpt.latest_checkpoint(self.work_dir, shard)
+        if step_dir is None:
+            raise RuntimeError(f"no checkpoint of shard {shard} under {self.work_dir}")
+        return step_dir / ckpt.STATE / ckpt.STATE_FILE
+
+
+def trained_digits(expert_steps: int = 300, router_steps: int = 200, experts: int = 4, size: str = "tiny",
+                   cache_dir: Path | None = None, threads: int = 1) -> TrainedRun:
+    """Train (or reuse from a cache in the temp dir) a K-expert digits ensemble with a learned router.
+
+    The cache key is the config hash, so different settings never share a directory; a lock makes
+    concurrent callers wait for one training instead of racing. About 10 s per 100 expert steps of
+    the tiny model on one idle core.
+    """
+    from ddm_node.bundle import sources_from_work_dirs, write_bundle
+    from ddm_node.config import config_hash, load_config
+    from ddm_node.data.datasets import load_dataset
+    from ddm_node.data.plan import Plan, make_plan
+    from ddm_node.identity import Identity
+    from ddm_node.train.expert import train_shard
+    from ddm_node.train.router_job import train_plan_router
+
+    cfg = load_config(overrides={"partition.experts": experts, "model.size": size, "train.steps": expert_steps,
+                                 "train.checkpoint_every": max(expert_steps, 1), "train.threads": threads,
+                                 "router.steps": router_steps})
+    root = Path(cache_dir or Path(tempfile.gettempdir()) / "ddm-bench-cache") / config_hash(cfg)[:16]
+    run = TrainedRun(root, root / "plan", root / "work", root / "bundle")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (run.bundle / "model_index.json").exists():
+            return run
+        import torch
+
+        torch.set_num_threads(threads)
+        ds = load_dataset(cfg.data.dataset)
+        plan = make_plan(cfg, ds)
+        plan.save(run.plan_dir)
+        plan = Plan.load(run.plan_dir)
+        ident = Identity.generate()
+        for k in range(experts):
+            train_shard(plan, k, run.work_dir, identity=ident, dataset=ds)
+        router = train_plan_router(plan, root / "router", identity=ident, dataset=ds) if router_steps > 0 else None
+        if run.bundle.exists():  # a half-built leftover can only be a directory without an index
+            import shutil
+
+            shutil.rmtree(run.bundle)
+        write_bundle(run.bundle, plan, sources_from_work_dirs([run.work_dir], range(experts)), router)
+    return run

@@ -11,7 +11,8 @@ Three sides, interleaved (rotating order) in one run, all with one thread:
 - plain: a plain PyTorch loop with the same DiT, batch, AdamW and data (flow-matching loss, label dropout).
 The two in-process sides time the same window (steps `--every` .. `--steps`).
 
-Run: `python -m bench.train_overhead` (about 20 minutes) or `--quick` (about 2 minutes).
+Run: `python -m bench.train_overhead` (about 20 minutes on an idle 2-core machine; `--budget-min` caps it by
+dropping repetitions) or `--quick` (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -207,24 +208,28 @@ def report(s: Settings, vals: dict[str, list[float]], runs: list[DaemonRun], ckp
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.train_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 150 steps, 1 repetition")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5, quick 1)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 4, quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default 750, quick 150)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint interval (default 250, quick 50)")
     ap.add_argument("--size", default="tiny", help="model size (configs MODEL_SIZES)")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--budget-min", type=float, default=26.0,
+                    help="stop adding repetitions (after 2) when the next would end past this many minutes")
     ap.add_argument("--doc", type=Path, default=BENCHMARKS_MD, help="markdown file to write the section to")
     ap.add_argument("--keep", action="store_true", help="keep the temporary run directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     s = Settings(args.size, args.steps or (150 if args.quick else 750), args.every or (50 if args.quick else 250),
-                 args.batch, args.reps or (1 if args.quick else 5))
+                 args.batch, args.reps or (1 if args.quick else 4))
     if s.steps % s.every or s.steps < 2 * s.every:
         ap.error("--steps must be a multiple of --every and at least twice it")
     root = Path(tempfile.mkdtemp(prefix="ddm-bench-train-"))
     try:
         bench = Bench(s, root)
-        vals = interleave({"daemon": bench.daemon, "trainer": bench.trainer, "plain": bench.plain}, s.reps)
+        vals = interleave({"daemon": bench.daemon, "trainer": bench.trainer, "plain": bench.plain}, s.reps,
+                          budget_s=args.budget_min * 60)
+        s.reps = len(vals["plain"])
         ckpt_s = bench.checkpoint_cost(root / "ckpt-cost")
         md = report(s, vals, bench.daemon_runs, ckpt_s, args.quick)
         write_section(args.doc, NAME, md)

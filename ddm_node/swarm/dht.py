@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Iterable, Sequence
 
 import hivemind
@@ -365,6 +366,25 @@ class Swarm:
     def announce_plan(self, record: PlanRecord, ttl: float = DEFAULT_TTL) -> bool:
         return self.put("plan", None, record, ttl)
 
+    # -- reconnecting ---------------------------------------------------------------------------
+
+    def rejoin(self, maddrs: Iterable[str], limit: int = 8) -> Any:
+        """Ping, in the background, up to `limit` peers (multiaddrs ending in /p2p/<id>) that our routing
+        table lacks, while it holds fewer than a bucket's worth of peers.
+
+        hivemind drops a peer from its routing table after one unanswered request and never looks for
+        it again, so after a partition heals both sides stay apart (each reads only its own stale
+        records) until somebody calls. A ping that is answered puts the peer back on both sides, and
+        hivemind then hands the new peer the records it should store. Returns at once: a future of the
+        number of peers that answered, or None when there is nobody to try.
+        """
+        addrs = [m for m in dict.fromkeys(maddrs) if isinstance(m, str) and "/p2p/" in m]
+        if not addrs:
+            return None
+        with self._lock:
+            self._ensure_open()
+            return self._dht.run_coroutine(partial(_rejoin, maddrs=addrs, limit=limit), return_future=True)
+
     # -- plumbing -------------------------------------------------------------------------------
 
     def _ensure_open(self) -> None:
@@ -383,6 +403,42 @@ class Swarm:
             self._ensure_open()
             future = fn()
         return future.result(timeout=RPC_TIMEOUT)
+
+
+async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) -> int:
+    """Runs in the DHT process (see `Swarm.rejoin`): connect to and ping missing peers; how many answered."""
+    import asyncio
+    import random
+
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    table = node.protocol.routing_table
+    if len(table.peer_id_to_uid) >= node.protocol.bucket_size:
+        return 0
+    missing: dict[Any, list[Any]] = {}
+    for text in maddrs:
+        try:
+            addr = Multiaddr(text)
+            peer = PeerID.from_base58(addr["p2p"])
+            missing.setdefault(peer, []).append(addr.decapsulate(Multiaddr(f"/p2p/{addr['p2p']}")))
+        except Exception:
+            continue
+    peers = [p for p in missing if p != node.peer_id and p not in table.peer_id_to_uid]
+    peers = random.sample(peers, min(limit, len(peers)))
+
+    async def ping(peer: Any) -> bool:
+        try:
+            await node.p2p._client.connect(peer, missing[peer])  # re-adds the address if p2pd forgot it
+        except Exception:
+            pass  # the ping below decides
+        return await node.protocol.call_ping(peer) is not None
+
+    answered = sum(await asyncio.gather(*(ping(p) for p in peers))) if peers else 0
+    if answered:
+        logger.info("rejoined %d of %d peers missing from the DHT routing table", answered, len(peers))
+        await node.find_nearest_nodes([node.node_id])  # refill the routing table through them
+    return answered
 
 
 def _descendants(pid: int | None) -> list[psutil.Process]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ddm_node.config import ModelConfig, TrainConfig, canonical_json, from_dict, to_dict
@@ -67,6 +67,17 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def check_tensor_file(path: str | Path) -> dict[str, list[int]]:
+    """Names and shapes from a safetensors file's header alone (no tensor data is read, nothing is ever
+    unpickled); IntegrityError when the file is not a safetensors file (a pickle named *.safetensors)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise IntegrityError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 

@@ -30,6 +30,7 @@ class ShardData:
 
     x: torch.Tensor
     y: torch.Tensor | None
+    latent: bool = False  # latents are not limited to [-1, 1] (datasets spec latents:PATH)
 
 
 def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None) -> ShardData:
@@ -39,7 +40,7 @@ def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None) -> ShardD
     check_dataset(plan, ds)
     x = torch.from_numpy(ds.x[ids]).float()
     y = torch.from_numpy(ds.y[ids]).long() if ds.y is not None and plan.cfg.model.num_classes > 0 else None
-    return ShardData(x, y)
+    return ShardData(x, y, latent=ds.latent)
 
 
 def run_config_hash(plan: Plan) -> str:
@@ -73,10 +74,12 @@ def train_shard(
     on_checkpoint: Callable[[Path], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: str | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Path | None:
     """Train shard `shard` of `plan` up to `steps` (default: the plan's budget), checkpointing into `work_dir`.
 
     Resumes from `resume_from` (a state artifact directory) or the newest valid local checkpoint.
+    `on_start(step)` is called once the trainer is built and resumed, right before the first step.
     Returns the newest checkpoint directory (None if nothing was trained or written).
     """
     cfg = plan.cfg
@@ -84,7 +87,7 @@ def train_shard(
     target = cfg.train.steps if steps is None else steps
     data = shard_data(plan, shard, dataset)
     ensure_stats(plan, shard, work_dir, data, identity)
-    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device)
+    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, check_range=not data.latent)
     latest = ckpt.latest_checkpoint(work_dir, shard)
     state_dir = resume_from or (latest / "state" if latest else None)
     if state_dir is not None:
@@ -102,6 +105,8 @@ def train_shard(
         if on_checkpoint:
             on_checkpoint(path)
 
+    if on_start is not None:
+        on_start(trainer.step)
     reached = trainer.run(target, on_step=on_step, on_checkpoint=checkpoint, should_stop=should_stop)
     if not written or not written[-1].name.endswith(f"{reached:08d}"):
         checkpoint(reached)

@@ -8,6 +8,16 @@ a resumed run gives bit-identical weights; on CUDA it sees the same data and noi
 bit-deterministic.
 
 Batches: each optimizer step consumes `grad_accum` micro-batches of `batch_size` samples.
+
+Several processes (DDP, `ddm_node.train.distributed`): `batch_size` is the GLOBAL micro-batch. Every
+rank draws the randomness of the whole micro-batch from the same generator and trains on its own rows,
+with its loss weighted so that the all-reduced gradient is the gradient of the global mean loss. The
+data order and noise are thus independent of the number of processes, and a state saved by N processes
+resumes on M. Every rank keeps the EMA (it is cheap and keeps ranks interchangeable); rank 0 saves.
+
+On CUDA, `run()` does not wait for the GPU after every step: losses are collected as device tensors
+and checked for divergence every `LOSS_CHECK_STEPS` steps and before every checkpoint, so the host
+prepares the next batch while the GPU works. `train_step()` always returns the loss as a float.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -25,6 +36,7 @@ import torch
 from ddm_node.config import Config, ModelConfig, TrainConfig
 from ddm_node.errors import DDMError
 from ddm_node.model import DiT, count_params
+from ddm_node.train.distributed import DistContext, all_reduce_sum, rank_slice
 from ddm_node.train.flow import flow_matching_loss, sample_t
 
 logger = logging.getLogger(__name__)
@@ -35,6 +47,8 @@ MAX_DEVICE_DATA_BYTES = 4 << 30
 # Optimizer state AdamW keeps per parameter (without amsgrad); "step" is a 0-dim float32 tensor.
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 EXTRA_INT_KEYS = ("step", "epoch", "position", "num_samples", "seed")
+# Without a per-step callback on CUDA, losses are read back (and checked) at least this often.
+LOSS_CHECK_STEPS = 32
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -70,16 +84,28 @@ class Trainer:
     """Trains one DiT expert on in-memory samples `x` (float32 [N,C,H,W] in [-1,1]) and labels `y`."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None,
-                 device: str | None = None):
+                 device: str | None = None, dist: DistContext | None = None, check_range: bool = True):
+        """`dist`: this process's place in a DDP group (None: one process). `check_range=False` accepts data
+        outside [-1, 1] (latents, e.g. SD-VAE latents * 0.18215); finiteness is still checked."""
         Config(model=model_cfg, train=train_cfg).validate()
+        self.dist = dist
+        self.world_size = dist.world_size if dist is not None else 1
+        self.rank = dist.rank if dist is not None else 0
+        self._rows = rank_slice(train_cfg.batch_size, self.rank, self.world_size)
+        # Weight of this rank's mean loss: DDP averages gradients over ranks, rows may differ by one.
+        self._loss_weight = (self._rows.stop - self._rows.start) * self.world_size / train_cfg.batch_size
+        self.check_range = check_range
         self.model_cfg = model_cfg.resolved()
         self.train_cfg = train_cfg
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         self.device = resolve_device(device if device is not None else train_cfg.device)
         self.cuda = self.device.type == "cuda"
+        if dist is not None and (dist.backend == "nccl") != self.cuda:
+            raise DDMError(f"process group backend {dist.backend} does not fit device {self.device} (NCCL needs CUDA)")
         self.x, self.y = self._check_data(x, y)
         self.num_samples = int(self.x.shape[0])
+        self.lazy_loss = self.cuda  # see the module docstring; tests flip it to compare both paths
 
         torch.manual_seed(train_cfg.seed)  # seeds the CPU and CUDA default generators (model init)
         model = DiT(self.model_cfg)  # built on the CPU so the initial weights are the same on every device
@@ -90,6 +116,16 @@ class Trainer:
         self._params = [p for _, p in named]
         ema_named = dict(self.ema.named_parameters())
         self._ema_params = [ema_named[n] for n in self._param_names]
+        self._ddp: torch.nn.Module | None = None
+        if dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Same seed, same initial weights on every rank; DDP also broadcasts rank 0's at construction.
+            # The only buffer (position embedding) is a constant: no need to broadcast it every forward.
+            newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            no_sync_buffers = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+            self._ddp = DistributedDataParallel(self.model, device_ids=[self._device_index()] if self.cuda else None,
+                                                gradient_as_bucket_view=True, **no_sync_buffers)
         opt_kwargs: dict[str, Any] = dict(lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=ADAM_EPS,
                                           weight_decay=train_cfg.weight_decay)
         if self.cuda:
@@ -103,14 +139,20 @@ class Trainer:
         self.position = 0  # index of the next sample within this epoch's permutation
         self._perm: tuple[int, torch.Tensor] | None = None
 
-        self._forward: Callable[..., torch.Tensor] = self.model
+        trained = self._ddp if self._ddp is not None else self.model
+        self._forward: Callable[..., torch.Tensor] = trained
         self._bf16 = self.cuda and train_cfg.bf16
         if self.cuda:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
+            torch.backends.cudnn.allow_tf32 = True  # the patch embedding is a convolution
             if train_cfg.compile:
-                self._forward = torch.compile(self.model)
-        logger.info("trainer: %d params, %d samples, device %s%s%s", count_params(self.model), self.num_samples,
-                    self.device, ", bf16" if self._bf16 else "", ", compiled" if self._forward is not self.model else "")
+                self._forward = torch.compile(trained)
+        logger.info("trainer: %d params, %d samples, device %s%s%s%s", count_params(self.model), self.num_samples,
+                    self.device, ", bf16" if self._bf16 else "", ", compiled" if self._forward is not trained else "",
+                    f", rank {self.rank}/{self.world_size}" if dist is not None else "")
+
+    def _device_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     # ----------------------------------------------------------------------------------------- data
     def _check_data(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,7 +169,7 @@ class Trainer:
         if not bool(torch.isfinite(x).all()):
             raise DDMError("training data contains NaN or infinite values")
         lo, hi = float(x.min()), float(x.max())
-        if lo < -1.001 or hi > 1.001:
+        if self.check_range and (lo < -1.001 or hi > 1.001):
             raise DDMError(f"training data must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
         on_device = self.cuda and x.numel() * 4 <= MAX_DEVICE_DATA_BYTES
         x = x.to(self.device if on_device else "cpu").contiguous()
@@ -144,7 +186,7 @@ class Trainer:
         y = y.long()
         if int(y.min()) < 0 or int(y.max()) >= cfg.num_classes:
             raise DDMError(f"labels must be in [0, {cfg.num_classes}), got [{int(y.min())}, {int(y.max())}]")
-        return x, y.to(x.device)
+        return x, y.cpu()  # labels stay on the host: reading them from the GPU would sync every step
 
     def _epoch_perm(self) -> torch.Tensor:
         if self._perm is None or self._perm[0] != self.epoch:
@@ -179,48 +221,90 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_batch(self) -> torch.Tensor:
-        """Draw a micro-batch and its t, noise and dropped labels from the trainer's generator; backprop."""
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda or t.device.type == "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy never blocks the host
+
+    def _micro_batch(self, sync_grads: bool = True) -> torch.Tensor:
+        """Draw a global micro-batch and its t, noise and dropped labels from the trainer's generator, keep
+        this rank's rows, backprop. Returns the rows' mean loss (times the rows' count with DDP)."""
         b = self.train_cfg.batch_size
         idx = self._next_indices(b)
-        x0 = self.x[idx.to(self.x.device)].to(self.device, non_blocking=True)
         t = sample_t(b, self.train_cfg.t_sampling, self.gen)
-        eps = torch.randn(x0.shape, generator=self.gen)
+        c, h, w = self.x.shape[1:]
+        eps = torch.randn((b, c, h, w), generator=self.gen, pin_memory=self.cuda)
         null = self.model_cfg.num_classes
         if self.y is None:
             y = torch.full((b,), null, dtype=torch.long)
         else:
-            y = self.y[idx.to(self.y.device)].cpu()
+            y = self.y[idx]
             if self.model_cfg.class_dropout > 0:
                 drop = torch.rand(b, generator=self.gen) < self.model_cfg.class_dropout
                 y = torch.where(drop, torch.full_like(y, null), y)
-        t, eps, y = (v.to(self.device, non_blocking=True) for v in (t, eps, y))
-        with self._autocast():
-            loss = flow_matching_loss(self._forward, x0, y, t, eps)
-        (loss / self.train_cfg.grad_accum).backward()
-        return loss.detach()
+        if self.world_size > 1:
+            idx, t, eps, y = (v[self._rows] for v in (idx, t, eps, y))
+        x0 = self.x[self._to_device(idx) if self.x.device.type == "cuda" else idx]
+        x0, t, eps, y = (self._to_device(v) for v in (x0, t, eps, y))
+        skip_sync = self._ddp is not None and not sync_grads
+        with self._ddp.no_sync() if skip_sync else contextlib.nullcontext():
+            with self._autocast():
+                loss = flow_matching_loss(self._forward, x0, y, t, eps)
+            if self.dist is None:
+                (loss / self.train_cfg.grad_accum).backward()
+            else:
+                (loss * (self._loss_weight / self.train_cfg.grad_accum)).backward()
+        if self.dist is None:
+            return loss.detach()
+        return loss.detach().float() * (self._rows.stop - self._rows.start)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.train_cfg.ema_decay)
 
-    def train_step(self) -> float:
-        """One optimizer step over `grad_accum` micro-batches; returns their mean loss."""
+    def _forward_backward(self) -> torch.Tensor:
+        """Set the step's lr, zero the gradients and accumulate `grad_accum` micro-batches (all-reduced across
+        ranks on the last one). Returns the sum over micro-batches of the global mean loss, as a tensor."""
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        total = sum(self._micro_batch() for _ in range(self.train_cfg.grad_accum))
-        loss = float(total) / self.train_cfg.grad_accum
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise DDMError(f"training diverged: loss is {loss} at step {self.step} (lower train.lr?)")
+        accum = self.train_cfg.grad_accum
+        total = sum(self._micro_batch(sync_grads=i == accum - 1) for i in range(accum))
+        if self.dist is not None:
+            total = all_reduce_sum(self.dist, total) / self.train_cfg.batch_size
+        return total
+
+    def _update(self) -> None:
         if self.train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.train_cfg.grad_clip)
         self.optimizer.step()
         self._update_ema()
         self.step += 1
+
+    def train_step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns their mean loss (global with DDP).
+
+        A non-finite loss raises DDMError before the weights change.
+        """
+        loss = float(self._forward_backward()) / self.train_cfg.grad_accum
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DDMError(f"training diverged: loss is {loss} at step {self.step} (lower train.lr?)")
+        self._update()
         return loss
+
+    def _drain(self, pending: list[torch.Tensor]) -> list[float]:
+        """Read back losses of `_forward_backward` kept on the device (one sync); DDMError if any diverged."""
+        if not pending:
+            return []
+        values = [v / self.train_cfg.grad_accum for v in torch.stack(pending).float().cpu().tolist()]
+        first = self.step - len(pending)
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise DDMError(f"training diverged: loss is {v} at step {first + i} (lower train.lr?)")
+        return values
 
     def run(self, until: int, on_step: Callable[[int, float], None] | None = None,
             on_checkpoint: Callable[[int], None] | None = None,
@@ -230,13 +314,21 @@ class Trainer:
         `on_step(step, loss)` follows every step; `on_checkpoint(step)` every `checkpoint_every` steps.
         """
         every = self.train_cfg.checkpoint_every
-        mark_time, mark_step, losses = time.monotonic(), self.step, []
+        lazy = self.lazy_loss and on_step is None
+        mark_time, mark_step, losses, pending = time.monotonic(), self.step, [], []
         while self.step < until:
-            loss = self.train_step()
-            losses.append(loss)
-            if on_step is not None:
-                on_step(self.step, loss)
+            if lazy:
+                pending.append(self._forward_backward().detach())
+                self._update()
+                if len(pending) >= LOSS_CHECK_STEPS:
+                    losses += self._drain(pending)
+            else:
+                loss = self.train_step()
+                losses.append(loss)
+                if on_step is not None:
+                    on_step(self.step, loss)
             if self.step % every == 0:
+                losses += self._drain(pending)  # never checkpoint diverged weights
                 rate = (self.step - mark_step) / max(time.monotonic() - mark_time, 1e-9)
                 logger.info("step %d/%d loss %.4f lr %.2e (%.1f steps/s)", self.step, until,
                             sum(losses) / len(losses), self.optimizer.param_groups[0]["lr"], rate)
@@ -246,6 +338,7 @@ class Trainer:
             if should_stop is not None and should_stop():
                 logger.info("stopping at step %d on request", self.step)
                 break
+        self._drain(pending)  # the caller may checkpoint now
         return self.step
 
     # -------------------------------------------------------------------------------------- state
@@ -365,6 +458,7 @@ class Trainer:
         groups = [dict(g, **saved) for g in sd["param_groups"]]
         state = {}
         if with_optim:
-            state = {i: {k: tensors[f"optim.{name}.{k}"] for k in ADAM_STATE_KEYS}
+            # cloned: loading the same tensors into two trainers must not let one train the other's state
+            state = {i: {k: tensors[f"optim.{name}.{k}"].clone() for k in ADAM_STATE_KEYS}
                      for i, name in enumerate(self._param_names)}
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})

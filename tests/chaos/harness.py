@@ -224,11 +224,14 @@ def maddr(info: dict, prefer: str | None = None) -> str:
     return addrs[0]
 
 
-def live_maddr(net: LocalNet, exclude: tuple[str, ...] = ()) -> str:
-    """The multiaddr of any live island (not in `exclude`)."""
-    for p in net.procs:
-        if p.alive and p.name not in exclude and p.announce():
-            return maddr(p.announce())
+def live_maddr(net: LocalNet, exclude: tuple[str, ...] = (), timeout: float = 90) -> str:
+    """The multiaddr of any live, ready island (not in `exclude`), waiting for one if needed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in reversed(net.procs):
+            if p.alive and p.name not in exclude and p.announce():
+                return maddr(p.announce())
+        time.sleep(0.3)
     raise AssertionError("no live island to join through")
 
 

@@ -1,0 +1,170 @@
+"""One rank of an island's DDP training of one shard; started by torchrun, supervised by the daemon.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m ddm_node.train.worker \\
+        --plan PLAN --run-id RUN --shard K --work-dir WORK [--identity KEY] [--steps S] [--device D]
+
+Every rank loads the shard and resumes from the step dir rank 0 picked (the newest valid local
+checkpoint), then trains with DDP. Rank 0 writes the stats artifact and every checkpoint; the daemon
+notices new step dirs and announces them (`ddm_node.train.supervisor`). SIGTERM (sent by the daemon,
+forwarded by torchrun) stops every rank after the same step, and rank 0 writes a final checkpoint.
+
+Exit codes: 0 done or stopped; 2 a DDMError (its one-line message also goes to --error-file, so the
+supervisor reports it instead of restarting); anything else is a crash and the group is restarted.
+A watchdog ends the rank if torchrun or the daemon (--parent-pid) disappears, so a killed daemon never
+leaves training processes behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ddm_node.errors import DDMError
+
+log = logging.getLogger("ddm_node.train.worker")
+EXIT_DDM_ERROR = 2
+EXIT_ORPHANED = 3
+WATCHDOG_PERIOD_S = 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ddm_node.train.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--plan", required=True, help="plan.json")
+    p.add_argument("--run-id", required=True, help="the plan file must have this sha256")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--identity", help="Ed25519 key file that signs the checkpoints")
+    p.add_argument("--steps", type=int, help="train up to this step (default: the plan's budget)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (rank r uses cuda:LOCAL_RANK)")
+    p.add_argument("--parent-pid", type=int, help="the daemon's pid: exit when it is gone")
+    p.add_argument("--error-file", help="write a DDMError's message here")
+    return p.parse_args(argv)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def start_watchdog(parent_pid: int | None) -> None:
+    """End this process at once when torchrun (our parent) or the daemon is gone."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_PERIOD_S)
+            if os.getppid() != launcher or (parent_pid is not None and not _alive(parent_pid)):
+                log.error("the launcher or the daemon is gone: exiting")
+                logging.shutdown()
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="watchdog", daemon=True).start()
+
+
+def train_rank(plan, shard: int, work_dir: Path, ctx, device: torch.device, identity=None, steps: int | None = None,
+               stop: threading.Event | None = None) -> Path | None:
+    """Train this rank's part of shard `shard` up to `steps`; rank 0 checkpoints. Returns the newest step dir."""
+    from ddm_node.train import checkpoint as ckpt
+    from ddm_node.train.distributed import any_rank, barrier, broadcast_object
+    from ddm_node.train.expert import ensure_stats, run_config_hash, shard_data
+    from ddm_node.train.trainer import Trainer
+
+    cfg = plan.cfg
+    target = cfg.train.steps if steps is None else steps
+    data = shard_data(plan, shard)
+    if ctx.is_main:
+        ensure_stats(plan, shard, work_dir, data, identity)
+    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=str(device), dist=ctx, check_range=not data.latent)
+    # Rank 0 picks the step dir so that every rank resumes from the same one.
+    latest = ckpt.latest_checkpoint(work_dir, shard) if ctx.is_main else None
+    latest_name = broadcast_object(ctx, str(latest) if latest is not None else None)
+    latest = Path(latest_name) if latest_name else None
+    if latest is not None:
+        ckpt.load_state(latest / ckpt.STATE, trainer)
+        if ctx.is_main:
+            log.info("shard %d: resumed at step %d from %s on %d process(es)", shard, trainer.step, latest,
+                     ctx.world_size)
+    if trainer.step >= target:
+        return latest
+    chash = run_config_hash(plan)
+    written: list[Path] = []
+
+    def checkpoint(step: int) -> None:
+        if ctx.is_main:  # the others go on; the next collective waits for rank 0
+            written.append(ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity))
+            ckpt.prune_checkpoints(work_dir, shard, keep=2)
+
+    flag = stop if stop is not None else threading.Event()
+    reached = trainer.run(target, on_checkpoint=checkpoint, should_stop=lambda: any_rank(ctx, flag.is_set()))
+    if ctx.is_main and (not written or not written[-1].name.endswith(f"{reached:08d}")):
+        checkpoint(reached)
+    barrier(ctx)
+    return written[-1] if written else latest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stop.is_set():
+            log.warning("signal %d: stopping after this step; rank 0 writes a checkpoint", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    start_watchdog(args.parent_pid)
+    try:
+        return _run(args, stop)
+    except DDMError as exc:
+        log.error("%s", exc)
+        if args.error_file:
+            from ddm_node.manifest import write_atomic
+
+            write_atomic(args.error_file, str(exc).encode())
+        return EXIT_DDM_ERROR
+
+
+def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+    from ddm_node.data.plan import Plan
+    from ddm_node.identity import Identity
+    from ddm_node.train.distributed import destroy_distributed, init_distributed
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    plan = Plan.load(args.plan, expected_run_id=args.run_id)
+    identity = Identity.load(args.identity) if args.identity else None
+    ctx, device = init_distributed(args.device)
+    try:
+        out = train_rank(plan, args.shard, Path(args.work_dir), ctx, device, identity, args.steps, stop)
+        if ctx.is_main:
+            log.info("shard %d: rank 0 done, newest checkpoint %s", args.shard, out)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Scenario 2: an island in its own network namespace is cut off, trains alone, and rejoins.
+
+Topology: a bridge in the root namespace (islands A and B listen on its address) and island P in a
+namespace behind a veth. P trains shard s; its link goes down; after the lease ttl, B (idle) claims s
+on the majority side and resumes from a mirror, so two islands train s at once (a double claim);
+P keeps training and checkpointing alone. On heal, both claims become visible: `winner` picks P (the
+older claim), B's keeper retreats (`lease_lost`), P keeps the shard, P's checkpoints are announced and
+assembly uses them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ddm_node.assemble import assemble
+from ddm_node.bundle import read_index
+from ddm_node.data.plan import Plan
+from ddm_node.identity import Identity
+from ddm_node.swarm.claims import winner
+from ddm_node.swarm.dht import Swarm, dht_time
+
+from .harness import checkpoint_steps, island_log_tail, maddr, netlab, verified_copy
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.usefixtures("need_netns")]
+
+TTL, EVERY = 10.0, 20  # ttl >= 10 s: see docs/CHAOS.md (a partitioned renewal waits out 3 s DHT timeouts)
+CONFIG = f"""
+partition: {{experts: 2}}
+model: {{hidden: 32, depth: 2, heads: 2}}
+train: {{steps: 20000, batch_size: 32, checkpoint_every: {EVERY}, warmup_steps: 5}}
+swarm: {{lease_ttl: {TTL}, settle: 1, mirror_interval: 0.5, heartbeat: 1, announce_ttl: 60, router_job: false}}
+"""
+
+
+def first(events, pred):
+    return next((e for e in events if pred(e)), None)
+
+
+def test_partitioned_island_trains_alone_and_wins_the_double_claim_after_heal(net, report, rng):
+    with netlab() as lab:
+        run_id = net.partition(CONFIG)
+        p_node = lab.add("P")
+        a = net.start("A", "--plan", str(net.root / "plan"), "--host", lab.gateway)
+        boot = maddr(net.wait_ready(a), lab.gateway)
+        p = net.start("P", "--run", run_id, "--initial-peers", boot, "--host", p_node.ip, wrap=p_node.wrap)
+        net.wait_ready(p)
+        claim_p = net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "claim" and e["name"] == "P"), 90,
+                               "P to claim a shard")
+        shard = claim_p["shard"]
+        b = net.start("B", "--run", run_id, "--initial-peers", boot, "--host", lab.gateway)
+        net.wait_ready(b)
+
+        # Cut when a checkpoint of P is mirrored on the majority side (so B can resume from it).
+        def mirrored_ckpt(ev):
+            steps = [s for _, s in checkpoint_steps(ev, "P", shard)]
+            return next((s for s in reversed(steps) if verified_copy(a.work, shard, s) or verified_copy(b.work, shard, s)),
+                        None)
+
+        net.wait_for(mirrored_ckpt, 90, "a mirrored checkpoint of P's shard")
+        t_cut = time.time()
+        lab.cut("P")
+        step_at_cut = max(s for _, s in checkpoint_steps(net.events(), "P", shard))
+        report.note(f"P ({p_node.ip}) trains shard {shard}; cut at P's step {step_at_cut}")
+
+        # Majority side: B claims the orphaned shard after the ttl and trains it (a double claim).
+        claim_b = net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "claim" and e["shard"] == shard
+                                                and e["name"] == "B" and e["t"] > t_cut), 3 * TTL,
+                               "B to claim P's shard during the partition")
+        net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "checkpoint" and e["name"] == "B"
+                                      and e["shard"] == shard and e["t"] > claim_b["t"]), 60,
+                     "B to checkpoint P's shard")
+        time.sleep(rng.uniform(0, 2))  # seeded jitter of the partition's length
+        # Meanwhile P trained alone: new checkpoints, and it never lost its lease.
+        ev = net.events()
+        alone = [s for t, s in checkpoint_steps(ev, "P", shard) if t > t_cut]
+        assert alone and max(alone) > step_at_cut, "P stopped checkpointing while partitioned"
+        assert not first(ev, lambda e: e["event"] == "lease_lost" and e["name"] == "P"), "P lost its lease alone"
+        t_heal = time.time()
+        lab.heal("P")
+        report.note(f"B claimed shard {shard} {claim_b['t'] - t_cut:.1f} s after the cut; healed after "
+                    f"{t_heal - t_cut:.1f} s; P checkpointed {len(alone)} times alone (up to step {max(alone)})")
+
+        # After the heal: B retreats (its keeper's renew sees P's older claim), P keeps the shard.
+        lost = net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "lease_lost" and e["name"] == "B"
+                                             and e["shard"] == shard), 60, "B to retreat after the heal")
+        assert lost["t"] >= t_heal
+        with Swarm(Identity.generate(), run_id, initial_peers=[boot], host=lab.gateway, client_mode=True) as reader:
+            deadline = time.time() + 30
+            while True:
+                claims = reader.claims(shard)
+                live = {c.public_key for c in claims if c.live(dht_time())}
+                ckpts = [r for r in reader.checkpoints(shard) if r.publisher == p.announce()["public_key"]]
+                if live == {p.announce()["public_key"]} and ckpts and ckpts[0].step >= max(alone):
+                    break
+                assert time.time() < deadline, f"after heal: live claims {live}, P's records {ckpts}"
+                time.sleep(0.5)
+            owner = winner(claims, dht_time())
+            assert owner is not None and owner.public_key == p.announce()["public_key"]
+            report.note(f"after heal: B retreated {lost['t'] - t_heal:.1f} s after the heal; one live claim (P's); "
+                        f"P's checkpoint record at step {ckpts[0].step} visible on the majority side")
+
+            # Assembly uses P's checkpoints once P's newest step passes B's last one.
+            b_last = max(s for _, s in checkpoint_steps(net.events(), "B", shard))
+            net.wait_for(lambda ev: any(s > b_last for _, s in checkpoint_steps(ev, "P", shard)), 90,
+                         "P to pass B's last step")
+            plan = Plan.load(net.root / "plan")
+            out = net.root / "bundle"
+            assemble(reader, plan, out, min_experts=2)
+        expert = next(e for e in read_index(out)["experts"] if e["shard"] == shard)
+        assert expert["publisher"] == p.announce()["public_key"], "assembly did not use P's checkpoint"
+        assert expert["step"] > b_last
+        ev = net.events()
+        p_ckpts = checkpoint_steps(ev, "P", shard)
+        b_ckpts = checkpoint_steps(ev, "B", shard)
+        resume_b = first(ev, lambda e: e["event"] == "resume" and e["name"] == "B" and e["shard"] == shard
+                         and e["t"] >= claim_b["t"])
+        b_from = resume_b["step"] if resume_b else 0
+        report.add(partition_s=round(t_heal - t_cut, 1), ttl=TTL, p_alone_checkpoints=len(alone),
+                   b_double_claim_checkpoints=len(b_ckpts), b_retreat_s=round(lost["t"] - t_heal, 1),
+                   b_resumed_from=b_from, b_last_step=b_last, wasted_steps_by_b=b_last - b_from,
+                   assembled_step=expert["step"], assembled_publisher="P")
+        assert len(p_ckpts) > len(alone)
+        for proc in (a, b, p):
+            assert proc.alive, island_log_tail(proc)

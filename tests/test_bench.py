@@ -1,0 +1,150 @@
+"""The benchmark scripts: shared helpers (fast), one tiny smoke run (fast), and each script's --quick mode (slow)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is a top-level folder of the checkout, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (interleave, interleaved, markdown_table, median_ratio, read_section,  # noqa: E402
+                          write_section)
+from bench.transfer import byte_shuffle, to_bf16_bytes, to_bf16_valued  # noqa: E402
+
+RATIO_LINE = re.compile(r"^.+ ratio: (\d+\.\d{3})$")
+
+
+# ---------------------------------------------------------------- bench.common
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    doc = tmp_path / "B.md"
+    write_section(doc, "bench.a", "A one", intro="# Title\n\nintro text")
+    write_section(doc, "bench.b", "B one\n\n| x |\n|---|\n| 1 |")
+    write_section(doc, "bench.a", "A two")
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nintro text\n")
+    assert read_section(doc, "bench.a") == "A two\n"
+    assert read_section(doc, "bench.b") == "B one\n\n| x |\n|---|\n| 1 |\n"
+    assert "A one" not in text
+    assert text.index("BEGIN bench.a") < text.index("BEGIN bench.b")  # replaced in place, order kept
+    assert read_section(doc, "bench.c") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["B.md"]  # no temp file left behind
+
+
+def test_write_section_keeps_text_outside_markers(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("# Hand-written\n\nkeep me\n")
+    write_section(doc, "bench.x", "first")
+    doc.write_text(doc.read_text() + "\ntrailing notes\n")
+    write_section(doc, "bench.x", "second")
+    text = doc.read_text()
+    assert "keep me" in text and "trailing notes" in text and "second" in text and "first" not in text
+
+
+def test_interleave_rotates_order_and_respects_budget():
+    order: list[str] = []
+    counter = itertools.count()
+
+    def side(name):
+        def run():
+            order.append(name)
+            return float(next(counter))
+        return run
+
+    vals = interleave({"a": side("a"), "b": side("b"), "c": side("c")}, reps=3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in vals.items()} == {"a": 3, "b": 3, "c": 3}
+    # a zero budget stops after min_reps whole repetitions
+    vals = interleave({"a": side("a"), "b": side("b")}, reps=10, budget_s=0.0, min_reps=2)
+    assert len(vals["a"]) == len(vals["b"]) == 2
+
+
+def test_interleaved_pairs_and_median_ratio():
+    a, b = interleaved(lambda: 2.0, lambda: 4.0, reps=3)
+    assert a == [2.0] * 3 and b == [4.0] * 3
+    assert median_ratio([1.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == 3.0
+    with pytest.raises(ValueError):
+        median_ratio([1.0], [])
+
+
+def test_markdown_table_formats_ratios_and_rates():
+    table = markdown_table(["x", "y"], [["r", 0.97512], ["s", 12345.6], ["t", 42.25]])
+    assert "| r | 0.975 |" in table and "| s | 12,346 |" in table and "| t | 42.2 |" in table
+
+
+# ---------------------------------------------------------------- bench.transfer helpers
+
+
+def test_bf16_helpers_and_byte_shuffle():
+    import numpy as np
+
+    x = np.array([1.0, -2.5, 3.14159265, 1e-3, 0.0], dtype=np.float32)
+    bf = to_bf16_valued(x)
+    assert (bf.view(np.uint32) & 0xFFFF == 0).all()  # low half zero: exactly bf16 values
+    assert np.allclose(bf, x, rtol=2 ** -8) and bf[0] == 1.0 and bf[1] == -2.5
+    raw16 = to_bf16_bytes(x)
+    assert len(raw16) == 2 * len(x)
+    assert (np.frombuffer(raw16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).tolist() == bf.tolist()
+    data = bytes(range(8))
+    assert byte_shuffle(data, 4) == bytes([0, 4, 1, 5, 2, 6, 3, 7])
+    assert byte_shuffle(data + b"\xff", 4) == bytes([0, 4, 1, 5, 2, 6, 3, 7, 255])  # tail kept
+
+
+# ---------------------------------------------------------------- scripts
+
+
+def run_script(module: str, *args: str, timeout: float) -> list[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()
+
+
+def check_output(lines: list[str], doc: Path, name: str, module: str) -> float:
+    m = RATIO_LINE.match(lines[-1])
+    assert m, f"last line is not a ratio: {lines[-1]!r}"
+    ratio = float(m.group(1))
+    assert 0 < ratio < 10
+    section = read_section(doc, name)
+    assert section is not None
+    assert f"`python -m {module} " in section and "load average" in section and "| " in section
+    return ratio
+
+
+@pytest.mark.multiproc
+def test_sampling_smoke_with_tiny_sizes(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    lines = run_script("bench.sampling", "--quick", "--n", "16", "--steps", "1", "--expert-steps", "10",
+                       "--router-steps", "10", "--cache-dir", str(tmp_path / "cache"), "--doc", str(doc),
+                       timeout=120)
+    check_output(lines, doc, "bench.sampling", "bench.sampling")
+    section = read_section(doc, "bench.sampling")
+    for row in ("expert 0 alone", "top1, learned router", "top1, centroid router", "top2, learned router",
+                "full, centroid router"):
+        assert f"| {row} |" in section
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("module, extra, timeout", [
+    ("bench.transfer", [], 300),
+    ("bench.sampling", [], 300),
+    ("bench.train_overhead", [], 600),
+])
+def test_quick_mode(tmp_path, module, extra, timeout):
+    doc = tmp_path / "BENCHMARKS.md"
+    args = ["--quick", "--doc", str(doc), *extra]
+    if module != "bench.train_overhead":
+        args += ["--cache-dir", str(tmp_path / "cache")]
+    lines = run_script(module, *args, timeout=timeout)
+    check_output(lines, doc, module, module)
