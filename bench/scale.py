@@ -214,6 +214,12 @@ def measure_assembly(res: SizeResult, net: LocalNet, maddr: str, run_id: str, k:
         swarm.shutdown()
 
 
+def _gap(r: SizeResult, a: str, b: str) -> float | None:
+    """Median over islands of (b - a), e.g. claim -> training."""
+    vals = [getattr(i, b) - getattr(i, a) for i in r.islands if getattr(i, a) is not None and getattr(i, b) is not None]
+    return median(vals) if vals else None
+
+
 def fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -242,24 +248,40 @@ def report(results: list[SizeResult], every: int, settle: float, quick: bool, se
     ratio = float("nan")
     if len(done) >= 2 and done[0].med("to_train") and done[-1].med("to_train"):
         ratio = done[-1].med("to_train") / done[0].med("to_train")
-    reading = [
-        f"- Ratio printed: median start -> training at n={done[-1].n if done else '-'} over n={done[0].n if done else '-'}"
-        f" = **{ratio:.2f}** (1.0 would be flat).",
-        "- What saturates is the CPU: every island is a Python process that imports torch and hivemind (several "
-        "CPU-seconds each) and then trains on one thread, with a DHT child process and p2pd beside it, all on 2 "
-        "shared cores. CPU use sits near 100% through start-up and training, so start-up, the claim path (its "
-        "DHT calls and `settle` sleep run on a starved scheduler) and the first checkpoint all stretch roughly "
-        "with the number of processes per core. The DHT itself stays fast: one get costs the milliseconds in the "
-        "second table even with 16 peers; islands read every shard's checkpoint record before claiming, so the "
-        "claim path makes O(K) gets, which is what grows with K on an idle machine.",
+    reading = [f"- Ratio printed: median start -> training at n={done[-1].n if done else '-'} over "
+               f"n={done[0].n if done else '-'} = **{ratio:.2f}** (1.0 would be flat)."]
+    if len(done) >= 2:
+        lo, hi = done[0], done[-1]
+        cpu_vals = [v for r in done for v in r.cpu.values() if v is not None]
+        cpu_mean = sum(cpu_vals) / len(cpu_vals) if cpu_vals else float("nan")
+        dht_lo = median(lo.dht_get_ms) if lo.dht_get_ms else float("nan")
+        dht_hi = median(hi.dht_get_ms) if hi.dht_get_ms else float("nan")
+        reading += [
+            f"- From n={lo.n} to n={hi.n}: start-up median {fmt(lo.med('startup'))} -> {fmt(hi.med('startup'))} s, "
+            f"start -> claim {fmt(lo.med('to_claim'))} -> {fmt(hi.med('to_claim'))} s (its floor is `settle` = "
+            f"{settle:g} s plus the DHT reads), claim -> training "
+            f"{fmt(_gap(lo, 'to_claim', 'to_train'))} -> {fmt(_gap(hi, 'to_claim', 'to_train'))} s, one DHT get "
+            f"{dht_lo:.0f} -> {dht_hi:.0f} ms, assembly per expert {fmt(lo.assemble_s / lo.n, 2)} -> "
+            f"{fmt(hi.assemble_s / hi.n, 2)} s.",
+            f"- CPU use averaged {cpu_mean:.0f}% of both cores over all phases"
+            + (" (the machine is also shared with other work; see the load column): the CPU is what saturates. "
+               if cpu_mean >= 90 else ". ")
+            + "Every island is a Python process that imports torch and hivemind (several CPU-seconds), then trains "
+            "on one thread, with a DHT child process and p2pd beside it; start-up, the claim path (DHT calls and "
+            "the `settle` sleep on a starved scheduler) and training all stretch with the number of processes per "
+            "core. Before claiming, an island reads every shard's checkpoint record (O(K) DHT gets), so the claim "
+            "path also grows with K; the DHT get latency above says how much of that is the DHT itself.",
+        ]
+    reading += [
         "- Assembly fetches the newest verified checkpoint of every shard (manifests, then files, each hashed and "
-        "its signature checked) while the islands keep training; per expert it is a fraction of a second for "
-        "these tiny experts, dominated by DHT reads and gRPC round trips, not bytes.",
-        f"- Setup: tiny DiT (hidden 32, depth 2), batch 32, `checkpoint_every` {every}, lease ttl 30 s, settle "
-        f"{settle:g} s, mirror interval 5 s, one torch thread per island, loopback only. The machine is shared "
-        f"with other work (see load). Total wall time {seconds:.0f} s.",
-        "- To measure the swarm protocol without the CPU limit, run the islands on separate machines (or a larger "
-        "box): the DHT numbers here say it is not the bottleneck at these sizes.",
+        "its signature checked) while the islands keep training; for these tiny experts it is DHT reads and gRPC "
+        "round trips, not bytes.",
+        f"- Setup: K = n shards, tiny DiT (hidden 32, depth 2), batch 32, `checkpoint_every` {every}, lease ttl 30 s, "
+        f"settle {settle:g} s, mirror interval 5 s, one torch thread per island, loopback only; island 1 starts "
+        "first, the others together once it is ready. Start-up includes importing torch._dynamo, which the daemon "
+        f"does before it claims (see `bench.recovery`). Total wall time {seconds:.0f} s.",
+        "- To separate the protocol from the CPU, run the islands on separate machines; on one 2-core box these "
+        "numbers are an upper bound for the protocol.",
     ]
     if quick:
         reading.append("- **Quick run**: small sizes only, a smoke test, not the recorded numbers.")

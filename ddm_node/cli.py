@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DHT multiaddrs of any running peers (none: start a new swarm)")
     p.add_argument("--identity", required=True, help="Ed25519 key file (ddm-node keygen)")
     p.add_argument("--work-dir", required=True, help="where checkpoints, mirrors and the plan live")
-    p.add_argument("--config", help="YAML whose swarm section overrides this node's timing")
+    p.add_argument("--config", help="YAML whose swarm section (timing) and train.nproc_per_node apply to this node")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (DHT and gRPC)")
     p.add_argument("--announce-host", help="address peers dial, when --host is a wildcard such as 0.0.0.0")
     p.add_argument("--grpc-port", type=positive("--grpc-port"), default=0)

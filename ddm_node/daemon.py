@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 
 from ddm_node import __version__
-from ddm_node.config import SwarmConfig, from_dict, load_config, to_dict
+from ddm_node.config import Config, SwarmConfig, from_dict, load_config, to_dict
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.errors import DDMError
 from ddm_node.identity import Identity
-from ddm_node.manifest import write_atomic
+from ddm_node.manifest import read_manifest, write_atomic
 from ddm_node.mirror import Mirror, RejectedCheckpoint, fetch_checkpoint, newest_remote
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import CheckpointRecord, PeerRecord, PlanRecord, ReplicaRecord, RouterRecord, StatsRecord
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.train.expert import train_shard
+from ddm_node.train.expert import DiskFull, is_disk_full, train_shard
 from ddm_node.train.router_job import train_plan_router
 from ddm_node.train.supervisor import resolve_nproc, train_shard_distributed
 from ddm_node.transfer.client import NodeClient, PeerError
@@ -61,6 +61,7 @@ class IslandOptions:
     announce_file: Path | None = None
     announce_host: str | None = None  # the address peers dial when host is a wildcard like 0.0.0.0
     swarm_overrides: dict = field(default_factory=dict)  # a --config file's swarm section (timing only)
+    config_source: str = "swarm config"  # where swarm_overrides came from, named in errors
     device: str | None = None
     exit_when_done: bool = False
     plan_timeout: float = 60.0
@@ -98,6 +99,7 @@ class Island:
         self._threads: list[threading.Thread] = []
         self.mirror: Mirror | None = None
         self._peer_maddrs: dict[str, tuple[float, list[str]]] = {}  # peer id -> (last seen, maddrs), see _keeper
+        self.disk_full = False  # a checkpoint did not fit: serve what we have, train and mirror nothing more
         # (expert id, state id, announced step) of checkpoints found bad in themselves: never fetched again
         self.rejected: set[tuple[str, str, int]] = set()
         self._verified: dict[tuple[str, int, int], tuple[bool, float | None]] = {}  # see _announcement_holds
@@ -213,9 +215,11 @@ class Island:
     def _swarm_config(self) -> SwarmConfig:
         values = to_dict(self.plan.cfg.swarm)
         override = dict(self.opts.swarm_overrides)
+        source = self.opts.config_source
         if "trusted_keys" in override and override["trusted_keys"] != values["trusted_keys"]:
-            raise DDMError("swarm.trusted_keys comes from the plan; a node config may not change it")
-        return from_dict({**values, **override}, SwarmConfig, source="swarm config")
+            raise DDMError(f"{source}: swarm.trusted_keys comes from the plan; a node config may not change it")
+        # validated as a whole run config, so ranges that relate fields (settle < lease_ttl) see the plan's values
+        return from_dict({**to_dict(self.plan.cfg), "swarm": {**values, **override}}, Config, source=source).swarm
 
     @property
     def budget(self) -> int:
@@ -224,8 +228,11 @@ class Island:
     def event(self, kind: str, **fields) -> None:
         """Append one JSON line to WORK/events.jsonl: the island's history, read by the demo report."""
         line = json.dumps({"t": round(time.time(), 3), "event": kind, "island": self.me[:12], **fields})
-        with self._lock, open(self.work_dir / "events.jsonl", "a") as f:
-            f.write(line + "\n")
+        try:
+            with self._lock, open(self.work_dir / "events.jsonl", "a") as f:
+                f.write(line + "\n")
+        except OSError as exc:  # a full disk must not end the island over a log line
+            log.warning("could not record event %s: %s", kind, exc)
 
     # ------------------------------------------------------------------------------ announcements
 
@@ -386,7 +393,7 @@ class Island:
     def _work(self) -> None:
         """Claim and train shards until none is left, then the router job."""
         k = len(self.plan.shards)
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not self.disk_full:
             pending = [s for s in range(k) if not self.shard_done(s)]
             if not pending:
                 if self.router_done() or self._router_job():
@@ -423,10 +430,16 @@ class Island:
                 if nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
                     train_shard_distributed(self.plan, shard, self.work_dir, nproc, identity_path=self.opts.identity_path,
                                             on_event=lambda kind, fields: self.event(kind, shard=shard, **fields),
+                                            on_start=lambda step: self.event("train", shard=shard, step=step),
                                             **hooks)
                 else:
                     train_shard(self.plan, shard, self.work_dir, identity=self.identity,
                                 on_start=lambda step: self.event("train", shard=shard, step=step), **hooks)
+            except (DiskFull, OSError) as exc:
+                if not isinstance(exc, DiskFull) and not is_disk_full(exc):
+                    raise
+                self._on_disk_full(shard, exc)
+                return
             except DDMError as exc:
                 if not self._discard_unloadable(shard, resumed, exc):
                     raise
@@ -437,10 +450,25 @@ class Island:
                 self.event("done", shard=shard, step=self.budget)
         finally:
             self.active = None
-            self.mirror.resume(shard)
+            if not self.disk_full:
+                self.mirror.resume(shard)
             if not self.lease_lost.is_set():
                 self.claims.release(shard)
             self.state = "idle"
+
+    def _on_disk_full(self, shard: int, exc: BaseException) -> None:
+        """A checkpoint did not fit even after pruning: stop training and mirroring, give the shard back (another
+        island resumes it from our newest checkpoint, which stays intact and served), keep serving. A restart
+        after space was freed resumes normal work."""
+        newest = ckpt.latest_checkpoint(self.work_dir, shard)
+        step = int(newest.name.split("_")[1]) if newest else None
+        log.error("DISK FULL in %s: %s; shard %d goes back to the swarm, newest checkpoint (step %s) is still "
+                  "served; this island stops training and mirroring until restarted with more space",
+                  self.work_dir, exc, shard, step)
+        self.disk_full = True
+        for s in range(len(self.plan.shards)):
+            self.mirror.pause(s)
+        self.event("disk_full", shard=shard, step=step, error=str(exc)[:200])
 
     def _discard_unloadable(self, shard: int, resumed: Path | None, exc: DDMError) -> bool:
         """A peer's checkpoint that verified but does not load (a valid signer's garbage) must not end the
@@ -482,6 +510,7 @@ class Island:
             try:
                 step_dir = fetch_checkpoint(self.work_dir, shard, step, expert_id, state_id, holders,
                                             self.plan.run_id, self.cfg.trusted_keys)
+                publisher = read_manifest(step_dir / ckpt.EXPERT).publisher  # signed, not the announcer's word
                 log.info("shard %d: resuming from step %d fetched from %s", shard, step, holders)
                 self.event("resume", shard=shard, step=step, source="swarm", publisher=publisher[:12],
                            holders=list(holders))
@@ -519,8 +548,8 @@ class Island:
 
     def _serve(self) -> None:
         """Keep serving and mirroring until stopped (or return at once with exit_when_done)."""
-        self.state = "serving"
-        log.info("island %s: all shards done; serving", self.me[:12])
+        self.state = "disk_full" if self.disk_full else "serving"
+        log.info("island %s: %s; serving", self.me[:12], "disk full" if self.disk_full else "all shards done")
         if self.opts.exit_when_done:
             return
         while not self.stop.wait(1.0):
@@ -552,7 +581,7 @@ def island_options(args) -> IslandOptions:
         plan_path=Path(args.plan) if args.plan else None, run_id=args.run_id, initial_peers=list(args.initial_peers),
         host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
         announce_file=Path(args.announce_file) if args.announce_file else None,
-        announce_host=args.announce_host, swarm_overrides=overrides,
+        announce_host=args.announce_host, swarm_overrides=overrides, config_source=args.config or "swarm config",
         device=args.device, exit_when_done=args.exit_when_done, identity_path=Path(args.identity),
         nproc_per_node=resolve_nproc(getattr(args, "nproc_per_node", None), args.config))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import Manifest, commit_dir, staging_dir
+from ddm_node.manifest import Manifest, commit_dir, read_manifest, staging_dir
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.transfer.client import NodeClient, fetch_artifact
@@ -198,7 +198,8 @@ class Mirror:
                     step_dir = fetch_checkpoint(isl.work_dir, shard, remote.step, remote.expert_manifest,
                                                 remote.state_manifest, list(remote.holders), isl.plan.run_id,
                                                 isl.cfg.trusted_keys, stats)
-                    isl.publish_checkpoint(step_dir, shard, mirrored_from=remote.publisher)
+                    publisher = read_manifest(step_dir / ckpt.EXPERT).publisher  # signed, not the announcer's word
+                    isl.publish_checkpoint(step_dir, shard, mirrored_from=publisher)
                     ckpt.prune_checkpoints(isl.work_dir, shard, keep=2)
                     log.info("mirrored shard %d step %d", shard, remote.step)
                     break

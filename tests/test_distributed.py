@@ -24,7 +24,7 @@ from ddm_node.config import ModelConfig, TrainConfig, load_config
 from ddm_node.errors import DDMError
 from ddm_node.identity import Identity
 from ddm_node.train.distributed import rank_slice
-from ddm_node.train.supervisor import RestartPolicy, resolve_nproc, train_shard_distributed
+from ddm_node.train.supervisor import RestartPolicy, check_devices, resolve_nproc, train_shard_distributed
 from ddm_node.train.trainer import Trainer
 
 MODEL = ModelConfig(size="tiny", image_size=8, channels=1, num_classes=10, class_dropout=0.3, hidden=32, depth=2,
@@ -101,17 +101,15 @@ class _FakeCtx:
     control: object = None
 
 
-def test_cuda_islands_need_enough_gpus(tmp_path):
-    from ddm_node.data.datasets import load_dataset
-    from ddm_node.data.plan import make_plan
-
-    cfg = load_config(overrides={"partition.experts": 1, "model.hidden": 32, "model.depth": 2, "model.heads": 2})
-    plan = make_plan(cfg, load_dataset("digits"))
+def test_cuda_islands_need_enough_gpus():
     have = torch.cuda.device_count()
     with pytest.raises(DDMError, match="CUDA device"):
-        train_shard_distributed(plan, 0, tmp_path, have + 1, device="cuda")
+        check_devices(have + 1, "cuda")
     with pytest.raises(DDMError, match="LOCAL_RANK"):
-        train_shard_distributed(plan, 0, tmp_path, 2, device="cuda:1")
+        check_devices(2, "cuda:1")
+    with pytest.raises(DDMError, match="positive"):
+        check_devices(0, "cpu")
+    check_devices(4, "cpu")
 
 
 # ----------------------------------------------------------------------------------------- 2 ranks vs 1
@@ -261,6 +259,15 @@ def test_supervised_group_stops_with_a_final_checkpoint_and_resumes_in_one_proce
     out = train_shard(plan, 0, work, steps=expert.step + 3, identity=identity, device="cpu")
     assert out.name == f"step_{expert.step + 3:08d}"
 
+    # a worker's own error (here an unreadable key) ends the shard with that message, without restarts
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    events.clear()
+    with pytest.raises(DDMError, match="not a PEM private key"):
+        train_shard_distributed(plan, 0, work, 2, identity_path=bad, device="cpu", poll=0.2,
+                                on_event=lambda k, f: events.append((k, f)))
+    assert [k for k, _ in events] == ["workers_start", "workers_exit"]
+
 
 # ----------------------------------------------------------------------------------------- a real island
 
@@ -268,7 +275,7 @@ def test_supervised_group_stops_with_a_final_checkpoint_and_resumes_in_one_proce
 ISLAND = """
 partition: {experts: 1}
 model: {hidden: 32, depth: 2, heads: 2}
-train: {steps: 600, batch_size: 32, checkpoint_every: 50, warmup_steps: 5}
+train: {steps: 400, batch_size: 32, checkpoint_every: 50, warmup_steps: 5}
 swarm: {lease_ttl: 20, settle: 1, heartbeat: 1, announce_ttl: 60, router_job: false}
 """
 
@@ -305,13 +312,14 @@ def test_island_with_two_processes_trains_to_budget_through_a_killed_worker(tmp_
         ev = net.wait_for(lambda ev: any(e["event"] == "done" for e in ev) and ev, 300, "the shard's budget")
         restarts = [e for e in ev if e["event"] == "workers_start" and e["attempt"] == 2]
         assert restarts and restarts[0]["resume_step"] >= first["step"] >= 50  # not from scratch
+        assert [e["step"] for e in ev if e["event"] == "train"] == [0, restarts[0]["resume_step"]]
         crashed = next(e for e in ev if e["event"] == "workers_exit" and e["attempt"] == 1)
         assert crashed["code"] != 0 and not crashed["stopped"]
-        assert next(e for e in ev if e["event"] == "done")["step"] == 600
+        assert next(e for e in ev if e["event"] == "done")["step"] == 400
         steps = [e["step"] for e in ev if e["event"] == "checkpoint"]
-        assert steps == sorted(steps) and steps[-1] == 600  # announced by the daemon as rank 0 wrote them
+        assert steps == sorted(steps) and steps[-1] == 400  # announced by the daemon as rank 0 wrote them
         final = ckpt.latest_checkpoint(island.work, 0, require_signature=True)
-        assert final.name == "step_00000600"
+        assert final.name == "step_00000400"
         owner = Identity.load(net.key("gpu-island")).public_hex
         assert ckpt.verify_checkpoint(final, require_signature=True)[0].publisher == owner
         assert not _worker_pids(start["pid"])

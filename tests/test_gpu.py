@@ -155,6 +155,7 @@ def test_cuda_trainer_uses_bf16_compile_fused_adamw_and_tf32():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(512, 4, 8, 8, generator=g) * 0.5, torch.randint(0, 10, (512,), generator=g)
     a = Trainer(model, train, x, y, check_range=False)
+    w0 = torch.cat([p.detach().float().cpu().reshape(-1) for p in a.model.parameters()])
     assert a.device.type == "cuda" and a._bf16 and a.lazy_loss and a._forward is not a.model
     assert a.optimizer.defaults.get("fused") and torch.get_float32_matmul_precision() == "high"
     losses = []
@@ -164,14 +165,15 @@ def test_cuda_trainer_uses_bf16_compile_fused_adamw_and_tf32():
     state = a.state_tensors()
     assert all(v.device.type == "cpu" for v in state.values()) and "rng.cuda" in state
     assert all(bool(torch.isfinite(v).all()) for k, v in state.items() if v.is_floating_point())
-    # the same run without compile and with per-step losses sees the same data and noise: close weights
+    # the same run without compile and with per-step losses sees the same data and noise: it moves the
+    # weights the same way up to bf16 rounding (kernels differ, so not bit for bit)
     b = Trainer(model, dataclasses.replace(train, compile=False), x, y, check_range=False)
     b.lazy_loss = False
     b.run(70)
-    wa, wb = a.state_tensors(), b.state_tensors()
-    assert torch.equal(wa["rng.generator"], wb["rng.generator"])
-    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith("model."))
-    assert diff < 5e-2, diff
+    assert torch.equal(a.state_tensors()["rng.generator"], b.state_tensors()["rng.generator"])
+    wa, wb = (torch.cat([p.detach().float().cpu().reshape(-1) for p in t.model.parameters()]) for t in (a, b))
+    ratio = float((wa - wb).norm() / (wa - w0).norm())
+    assert ratio < 0.5, ratio
 
 
 @pytest.mark.cuda

@@ -12,6 +12,7 @@ only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -56,7 +57,13 @@ def checkpoint_dir(work_dir: str | Path, shard: int, step: int) -> Path:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file, fsynced (the enclosing staging directory is renamed into place later)."""
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as exc:  # its I/O errors are not OSErrors: a full disk must look like one
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if f"(os error {code})" in str(exc):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -6,6 +6,7 @@ announcing checkpoints and for stopping on a signal, and `ddm-node train-expert`
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from ddm_node.config import config_hash
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.errors import DDMError
 from ddm_node.identity import Identity
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.trainer import Trainer
@@ -31,6 +33,15 @@ class ShardData:
     x: torch.Tensor
     y: torch.Tensor | None
     latent: bool = False  # latents are not limited to [-1, 1] (datasets spec latents:PATH)
+
+
+class DiskFull(DDMError):
+    """A checkpoint does not fit on the work dir's filesystem, even after pruning to the newest one."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full filesystem or an exhausted quota."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None) -> ShardData:
@@ -97,10 +108,29 @@ def train_shard(
         return latest
     chash = run_config_hash(plan)
     written: list[Path] = []
+    keep = 2
 
     def checkpoint(step: int) -> None:
-        path = ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
-        ckpt.prune_checkpoints(work_dir, shard, keep=2)
+        nonlocal keep
+        try:
+            path = ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            # The failed write left nothing behind (its staging dir is gone). Keep only the newest valid
+            # checkpoint from now on and try once more; if that does not fit either, give up cleanly.
+            log.error("disk full writing shard %d step %d in %s (%s); keeping only the newest checkpoint "
+                      "and retrying", shard, step, work_dir, exc.strerror)
+            keep = 1
+            ckpt.prune_checkpoints(work_dir, shard, keep=1)
+            try:
+                path = ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
+            except OSError as again:
+                if not is_disk_full(again):
+                    raise
+                raise DiskFull(f"disk full: shard {shard} step {step} does not fit in {work_dir} even with only "
+                               f"the newest checkpoint kept ({again.strerror})") from None
+        ckpt.prune_checkpoints(work_dir, shard, keep=keep)
         written.append(path)
         if on_checkpoint:
             on_checkpoint(path)

@@ -24,6 +24,7 @@ processes (or in one process with `train_shard`) from any other's checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -66,6 +67,19 @@ def resolve_nproc(flag: int | None, node_config: str | Path | None = None) -> in
     raw = yaml.safe_load(Path(node_config).read_text()) or {}
     train = raw.get("train") if isinstance(raw, dict) else None
     return cfg.train.nproc_per_node if isinstance(train, dict) and "nproc_per_node" in train else None
+
+
+def check_devices(nproc: int, device: str | None) -> None:
+    """DDMError unless `nproc` processes can run on `device` here (one GPU each on CUDA)."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise DDMError(f"nproc_per_node must be a positive integer, got {nproc!r}")
+    if device not in (None, "", "auto", "cpu", "cuda"):
+        raise DDMError(f"device {device!r}: with several processes use auto, cpu or cuda "
+                       "(rank r takes cuda:LOCAL_RANK)")
+    if device == "cuda" or (device in (None, "", "auto") and torch.cuda.is_available()):
+        have = torch.cuda.device_count()
+        if nproc > have:
+            raise DDMError(f"--nproc-per-node {nproc} but this machine has {have} CUDA device(s)")
 
 
 @dataclass
@@ -159,21 +173,15 @@ class Supervisor:
     def __init__(self, plan: Plan, shard: int, work_dir: Path, nproc: int, identity_path: Path | None,
                  steps: int | None, device: str | None, on_checkpoint: Callable[[Path], None] | None,
                  should_stop: Callable[[], bool] | None, on_event: EventHook | None, max_restarts: int,
-                 stop_timeout: float, poll: float):
-        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-            raise DDMError(f"nproc_per_node must be a positive integer, got {nproc!r}")
-        if device not in (None, "", "auto", "cpu", "cuda"):
-            raise DDMError(f"device {device!r}: with several processes use auto, cpu or cuda "
-                           "(rank r takes cuda:LOCAL_RANK)")
-        if device == "cuda" or (device in (None, "", "auto") and torch.cuda.is_available()):
-            have = torch.cuda.device_count()
-            if nproc > have:
-                raise DDMError(f"--nproc-per-node {nproc} but this machine has {have} CUDA device(s)")
+                 stop_timeout: float, poll: float, on_start: Callable[[int], None] | None = None):
+        device = device or plan.cfg.train.device  # as train_shard: the flag, else the run config
+        check_devices(nproc, device)
         self.plan, self.shard, self.work_dir, self.nproc = plan, shard, Path(work_dir), nproc
         self.identity_path = Path(identity_path) if identity_path is not None else None
         self.target = plan.cfg.train.steps if steps is None else steps
         self.device = device or "auto"
         self.on_checkpoint, self.should_stop, self.on_event = on_checkpoint, should_stop, on_event
+        self.on_start = on_start
         self.policy = RestartPolicy(max_restarts)
         self.stop_timeout, self.poll = stop_timeout, poll
         self.dir = self.work_dir / "workers" / f"shard_{shard:03d}"
@@ -195,6 +203,18 @@ class Supervisor:
         if not path.is_file() or path.read_bytes() != raw:
             write_atomic(path, raw)
         return path
+
+    def _worker_error(self) -> DDMError:
+        """The DDMError a worker reported (same type for a full disk, which the daemon handles apart)."""
+        from ddm_node.train.expert import DiskFull
+
+        text = self.error_file.read_text(errors="replace").strip()
+        try:
+            data = json.loads(text)
+            kind, message = str(data["type"]), str(data["message"])
+        except (ValueError, KeyError, TypeError):
+            kind, message = "DDMError", text
+        return DiskFull(message) if kind == "DiskFull" else DDMError(f"shard {self.shard}: {message}")
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(self.nproc),
@@ -246,6 +266,8 @@ class Supervisor:
             log.info("shard %d: worker group %d started (%d processes, attempt %d, resuming at step %d)",
                      self.shard, pid, self.nproc, attempt, max(start_step, 0))
             self._event("workers_start", pid=pid, nproc=self.nproc, attempt=attempt, resume_step=max(start_step, 0))
+            if self.on_start is not None:
+                self.on_start(max(start_step, 0))
             stopped = self._watch(group)
             code = group.poll()
             self.announce_new()
@@ -254,7 +276,7 @@ class Supervisor:
             if stopped:
                 return ckpt.latest_checkpoint(self.work_dir, self.shard)
             if self.error_file.is_file():
-                raise DDMError(f"shard {self.shard}: {self.error_file.read_text(errors='replace').strip()}")
+                raise self._worker_error()
             if code == 0:
                 return ckpt.latest_checkpoint(self.work_dir, self.shard)
             if not self.policy.allow(progressed=newest > start_step):
@@ -288,14 +310,15 @@ def train_shard_distributed(plan: Plan, shard: int, work_dir: str | Path, nproc:
                             device: str | None = None, on_checkpoint: Callable[[Path], None] | None = None,
                             should_stop: Callable[[], bool] | None = None, on_event: EventHook | None = None,
                             max_restarts: int = MAX_RESTARTS, stop_timeout: float = STOP_TIMEOUT_S,
-                            poll: float = 0.5) -> Path | None:
+                            poll: float = 0.5, on_start: Callable[[int], None] | None = None) -> Path | None:
     """Train shard `shard` with `nproc` DDP processes (torchrun) up to `steps` (default: the plan's budget).
 
     Same contract as `train_shard`: resumes from the newest valid local checkpoint, calls
     `on_checkpoint(step_dir)` for new checkpoints, stops (with a final checkpoint) when `should_stop()`,
     returns the newest checkpoint directory. `on_event(kind, fields)` hears workers_start, workers_exit
-    and workers_restart. Checkpoints are signed with the key file `identity_path` (unsigned without one).
+    and workers_restart; `on_start(step)` is called with the step each started group resumes at.
+    Checkpoints are signed with the key file `identity_path` (unsigned without one).
     """
     sup = Supervisor(plan, shard, Path(work_dir), nproc, identity_path, steps, device, on_checkpoint, should_stop,
-                     on_event, max_restarts, stop_timeout, poll)
+                     on_event, max_restarts, stop_timeout, poll, on_start)
     return sup.run()

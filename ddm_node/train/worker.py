@@ -8,8 +8,9 @@ checkpoint), then trains with DDP. Rank 0 writes the stats artifact and every ch
 notices new step dirs and announces them (`ddm_node.train.supervisor`). SIGTERM (sent by the daemon,
 forwarded by torchrun) stops every rank after the same step, and rank 0 writes a final checkpoint.
 
-Exit codes: 0 done or stopped; 2 a DDMError (its one-line message also goes to --error-file, so the
-supervisor reports it instead of restarting); anything else is a crash and the group is restarted.
+Exit codes: 0 done or stopped; 2 a DDMError (its type and one-line message also go to --error-file as
+JSON, so the supervisor raises it instead of restarting); anything else is a crash and the group is
+restarted.
 A watchdog ends the rank if torchrun or the daemon (--parent-pid) disappears, so a killed daemon never
 leaves training processes behind.
 """
@@ -84,7 +85,7 @@ def train_rank(plan, shard: int, work_dir: Path, ctx, device: torch.device, iden
     """Train this rank's part of shard `shard` up to `steps`; rank 0 checkpoints. Returns the newest step dir."""
     from ddm_node.train import checkpoint as ckpt
     from ddm_node.train.distributed import any_rank, barrier, broadcast_object
-    from ddm_node.train.expert import ensure_stats, run_config_hash, shard_data
+    from ddm_node.train.expert import DiskFull, ensure_stats, is_disk_full, run_config_hash, shard_data
     from ddm_node.train.trainer import Trainer
 
     cfg = plan.cfg
@@ -106,11 +107,31 @@ def train_rank(plan, shard: int, work_dir: Path, ctx, device: torch.device, iden
         return latest
     chash = run_config_hash(plan)
     written: list[Path] = []
+    keep = 2
+
+    def write() -> Path:
+        nonlocal keep
+        try:
+            return ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
+        except OSError as exc:  # as train_shard: on a full disk keep only the newest checkpoint, try once more
+            if not is_disk_full(exc):
+                raise
+            log.error("disk full writing shard %d step %d (%s); keeping only the newest checkpoint and retrying",
+                      shard, trainer.step, exc.strerror)
+            keep = 1
+            ckpt.prune_checkpoints(work_dir, shard, keep=1)
+            try:
+                return ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
+            except OSError as again:
+                if not is_disk_full(again):
+                    raise
+                raise DiskFull(f"disk full: shard {shard} step {trainer.step} does not fit in {work_dir} even with "
+                               f"only the newest checkpoint kept ({again.strerror})") from None
 
     def checkpoint(step: int) -> None:
         if ctx.is_main:  # the others go on; the next collective waits for rank 0
-            written.append(ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity))
-            ckpt.prune_checkpoints(work_dir, shard, keep=2)
+            written.append(write())
+            ckpt.prune_checkpoints(work_dir, shard, keep=keep)
 
     flag = stop if stop is not None else threading.Event()
     reached = trainer.run(target, on_checkpoint=checkpoint, should_stop=lambda: any_rank(ctx, flag.is_set()))
@@ -139,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, stop)
     except DDMError as exc:
         log.error("%s", exc)
-        if args.error_file:
+        if args.error_file:  # the supervisor raises the same kind of error in the daemon
+            import json
+
             from ddm_node.manifest import write_atomic
 
-            write_atomic(args.error_file, str(exc).encode())
+            write_atomic(args.error_file, json.dumps({"type": type(exc).__name__, "message": str(exc)}).encode())
         return EXIT_DDM_ERROR
 
 

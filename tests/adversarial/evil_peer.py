@@ -35,7 +35,7 @@ from proto import ddm_pb2, ddm_pb2_grpc
 CHUNK = 64 * 1024
 HUGE = 9 << 20  # one message over the client's 8 MiB receive limit
 STORE_TIMEOUT = 30.0
-BIG_RECORD = 48 * 1024  # 12x the DHT record cap, below the size that breaks hivemind's own pipe (see _stored)
+BIG_RECORD = 12 * 1024  # 3x the DHT record cap; one pipe write (hivemind's own pipe breaks on bigger requests)
 
 
 class EvilServicer(ddm_pb2_grpc.DDMNodeServicer):
@@ -165,7 +165,8 @@ class EvilPeer:
 
 def _stored(dht, key: str, value: object, ttl: float, subkey: object) -> bool:
     """A raw hivemind store with a deadline (a DHT child that died must fail the test, not hang it).
-    Values must stay under ~64 KiB: hivemind's own parent->child pipe breaks on bigger requests."""
+    Requests must stay under 16 KiB: the DHT child reads its pipe without blocking, and a request that
+    the sender writes in more than one piece (multiprocessing splits those over 16 KiB) can kill it."""
     future = dht.store(key, value, dht_time() + ttl, subkey=subkey, return_future=True)
     return bool(future.result(timeout=STORE_TIMEOUT))
 

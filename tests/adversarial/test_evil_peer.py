@@ -251,7 +251,7 @@ def test_dht_garbage_forgeries_and_overwrites_are_rejected(world, caplog):
     h_marker = owner_marker(w.honest.public_hex)
     ck0, claim7 = dht_key(run, "ckpt", 0), dht_key(run, "claim", 7)
     g = w.garbage
-    # unsigned: a false record "by H", a 48 KiB record under an invented owner, a plain value over the
+    # unsigned: a false record "by H", a 12 KiB record under an invented owner, a plain value over the
     # dictionary, a bytes subkey, H's claim "released", a plan record nobody signed
     g.store(ck0, CheckpointRecord(0, 10**6, "ab" * 32, "cd" * 32, w.honest.public_hex, "127.0.0.1:1", True).to_value(),
             subkey=h_marker)
@@ -339,6 +339,7 @@ def test_assemble_takes_every_honest_copy_past_the_lies(world, tmp_path, caplog,
         entry = read_manifest(_step_dir(w, shard, 4) / ckpt.EXPERT).files[ckpt.MODEL_FILE]
         assert entry.sha256 in fetched
     assert not w.marker.exists(), "something unpickled peer data"
+    capsys.readouterr()
     assert main(["status", "--initial-peers", *w.maddrs, "--run", w.run_id, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert [s["shard"] for s in status["shards"]] == [0, 1]  # status shows claims; it survives the garbage too

@@ -1,13 +1,16 @@
 """Scenario 1: random SIGKILLs of islands' process groups during training, checkpoint writes and transfers.
 
-Three islands train two shards on 127.0.0.1 (the third mirrors and waits). Each round picks a phase
-and a victim with the seeded RNG and kills the victim's whole process group (daemon, DHT child, p2pd):
-- training: a training island, at a random moment after its first checkpoint;
+Four islands train two shards on 127.0.0.1 (the other two mirror and wait). Each round waits until
+every island is up, picks a phase and a victim with the seeded RNG and kills the victim's whole process
+group (daemon, DHT child, p2pd):
+- training: a training island, at a random moment after its first checkpoint since its claim;
 - checkpoint: a training island while its checkpoint staging directory exists (the write is in flight);
-- transfer: an island while it downloads a mirror copy (its staging directory for another shard exists).
-After the kill, another island takes the shard over; the victim is restarted (same key and work dir)
-once the takeover resumed. At the end every shard must complete, and every step directory in every
-work dir must verify (partial writes and downloads exist only as dot-named staging dirs).
+- transfer: while an island downloads a mirror copy (a staging directory of a shard it does not train
+  exists): the downloader, or (seeded coin) the holder that trains and serves that shard.
+The victim is restarted at once (same key and work dir, joining through the live islands); whoever
+resumes the shard first (another island from its mirror copy, or the restarted victim from its own
+disk) is the takeover. At the end every shard must complete, and every step directory in every work
+dir must verify (partial writes and downloads exist only as dot-named staging dirs).
 
 Steps lost per kill, from the events.jsonl timeline:
     published  = last step the victim announced for its shard before the kill
@@ -35,11 +38,12 @@ from ddm_node.localnet import IslandProc, LocalNet, all_done
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.trainer import Trainer
 
-from .harness import checkpoint_steps, island_log_tail, live_maddr, scan_work_dirs, training_now, verified_copy
+from .harness import (checkpoint_steps, island_log_tail, live_maddr, maddr, scan_work_dirs, training_now,
+                      verified_copy)
 
 pytestmark = pytest.mark.multiproc
 
-TTL, EVERY, K = 4.0, 20, 2
+TTL, EVERY, K, ISLANDS = 4.0, 20, 2, 4
 PHASES = ("training", "checkpoint", "transfer")
 CONFIG = """
 partition: {{experts: {k}}}
@@ -80,7 +84,9 @@ class Kill:
 
     @property
     def mirror_lag(self) -> bool:
-        return self.published is not None and (self.mirrored or 0) < self.published
+        """Another island took over and no live mirror held the newest published checkpoint at kill time."""
+        return (self.published is not None and self.takeover != self.victim
+                and (self.mirrored or 0) < self.published)
 
     @property
     def lost(self) -> float:
@@ -182,10 +188,17 @@ class Rounds:
                     if now.get(proc.name) == shard:
                         continue
                     staged = staging(proc.work, shard, old)
-                    if staged:
-                        kill = self._do_kill(rnd, "transfer", proc, now.get(proc.name), None)
-                        kill.download = f"shard {shard} {staged[0].name.split('.tmp-')[0].lstrip('.')}"
-                        return kill
+                    if not staged:
+                        continue
+                    what = f"shard {shard} {staged[0].name.split('.tmp-')[0].lstrip('.')}"
+                    holder = next((p for p in procs if now.get(p.name) == shard), None)
+                    if holder is not None and self.rng.random() < 0.5:
+                        kill = self._do_kill(rnd, "transfer (holder)", holder, shard, None)
+                        kill.download = f"{proc.name} was fetching {what} from it"
+                    else:
+                        kill = self._do_kill(rnd, "transfer (downloader)", proc, now.get(proc.name), None)
+                        kill.download = what
+                    return kill
             time.sleep(0.005)
         return None
 
@@ -195,12 +208,13 @@ class Rounds:
         proc.killed = True
         proc.popen.wait()
         kill = Kill(rnd, phase, proc.name, t, shard)
+        self.restart(proc.name)
         if shard is None:
             return kill
         ev = self.net.events()
         steps = checkpoint_steps(ev, proc.name, shard, before=t)
         kill.published = steps[-1][1] if steps else None
-        others = [p for p in ready(self.net) if p.name != proc.name]
+        others = [p for p in ready(self.net) if p.name != proc.name and p.alive]
         copies = [s for p in others for s in [int(d.name.split("_")[1]) for d in ckpt.list_checkpoints(p.work, shard)]
                   if verified_copy(p.work, shard, s)]
         kill.mirrored = max(copies, default=None)
@@ -214,50 +228,47 @@ class Rounds:
 
     def recover(self, kill: Kill) -> None:
         """Wait for the takeover to resume the victim's shard, then restart the victim (same key, same work dir)."""
-        net = self.net
-        if kill.shard is not None:
-            restart_at = time.time() + 3 * TTL + 10  # nobody free to take over: the restarted victim will
-            restarted = False
-            deadline = time.time() + 120
-            while True:
-                ev = net.events()
-                claim = next((e for e in ev if e["event"] == "claim" and e["shard"] == kill.shard and e["t"] > kill.t),
-                             None)
-                if claim is not None:
-                    step = resumed_step(ev, claim["name"], kill.shard, claim["t"])
-                    if step is not None:
-                        kill.takeover, kill.resumed, kill.takeover_s = claim["name"], step, claim["t"] - kill.t
-                        break
-                if not restarted and time.time() > restart_at:
-                    self.restart(kill.victim)
-                    restarted = True
-                assert time.time() < deadline, f"no takeover of shard {kill.shard} after killing {kill.victim}"
-                time.sleep(0.2)
-            if not restarted:
-                self.restart(kill.victim)
-        else:
-            self.restart(kill.victim)
+        deadline = time.time() + 120
+        while kill.shard is not None:
+            ev = self.net.events()
+            claim = next((e for e in ev if e["event"] == "claim" and e["shard"] == kill.shard and e["t"] > kill.t), None)
+            if claim is not None:
+                step = resumed_step(ev, claim["name"], kill.shard, claim["t"])
+                if step is not None:
+                    kill.takeover, kill.resumed, kill.takeover_s = claim["name"], step, claim["t"] - kill.t
+                    break
+            assert time.time() < deadline, f"no takeover of shard {kill.shard} after killing {kill.victim}"
+            time.sleep(0.2)
         self.report.note(kill.line())
 
     def restart(self, name: str) -> None:
-        self.net.start(name, "--run", self.run_id, "--initial-peers", live_maddr(self.net, exclude=(name,)))
+        """Start the island again with its key and work dir, joining through every live island."""
+        peers = [maddr(p.announce()) for p in ready(self.net) if p.name != name]
+        self.net.start(name, "--run", self.run_id, "--initial-peers", *(peers or [live_maddr(self.net, (name,))]))
+
+    def wait_all_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while len(ready(self.net)) < ISLANDS:
+            assert time.time() < deadline, "a restarted island did not come back"
+            time.sleep(0.3)
 
 
 def run_kill_rounds(net: LocalNet, rng, report, phases: list[str]) -> None:
     rate = calibrate_steps_per_s()
-    # Two trainers and a mirror share the cores: an island runs at about half the calibrated rate. The
-    # budget keeps both shards training through every round (each takes about ttl + 8 s).
-    budget = max(300, int(0.5 * rate * (10 * len(phases) + 15)) // EVERY * EVERY)
+    # The first island trains alone while the others start (about 15 s here), then two trainers share the
+    # cores with the mirrors. The budget keeps both shards training through every round (about 14 s each).
+    budget = max(300, int(0.7 * rate * (20 + 14 * len(phases))) // EVERY * EVERY)
     run_id = net.partition(CONFIG.format(k=K, steps=budget, every=EVERY, ttl=TTL))
     first = net.start("i1", "--plan", str(net.root / "plan"))
     boot = net.wait_ready(first)["maddrs"][0]
-    for p in [net.start(name, "--run", run_id, "--initial-peers", boot) for name in ("i2", "i3")]:
+    for p in [net.start(f"i{i}", "--run", run_id, "--initial-peers", boot) for i in range(2, ISLANDS + 1)]:
         net.wait_ready(p)
     rounds = Rounds(net, run_id, rng, report)
     report.note(f"calibrated {rate:.0f} steps/s on one thread; budget {budget} steps per shard, "
                 f"checkpoint every {EVERY}, lease ttl {TTL:.0f} s, phases {phases}")
     t0 = time.time()
     for i, phase in enumerate(phases, 1):
+        rounds.wait_all_ready()
         kill = rounds.kill(i, phase)
         if kill is None:
             report.note(f"round {i} [{phase}]: no victim before the shards finished; rounds end here")
