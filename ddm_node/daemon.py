@@ -160,7 +160,8 @@ class Island:
         # The first optimizer imports torch._dynamo (1.5 s of CPU idle, 5-8 s on a loaded box): pay it now,
         # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
         import torch._dynamo  # noqa: F401
-        self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc)
+        self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc,
+                                   trusted_keys=self.cfg.trusted_keys)
         self.mirror = Mirror(self)
         self._register_local()
         self._write_announce_file()
@@ -191,6 +192,8 @@ class Island:
         """The plan from the file given, the work dir, or any peer serving the run (checked against the id)."""
         plan = self.plan or self._fetch_plan(self.opts.run_id)
         check_dataset(plan, load_dataset(plan.dataset))  # a clear error (before writing anything), never other data
+        self.plan = plan
+        self.cfg = self._swarm_config()  # a node config at odds with the plan fails here, before anything is written
         raw = plan.to_bytes()
         if not (self.work_dir / "plan.json").exists():
             write_atomic(self.work_dir / "plan.json", raw)
@@ -428,7 +431,8 @@ class Island:
                 hooks = dict(device=self.opts.device, on_checkpoint=lambda d: self.publish_checkpoint(d, shard),
                              should_stop=lambda: self.stop.is_set() or self.lease_lost.is_set())
                 if nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
-                    train_shard_distributed(self.plan, shard, self.work_dir, nproc, identity_path=self.opts.identity_path,
+                    train_shard_distributed(self.plan, shard, self.work_dir, nproc,
+                                            identity_path=self.opts.identity_path,
                                             on_event=lambda kind, fields: self.event(kind, shard=shard, **fields),
                                             on_start=lambda step: self.event("train", shard=shard, step=step),
                                             **hooks)

@@ -197,17 +197,10 @@ def start_cases(tmp_path_factory):
         x, y = z["x"].copy(), z["y"]
     x[0, 0, 0] = 255 - x[0, 0, 0]
     np.savez(npz, x=x, y=y)
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    rsa_pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    (root / "rsa.pem").write_bytes(rsa_pem)
     (root / "garbage.pem").write_bytes(os.urandom(300))
     (root / "keydir").mkdir()
     (root / "afile").write_text("not a directory")
     other_keys = _cfg(root, "swarm: {trusted_keys: ['" + "ab" * 32 + "']}\n")
-    bad_settle = _cfg(root, "swarm: {settle: 9, lease_ttl: 8}\n")
     short_ttl = _cfg(root, "swarm: {lease_ttl: 4}\n")  # valid alone; with slowplan's settle (5) it is not
 
     grpc_sock, dht_sock = _held_port(), _held_port()
@@ -217,17 +210,12 @@ def start_cases(tmp_path_factory):
         ("work dir under a file", [*plan, *key], "--work-dir"),
         ("identity is a directory", [*plan, "--identity", str(root / "keydir")], "cannot read identity file"),
         ("identity is garbage", [*plan, "--identity", str(root / "garbage.pem")], "is not a PEM private key"),
-        ("identity is an RSA key", [*plan, "--identity", str(root / "rsa.pem")], "not an Ed25519 key"),
         ("grpc port in use", [*plan, *key, "--grpc-port", str(grpc_sock.getsockname()[1])],
          f"cannot listen on 127.0.0.1:{grpc_sock.getsockname()[1]}"),
         ("dht port in use", [*plan, *key, "--dht-port", str(dht_sock.getsockname()[1])],
          f"cannot start the DHT on 127.0.0.1:{dht_sock.getsockname()[1]}"),
         ("plan hash differs from run id", ["--run", run_id, *key], f"expected {run_id[:16]}"),
         ("dataset changed after partition", ["--plan", str(root / "npzplan"), *key], "fingerprint"),
-        ("run id not hex", ["--run", "xyz", *key], "--run: 'xyz' is not a run id"),
-        ("initial peer not a multiaddr", [*plan, *key, "--initial-peers", "127.0.0.1:31337"], "is not a multiaddr"),
-        ("node config bad swarm field", [*plan, *key, "--config", str(bad_settle)],
-         "swarm.settle must be in [0, lease_ttl)"),
         ("node config changes trusted keys", [*plan, *key, "--config", str(other_keys)],
          "swarm.trusted_keys comes from the plan"),
         ("node config invalid with the plan", ["--plan", str(root / "slowplan"), *key, "--config", str(short_ttl)],
@@ -261,9 +249,9 @@ def _cfg(root: Path, text: str) -> Path:
 
 
 START_NAMES = ["plan dir missing", "work dir under a file", "identity is a directory", "identity is garbage",
-               "identity is an RSA key", "grpc port in use", "dht port in use", "plan hash differs from run id",
-               "dataset changed after partition", "run id not hex", "initial peer not a multiaddr",
-               "node config bad swarm field", "node config changes trusted keys", "node config invalid with the plan"]
+               "grpc port in use", "dht port in use", "plan hash differs from run id",
+               "dataset changed after partition", "node config changes trusted keys",
+               "node config invalid with the plan"]
 
 
 @pytest.mark.multiproc
@@ -277,3 +265,33 @@ def test_start_fails_cleanly(start_cases, name):
         assert case.config in line, f"the config file is not named: {line}"
     assert not case.leftovers, f"{name}: processes left behind: {case.leftovers}"
     assert tree(case.work) == case.before, f"{name}: work dir changed: {tree(case.work) - case.before}"
+
+
+def _rsa_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+@pytest.mark.parametrize("case", ["rsa key", "run id not hex", "initial peer", "bad swarm field"])
+def test_start_argument_errors_before_any_service(capsys, tmp_path, case):
+    """Mistakes `ddm-node start` catches before it starts anything (in-process: nothing can leak)."""
+    assert main(["keygen", "--out", str(tmp_path / "key.pem")]) == 0
+    (tmp_path / "rsa.pem").write_bytes(_rsa_pem())
+    (tmp_path / "node.yaml").write_text("swarm: {settle: 9, lease_ttl: 8}\n")
+    capsys.readouterr()
+    work = tmp_path / "work"
+    base = ["start", "--plan", str(tmp_path / "plan"), "--work-dir", str(work), "--identity", str(tmp_path / "key.pem")]
+    argv, needle = {
+        "rsa key": (base[:-1] + [str(tmp_path / "rsa.pem")], "holds a RSAPrivateKey, not an Ed25519 key"),
+        "run id not hex": (["start", "--run", "xyz", *base[3:]], "--run: 'xyz' is not a run id"),
+        "initial peer": ([*base, "--initial-peers", "127.0.0.1:31337"], "is not a multiaddr"),
+        "bad swarm field": ([*base, "--config", str(tmp_path / "node.yaml")],
+                            f"{tmp_path / 'node.yaml'}: swarm.settle must be in [0, lease_ttl)"),
+    }[case]
+    before = tree(tmp_path)
+    assert main(argv) == 2
+    assert needle in one_line(capsys.readouterr().err)
+    assert tree(tmp_path) == before and not work.exists()

@@ -54,7 +54,8 @@ def assert_close_states(a: dict, b: dict, atol: float = 2e-5) -> None:
         if name.startswith("rng."):
             assert torch.equal(a[name], b[name]), name  # the data/noise stream is world-size independent
         else:
-            assert torch.allclose(a[name], b[name], atol=atol, rtol=1e-4), (name, float((a[name] - b[name]).abs().max()))
+            worst = float((a[name] - b[name]).abs().max())
+            assert torch.allclose(a[name], b[name], atol=atol, rtol=1e-4), (name, worst)
 
 
 # ----------------------------------------------------------------------------------------- unit checks

@@ -42,11 +42,14 @@ def winner(claims: Iterable[Claim], now: float) -> Claim | None:
 class ClaimManager:
     """Claims, renews and releases shard leases for the node behind `swarm`.
 
+    With `trusted_keys`, only claims by those keys (and our own) count.
+
     `grpc` is the address written into our claims (where the claimant serves), "" if none.
     Thread-safe; each method does blocking DHT calls (try_claim also sleeps `settle` seconds).
     """
 
-    def __init__(self, swarm: Swarm, ttl: float = 30.0, settle: float = 2.0, *, grpc: str = ""):
+    def __init__(self, swarm: Swarm, ttl: float = 30.0, settle: float = 2.0, *, grpc: str = "",
+                 trusted_keys: Iterable[str] = ()):
         if not ttl > 0 or settle < 0 or settle >= ttl:
             raise DDMError(f"claim ttl must be > 0 and settle in [0, ttl), got ttl={ttl} settle={settle}")
         self.swarm = swarm
@@ -55,6 +58,9 @@ class ClaimManager:
         self.release_ttl = max(1.0, self.settle)
         self.grpc = grpc
         self._me = swarm.public_key
+        # A run that lists its publishers ignores everyone else's claims: an unlisted key's work would be
+        # discarded anyway, so its claims must not keep listed islands off a shard (claim squatting).
+        self._trusted = frozenset(trusted_keys)
         self._held: dict[int, Claim] = {}
         self._last_expiration: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -64,7 +70,7 @@ class ClaimManager:
     def try_claim(self, shard: int) -> bool:
         """Try to become the shard's holder; True if we hold it after the settle re-read."""
         now = dht_time()
-        claims = self.swarm.claims(shard)
+        claims = self._claims(shard)
         if any(c.public_key != self._me and c.live(now) for c in claims):
             return False
         own = [c for c in claims if c.public_key == self._me and c.live(now)]
@@ -74,7 +80,7 @@ class ClaimManager:
         mine, _ = self._write(shard, claimed_at, released=False, expiration=now + self.ttl, seen=claims)
         if self.settle:
             time.sleep(self.settle)
-        best = winner(self.swarm.claims(shard), dht_time())
+        best = winner(self._claims(shard), dht_time())
         if best is not None and best.public_key == self._me:
             with self._lock:
                 self._held[shard] = mine
@@ -98,7 +104,7 @@ class ClaimManager:
         if held is None or held.expires_at <= now:
             self._forget(shard)
             return False
-        claims = self.swarm.claims(shard)
+        claims = self._claims(shard)
         others = [c for c in claims if c.public_key != self._me]
         best = winner([*others, held], now)
         if best is None or best.public_key != self._me:
@@ -118,7 +124,7 @@ class ClaimManager:
         """Give the shard up now: write `released=True` (hivemind cannot delete) expiring after our claim."""
         self._forget(shard)
         now = dht_time()
-        claims = self.swarm.claims(shard)
+        claims = self._claims(shard)
         own = [c for c in claims if c.public_key == self._me]
         with self._lock:
             last = self._last_expiration.get(shard)
@@ -133,7 +139,7 @@ class ClaimManager:
 
     def owner(self, shard: int) -> Claim | None:
         """The current holder of `shard` among live claims, or None."""
-        return winner(self.swarm.claims(shard), dht_time())
+        return winner(self._claims(shard), dht_time())
 
     def held(self) -> list[int]:
         """Shards this manager currently believes it holds (renew to confirm)."""
@@ -141,6 +147,12 @@ class ClaimManager:
             return sorted(self._held)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _claims(self, shard: int) -> list[Claim]:
+        claims = self.swarm.claims(shard)
+        if not self._trusted:
+            return claims
+        return [c for c in claims if c.public_key in self._trusted or c.public_key == self._me]
 
     def _forget(self, shard: int) -> None:
         # _last_expiration stays: a later write must still expire after what we stored before.

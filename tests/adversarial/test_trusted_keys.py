@@ -1,5 +1,6 @@
 """A run that lists its publishers (`swarm.trusted_keys`): a perfectly valid checkpoint signed by any other
 key is ignored by assembly, by "is this shard done?", by resume and by the mirror; the trusted copy is used.
+Claims by unlisted keys do not keep listed islands off a shard.
 
 World: H (trusted) trained shard 0 to step 4 of 6. E (valid key, not listed) serves the same weights
 re-sealed under its own key as a final step 6: signature, hashes, run, shard, step and config hash all
@@ -21,7 +22,9 @@ from ddm_node.config import load_config
 from ddm_node.errors import IntegrityError
 from ddm_node.identity import Identity
 from ddm_node.manifest import read_manifest
-from ddm_node.swarm.records import CheckpointRecord, PlanRecord, StatsRecord
+from ddm_node.swarm.claims import ClaimManager
+from ddm_node.swarm.dht import dht_time
+from ddm_node.swarm.records import CheckpointRecord, Claim, PlanRecord, StatsRecord
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.transfer.client import NodeClient
 
@@ -123,6 +126,12 @@ def test_island_ignores_unlisted_publishers(world, tmp_path, caplog):
         island._start_services()
         assert island.cfg.trusted_keys == [world.honest.public_hex]
         assert not island.shard_done(0)  # E's final step 6 does not count
+        # E squats shard 0 with a back-dated claim: it would win anywhere (see test_evil_peer), but a run
+        # with trusted keys ignores claims by unlisted keys, so E cannot keep the listed islands off it
+        squat = Claim(0, world.evil.swarm.peer_id, world.evil.key, world.evil.address, dht_time() - 3600)
+        assert world.evil.swarm.put("claim", 0, squat, ttl=120.0)
+        assert ClaimManager(island.swarm).owner(0).public_key == world.evil.key  # what an untrusting peer sees
+        assert island.claims.owner(0) is None and island.claims.try_claim(0)
         island.mirror.sweep()
         island._resume_from_swarm(0)
         sd = ckpt.shard_dir(island.work_dir, 0)
