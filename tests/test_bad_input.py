@@ -182,6 +182,7 @@ def start_cases(tmp_path_factory):
     """Build every failing start case, run them three at a time, return them by name."""
     root = tmp_path_factory.mktemp("start")
     env = dict(os.environ, OMP_NUM_THREADS="1", DDM_CACHE_DIR=str(root / "cache"))
+    env.pop("GRPC_VERBOSITY", None)  # the one-line guarantee must not depend on the caller's environment
     steps = ["--experts", "2", "--steps", "5"]
     assert main(["partition", *steps, "--out", str(root / "plan")]) == 0
     for name, text in (("other", "data: {split_seed: 1}\n"), ("slowplan", "swarm: {settle: 5}\n")):
@@ -258,6 +259,7 @@ START_NAMES = ["plan dir missing", "work dir under a file", "identity is a direc
 @pytest.mark.parametrize("name", START_NAMES)
 def test_start_fails_cleanly(start_cases, name):
     case = start_cases[name]
+    print(f"{name}: exit {case.returncode} after {case.seconds:.1f}s")  # -s shows it
     assert case.returncode == 2, f"{name}: exit {case.returncode} after {case.seconds:.0f}s; stderr:\n{case.stderr}"
     line = one_line(case.stderr)
     assert line.startswith("ddm-node start: error: ") and case.needle in line, line
