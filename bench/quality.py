@@ -43,7 +43,8 @@ from ddm_node.bundle import load_bundle, sources_from_work_dirs, write_bundle
 from ddm_node.config import SampleConfig, load_config
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, make_plan
-from ddm_node.generate import generate, save_grid, score
+from ddm_node.generate import generate, reference_split, save_grid, score
+from ddm_node.metrics import Scores
 from ddm_node.model import flops_per_image
 from ddm_node.train.expert import train_shard
 from ddm_node.train.router_job import train_plan_router
@@ -125,6 +126,7 @@ class Run:
     records: list[Record] = field(default_factory=list)
     grids: dict[str, torch.Tensor] = field(default_factory=dict)
     costs: Costs | None = None
+    floor: list[Scores] = field(default_factory=list)  # real training images scored like samples, per seed
 
     def log(self, msg: str) -> None:
         print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
@@ -144,6 +146,8 @@ class Run:
         plan = make_plan(cfg, self.ds)
         plan.save(plan_dir / "plan")
         plan = Plan.load(plan_dir / "plan")
+        if k == 1:
+            self.floor.append(self.real_floor(plan, seed))
         c, h, _ = plan.shape
         rcfg = router_model_config(cfg.router, h, c, plan.num_classes)
         self.costs = Costs(flops_per_image(cfg.model), flops_per_image(rcfg), cfg.train.batch_size,
@@ -171,6 +175,14 @@ class Run:
             for router, routing in combos:
                 self.evaluate(bundle, plan, k, seed, fraction, steps, expert_flops, router_flops, router, routing, final)
             shutil.rmtree(out, ignore_errors=True)
+
+    def real_floor(self, plan: Plan, seed: int) -> Scores:
+        """n real training images scored against the held-out split: the best any model can do here."""
+        _ref, x_train, _y = reference_split(plan, self.ds)
+        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:self.s.n_samples]
+        sc = score(x_train[pick], plan, self.ds, seed=seed)
+        self.log(f"seed {seed} real training images: FD_dom {sc.fd_dom:.2f} KID {sc.kid:.4f}")
+        return sc
 
     def evaluate(self, bundle, plan: Plan, k: int, seed: int, fraction: float, steps: int, expert_flops: float,
                  router_flops: float, router: str, routing: str, final: bool) -> None:
@@ -223,6 +235,11 @@ def final_table(run: Run) -> tuple[list[dict], str]:
                      f"{statistics.fmean(r.precision for r in rs):.2f}", f"{statistics.fmean(r.recall for r in rs):.2f}",
                      f"{total / 1e12:.2f}" + (f" (router {rs[0].router_flops / total * 100:.1f}%)" if k > 1 else ""),
                      f"{statistics.fmean(r.sample_cost for r in rs):.2f}x", len(rs)])
+    if run.floor:
+        f = run.floor
+        rows.append([f"real training images ({run.s.n_samples})", "-", "-", pm([x.fd_dom for x in f], 2),
+                     pm([x.kid for x in f], 3), f"{statistics.fmean(x.precision for x in f):.2f}",
+                     f"{statistics.fmean(x.recall for x in f):.2f}", "-", "-", len(f)])
     table = markdown_table(["model", "router", "routing", "FD_dom (mean ± std)", "KID (mean ± std)",
                             "precision", "recall", "training TFLOPs", "sampling FLOPs vs monolith", "seeds"], rows)
     return out, table
@@ -247,6 +264,8 @@ def plot(run: Run, path: Path) -> None:
         m = [stats([r.fd_dom for r in by_frac[f]]) for f in fr]
         style = dict(lw=2.5, color="black") if label == "monolith" else dict(lw=1.5, ls="--" if "centroid" in label else "-")
         ax.errorbar(x, [v[0] for v in m], yerr=[v[1] for v in m], marker="o", capsize=3, label=label, **style)
+    if run.floor:
+        ax.axhline(stats([x.fd_dom for x in run.floor])[0], color="gray", ls=":", label="real training images")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (TFLOP; 3 x forward x images seen, ensembles include the router)")
     ax.set_ylabel("FD_dom (lower is better)")
@@ -259,6 +278,24 @@ def plot(run: Run, path: Path) -> None:
     plt.close(fig)
 
 
+def _top1_by_fraction(run: Run) -> list[str]:
+    """'1/8: 6.3 / K=4 8.7 / 8.9, K=8 ...' per evaluated fraction of the budget."""
+    out = []
+    for f in run.s.fractions:
+        def mean_fd(k: int, router: str) -> float | None:
+            vals = [r.fd_dom for r in run.records if r.fraction == f and r.k == k and r.router == router
+                    and r.routing == "top1"]
+            return statistics.fmean(vals) if vals else None
+        mono = mean_fd(1, "-")
+        parts = [f"{f:g} of the budget: {mono:.2f}" if mono is not None else f"{f:g}: -"]
+        for k in run.s.ks:
+            a, b = mean_fd(k, "learned"), mean_fd(k, "centroid")
+            if a is not None and b is not None:
+                parts.append(f"K={k} {a:.2f} / {b:.2f}")
+        out.append(", ".join(parts))
+    return out
+
+
 def reading(run: Run, groups: list[dict]) -> tuple[list[str], float]:
     mono = next(g for g in groups if g["k"] == 1)
     ens = [g for g in groups if g["k"] > 1]
@@ -267,6 +304,16 @@ def reading(run: Run, groups: list[dict]) -> tuple[list[str], float]:
     lines = [f"- **Ratio printed** (ensemble / monolith FD_dom at equal training FLOPs, best ensemble "
              f"configuration: K={best['k']}, {best['router']} router, {best['routing']}): **{ratio:.3f}** "
              f"({'the ensemble is better' if ratio < 1 else 'the monolith is better'})."]
+    if run.floor:
+        floor = stats([x.fd_dom for x in run.floor])[0]
+        lines.append(f"- Floor: real training images score FD_dom {floor:.2f} against the same held-out split; the "
+                     f"monolith ends at {mono['fd']:.2f} ({mono['fd'] / floor:.2f}x the floor), the best ensemble at "
+                     f"{best['fd']:.2f} ({best['fd'] / floor:.2f}x). Near the floor the ratio says little: the plot "
+                     "shows the whole budget.")
+    by_frac = _top1_by_fraction(run)
+    if by_frac:
+        lines.append("- Along the budget (top-1, mean over seeds; monolith / K=... learned / centroid): "
+                     + "; ".join(by_frac) + ".")
     for k in run.s.ks:
         gk = {(g["router"], g["routing"]): g["fd"] for g in groups if g["k"] == k}
         if not gk:
@@ -363,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         s = Settings(args.dataset, 240, args.ks or [4], [0], [0.5, 1.0], 100, 6, 50, "quick")
     elif args.full:
-        s = Settings(args.dataset, 6000, args.ks or [4, 8], [0, 1, 2], [0.125, 0.25, 0.5, 1.0], 1000, 32, 800, "full")
+        s = Settings(args.dataset, 6000, args.ks or [4, 8], [0, 1, 2], [0.0625, 0.125, 0.25, 0.5, 1.0], 1000, 32, 800,
+                     "full")
     else:
-        s = Settings(args.dataset, 1600, args.ks or [4, 8], [0, 1, 2], [0.25, 0.5, 1.0], 400, 16, 800, "default")
+        s = Settings(args.dataset, 1600, args.ks or [4, 8], [0, 1, 2], [0.125, 0.25, 0.5, 1.0], 400, 16, 800, "default")
     if fashion and not args.quick:
         s.seeds = [0]
     if args.budget:

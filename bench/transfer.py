@@ -351,7 +351,7 @@ def report(s: Settings, vals: dict[str, list[float]], rows: list[list], quick: b
     md = (section_header(NAME, "Checkpoint transfer")
           + markdown_table(["path", "MiB/s (median)", "ratio to raw TCP"], tp_rows)
           + "\nBytes on the wire (serialized gRPC `Chunk` messages) and delivery speed on loopback:\n\n"
-          + markdown_table(["file", "size MiB", "wire MiB", "wire MiB, zstd", "zstd gain", "MiB/s", "MiB/s, zstd"],
+          + markdown_table(["file", "size MiB", "wire MiB", "wire MiB, zstd", "zstd gain", "stream MiB/s", "stream MiB/s, zstd"],
                            rows)
           + "\n" + "\n".join(reading) + "\n")
     return md, ratio

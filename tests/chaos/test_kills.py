@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,11 +96,11 @@ class Kill:
 
     def line(self) -> str:
         if self.shard is None:
-            return f"round {self.round} [{self.phase}] {self.victim} (idle, {self.download or 'no download'}): 0 steps lost"
+            return f"round {self.round} [{self.phase}] {self.victim} (training nothing) {self.download}: 0 steps lost"
         return (f"round {self.round} [{self.phase}] {self.victim} shard {self.shard}: published {self.published}, "
                 f"mirror had {self.mirrored}, {self.takeover} resumed at {self.resumed} after {self.takeover_s:.1f} s, "
                 f"tail {self.tail:.0f}{' (write in flight)' if self.staged_step else ' (est.)'} -> lost {self.lost:.0f}"
-                + (" [MIRROR LAG]" if self.mirror_lag else "") + (f"; was downloading {self.download}" if self.download else ""))
+                + (" [MIRROR LAG]" if self.mirror_lag else "") + (f"; killed {self.download}" if self.download else ""))
 
 
 def staging(work: Path, shard: int, old: frozenset = frozenset()) -> list[Path]:
@@ -194,10 +194,10 @@ class Rounds:
                     holder = next((p for p in procs if now.get(p.name) == shard), None)
                     if holder is not None and self.rng.random() < 0.5:
                         kill = self._do_kill(rnd, "transfer (holder)", holder, shard, None)
-                        kill.download = f"{proc.name} was fetching {what} from it"
+                        kill.download = f"while serving {what} to {proc.name}"
                     else:
                         kill = self._do_kill(rnd, "transfer (downloader)", proc, now.get(proc.name), None)
-                        kill.download = what
+                        kill.download = f"while downloading {what}"
                     return kill
             time.sleep(0.005)
         return None
@@ -211,9 +211,14 @@ class Rounds:
         self.restart(proc.name)
         if shard is None:
             return kill
-        ev = self.net.events()
-        steps = checkpoint_steps(ev, proc.name, shard, before=t)
-        kill.published = steps[-1][1] if steps else None
+        ev = [e for e in self.net.events() if e["t"] <= t]
+        claimed = max(e["t"] for e in ev if e["event"] == "claim" and e["name"] == proc.name and e["shard"] == shard)
+        steps = [(ct, cs) for ct, cs in checkpoint_steps(ev, proc.name, shard) if ct >= claimed]
+        started = resumed_step(ev, proc.name, shard, claimed)  # no checkpoint yet: its starting point counts
+        last_t, kill.published = steps[-1] if steps else (None, started)
+        if last_t is None:
+            last_t = next((e["t"] for e in ev if e["event"] in ("train", "resume") and e["name"] == proc.name
+                           and e["shard"] == shard and e["t"] >= claimed), t)
         others = [p for p in ready(self.net) if p.name != proc.name and p.alive]
         copies = [s for p in others for s in [int(d.name.split("_")[1]) for d in ckpt.list_checkpoints(p.work, shard)]
                   if verified_copy(p.work, shard, s)]
@@ -221,9 +226,11 @@ class Rounds:
         if staged:
             kill.staged_step = int(staged[0].name.split(".tmp-")[0].split("_")[1])
             kill.tail = float(kill.staged_step - (kill.published or 0))
-        elif len(steps) > 1:
-            rate = EVERY / max(1e-3, steps[-1][0] - steps[-2][0])
-            kill.tail = min(float(EVERY), rate * (t - steps[-1][0]))
+        else:  # time since the last checkpoint at the swarm's recent checkpoint rate, capped at the interval
+            gaps = sorted(b[0] - a[0] for name in {e["name"] for e in ev} for s in range(K)
+                          for a, b in zip(checkpoint_steps(ev, name, s)[-4:], checkpoint_steps(ev, name, s)[-3:]))
+            gap = gaps[len(gaps) // 2] if gaps else 1.0
+            kill.tail = min(float(EVERY), EVERY * (t - last_t) / max(1e-3, gap))
         return kill
 
     def recover(self, kill: Kill) -> None:
