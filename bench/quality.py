@@ -308,8 +308,9 @@ def reading(run: Run, groups: list[dict]) -> tuple[list[str], float]:
         floor = stats([x.fd_dom for x in run.floor])[0]
         lines.append(f"- Floor: real training images score FD_dom {floor:.2f} against the same held-out split; the "
                      f"monolith ends at {mono['fd']:.2f} ({mono['fd'] / floor:.2f}x the floor), the best ensemble at "
-                     f"{best['fd']:.2f} ({best['fd'] / floor:.2f}x). Near the floor the ratio says little: the plot "
-                     "shows the whole budget.")
+                     f"{best['fd']:.2f} ({best['fd'] / floor:.2f}x)."
+                     + (" Both are near the floor, where the ratio says little: the plot and the next line show the "
+                        "whole budget." if mono["fd"] < 2 * floor else ""))
     by_frac = _top1_by_fraction(run)
     if by_frac:
         lines.append("- Along the budget (top-1, mean over seeds; monolith / K=... learned / centroid): "

@@ -278,7 +278,10 @@ class Island:
                     self.lease_lost.set()
                 self._heartbeat()
                 if rejoining is not None and rejoining.done():
-                    if not rejoining.exception() and rejoining.result():
+                    if rejoining.exception() is not None:
+                        log.warning("rejoining the DHT failed: %s", rejoining.exception())
+                    elif rejoining.result():
+                        log.info("rejoined %d DHT peers missing from the routing table", rejoining.result())
                         self.event("rejoined", peers=rejoining.result())
                         last_announce = 0.0  # hand the peers we found our records now
                     rejoining = None

@@ -43,7 +43,7 @@ from .harness import (checkpoint_steps, island_log_tail, live_maddr, maddr, scan
 
 pytestmark = pytest.mark.multiproc
 
-TTL, EVERY, K, ISLANDS = 4.0, 20, 2, 4
+TTL, EVERY, K, ISLANDS = 4.0, 40, 2, 4
 PHASES = ("training", "checkpoint", "transfer")
 CONFIG = """
 partition: {{experts: {k}}}
@@ -264,8 +264,8 @@ class Rounds:
 def run_kill_rounds(net: LocalNet, rng, report, phases: list[str]) -> None:
     rate = calibrate_steps_per_s()
     # The first island trains alone while the others start (about 15 s here), then two trainers share the
-    # cores with the mirrors. The budget keeps both shards training through every round (about 8 s each).
-    budget = max(300, int(0.6 * rate * (20 + 8 * len(phases))) // EVERY * EVERY)
+    # cores with the mirrors. The budget keeps both shards training through every round (about 10 s each).
+    budget = max(400, int(0.6 * rate * (20 + 10 * len(phases))) // EVERY * EVERY)
     run_id = net.partition(CONFIG.format(k=K, steps=budget, every=EVERY, ttl=TTL))
     first = net.start("i1", "--plan", str(net.root / "plan"))
     boot = net.wait_ready(first)["maddrs"][0]
