@@ -117,7 +117,7 @@ def test_tampered_copy_is_rejected_and_the_good_one_fetched(net, tmp_path, caplo
 
 
 def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
-    run_id = net.partition(BASE.format(k=2, steps=400, every=20, ttl=8))
+    run_id = net.partition(BASE.format(k=2, steps=5000, every=50, ttl=8))  # nobody finishes during the test
     first = net.start("island1", "--plan", str(net.root / "plan"))
     maddr = net.wait_ready(first)["maddrs"][0]
     # the other three start together
