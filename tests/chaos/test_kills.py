@@ -265,7 +265,7 @@ def run_kill_rounds(net: LocalNet, rng, report, phases: list[str]) -> None:
     rate = calibrate_steps_per_s()
     # The first island trains alone while the others start (about 15 s here), then two trainers share the
     # cores with the mirrors. The budget keeps both shards training through every round (about 10 s each).
-    budget = max(400, int(0.6 * rate * (20 + 10 * len(phases))) // EVERY * EVERY)
+    budget = min(400 * len(phases), max(400, int(0.6 * rate * (20 + 10 * len(phases))) // EVERY * EVERY))
     run_id = net.partition(CONFIG.format(k=K, steps=budget, every=EVERY, ttl=TTL))
     first = net.start("i1", "--plan", str(net.root / "plan"))
     boot = net.wait_ready(first)["maddrs"][0]
