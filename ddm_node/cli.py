@@ -198,9 +198,16 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_start(args) -> int:
+    import signal
+    import threading
+
+    # A SIGTERM during the seconds of imports below must still mean "leave cleanly", not a killed process.
+    early = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: early.set())
+    signal.signal(signal.SIGINT, lambda *_: early.set())
     from ddm_node.daemon import run_island
 
-    return run_island(args)
+    return run_island(args, early)
 
 
 def cmd_status(args) -> int:

@@ -109,7 +109,12 @@ class Island:
     def run(self) -> int:
         """Run until stopped (or until everything is done with exit_when_done). Returns the exit code."""
         try:
-            self._start_services()
+            try:
+                self._start_services()
+            except DDMError:
+                if self.stop.is_set():  # a signal during start-up (e.g. while waiting for the plan): leave quietly
+                    return 0
+                raise
             self._work()
             if not self.stop.is_set():
                 self._serve()
@@ -593,8 +598,9 @@ def island_options(args) -> IslandOptions:
         nproc_per_node=resolve_nproc(getattr(args, "nproc_per_node", None), args.config))
 
 
-def run_island(args) -> int:
-    """`ddm-node start`: run an island in this process until SIGTERM/SIGINT."""
+def run_island(args, early_stop: threading.Event | None = None) -> int:
+    """`ddm-node start`: run an island in this process until SIGTERM/SIGINT (or `early_stop`, set by a signal
+    that arrived while the CLI was still importing)."""
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -612,6 +618,9 @@ def run_island(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if early_stop is not None and early_stop.is_set():
+        log.warning("stopped before start-up finished")
+        return 0
     return island.run()
 
 
