@@ -290,6 +290,7 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # 90-150 s of torchrun start-ups on 2 cores: run with -m slow
 def test_island_with_two_processes_trains_to_budget_through_a_killed_worker(tmp_path):
     from ddm_node.localnet import LocalNet
     from ddm_node.train import checkpoint as ckpt

@@ -25,7 +25,7 @@ from ddm_node.transfer.client import NodeClient, fetch_artifact
 
 from .harness import island_log_tail, tmpfs
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.usefixtures("need_mount")]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.usefixtures("need_mount")]  # -m slow
 
 EVERY, STEPS = 20, 100
 CONFIG = """
