@@ -11,7 +11,12 @@ ratio), because the machine is shared and absolute numbers drift with load. This
 - `write_section(doc, name, markdown)`: replace only this script's section of a markdown file
   (between `<!-- BEGIN name -->` and `<!-- END name -->` markers), appending it if absent, atomically;
 - `command_line()`: the exact command that produced the numbers, for the doc;
-- `markdown_table(header, rows)`, `section_header(...)`: formatting.
+- `markdown_table(header, rows)`, `section_header(...)`: formatting;
+- `trained_digits(...)`: a small trained K-expert digits ensemble (plan, checkpoints with training state,
+  bundle with the learned router), cached in the temp dir by config hash and shared between scripts.
+
+Never edit a benchmark doc by hand while scripts may be writing to it; use `write_section`, which
+serialises writers with a lock.
 
 Typical use in a script::
 
