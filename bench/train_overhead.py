@@ -371,7 +371,7 @@ def report(s: Settings, bench: Bench, ckpt_s: float, extras_s: float, quick: boo
         f"loss read-back per step. EMA + clipping alone take {extras_s * 1000:.2f} ms per step here, "
         f"{extras_s / step_cpu_s * 100:.1f}% of a {step_cpu_s * 1000:.1f} ms step: they scale with the parameter "
         "count while the step scales with parameters x tokens x batch, so their share shrinks with bigger "
-        "images or batches. The swarm around it: daemon / trainer = {r_dt_wall:.3f} (CPU: {r_dt_cpu:.3f}): "
+        f"images or batches. The swarm around it: daemon / trainer = {r_dt_wall:.3f} (CPU: {r_dt_cpu:.3f}): "
         "checkpoints, the keeper thread (lease renewals, heartbeats, re-announcements), gRPC serving the mirror's "
         "fetches, hivemind's DHT child and p2pd, all inside the island's CPU share.",
         f"- One checkpoint (expert + state, sealed, signed, fsynced, pruned) takes {ckpt_s * 1000:.0f} ms here: "
