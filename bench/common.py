@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
-import hashlib
 import os
 import platform
 import re
@@ -214,15 +213,17 @@ def write_section(doc: Path, name: str, markdown: str, intro: str = "") -> None:
     A section is the text between `<!-- BEGIN name -->` and `<!-- END name -->`. If the file does not
     exist it is created with `intro` (if given) on top; if the section does not exist it is appended.
     The file is written atomically (temp file + rename) so a crash never leaves it half-written.
-    Writers are serialised with an fcntl lock (a file in the temp dir named after `doc`), so two
-    benchmarks finishing at once cannot drop each other's section.
+    Writers are serialised with an fcntl lock on the doc's directory (no lock file is left behind), so
+    two benchmarks finishing at once cannot drop each other's section.
     """
     doc = Path(doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(str(doc.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"ddm-bench-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = os.open(doc.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         _write_section_locked(doc, name, markdown, intro)
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _write_section_locked(doc: Path, name: str, markdown: str, intro: str) -> None:
