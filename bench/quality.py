@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO_ROOT, RESULTS_MD, load_str, markdown_table, print_ratio, section_header, write_section
+from bench.common import (REPO_ROOT, RESULTS_MD, command_line, load_str, markdown_table, now_str, print_ratio,
+                          section_header, write_section)
 from ddm_node.bundle import load_bundle, sources_from_work_dirs, write_bundle
 from ddm_node.config import SampleConfig, load_config
 from ddm_node.data.datasets import Dataset, load_dataset
@@ -148,10 +149,7 @@ class Run:
         plan = Plan.load(plan_dir / "plan")
         if k == 1:
             self.floor.append(self.real_floor(plan, seed))
-        c, h, _ = plan.shape
-        rcfg = router_model_config(cfg.router, h, c, plan.num_classes)
-        self.costs = Costs(flops_per_image(cfg.model), flops_per_image(rcfg), cfg.train.batch_size,
-                           cfg.router.batch_size)
+        self.costs = costs_of(cfg, plan)
         router_dir, router_flops = None, 0.0
         if k > 1:
             t = time.time()
@@ -175,6 +173,14 @@ class Run:
             for router, routing in combos:
                 self.evaluate(bundle, plan, k, seed, fraction, steps, expert_flops, router_flops, router, routing, final)
             shutil.rmtree(out, ignore_errors=True)
+
+    def restore(self) -> None:
+        """Costs and the real-data floor for records loaded from JSON (both are deterministic and cheap)."""
+        for seed in self.s.seeds:
+            cfg = self.config(1, seed)
+            plan = make_plan(cfg, self.ds)
+            self.costs = costs_of(cfg, plan)
+            self.floor.append(self.real_floor(plan, seed))
 
     def real_floor(self, plan: Plan, seed: int) -> Scores:
         """n real training images scored against the held-out split: the best any model can do here."""
@@ -205,6 +211,12 @@ class Run:
 
 
 T0 = time.time()
+
+
+def costs_of(cfg, plan: Plan) -> Costs:
+    c, h, _ = plan.shape
+    rcfg = router_model_config(cfg.router, h, c, plan.num_classes)
+    return Costs(flops_per_image(cfg.model), flops_per_image(rcfg), cfg.train.batch_size, cfg.router.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -260,14 +272,16 @@ def plot(run: Run, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, by_frac in sorted(series.items(), key=lambda kv: (kv[0] != "monolith", kv[0])):
         fr = sorted(by_frac)
-        x = [(by_frac[f][0].expert_flops + by_frac[f][0].router_flops) / 1e12 for f in fr]
+        x = [by_frac[f][0].expert_flops / 1e12 for f in fr]
         m = [stats([r.fd_dom for r in by_frac[f]]) for f in fr]
         style = dict(lw=2.5, color="black") if label == "monolith" else dict(lw=1.5, ls="--" if "centroid" in label else "-")
         ax.errorbar(x, [v[0] for v in m], yerr=[v[1] for v in m], marker="o", capsize=3, label=label, **style)
     if run.floor:
         ax.axhline(stats([x.fd_dom for x in run.floor])[0], color="gray", ls=":", label="real training images")
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (TFLOP; 3 x forward x images seen, ensembles include the router)")
+    router = max((r.router_flops for r in run.records), default=0.0)
+    ax.set_xlabel("expert training FLOPs (TFLOP; 3 x forward x images seen)"
+                  + (f"\nthe learned router adds {router / 1e12:.2f} TFLOP to every ensemble point" if router else ""))
     ax.set_ylabel("FD_dom (lower is better)")
     ax.set_title(f"{run.s.dataset}: FD_dom vs training FLOPs (mean ± std over {len(run.s.seeds)} seeds)")
     ax.grid(True, which="both", alpha=0.3)
@@ -293,6 +307,36 @@ def _top1_by_fraction(run: Run) -> list[str]:
             if a is not None and b is not None:
                 parts.append(f"K={k} {a:.2f} / {b:.2f}")
         out.append(", ".join(parts))
+    return out
+
+
+def routing_lines(run: Run, groups: list[dict]) -> list[str]:
+    """What the routers and routings did here, from the numbers."""
+    fd = {(g["k"], g["router"], g["routing"]): g["fd"] for g in groups}
+    out = []
+    full_worse = [k for k in run.s.ks if fd.get((k, "learned", "full"), 0) > fd.get((k, "learned", "top1"), math.inf)]
+    if full_worse:
+        out.append(f"- Routing: with the learned router, full routing (K times the sampling FLOPs) was worse than top-1 "
+                   f"for K = {', '.join(map(str, full_worse))}, as in the paper (ImageNet top-1 9.84 vs full 10.52): "
+                   "mixing velocities of experts that each model only their own cluster blurs samples when the "
+                   "router is unsure, while top-1 commits to one expert per sample and step.")
+    ratios = [(k, fd[(k, "centroid", "top1")] / fd[(k, "learned", "top1")]) for k in run.s.ks
+              if (k, "centroid", "top1") in fd and (k, "learned", "top1") in fd]
+    if ratios:
+        out.append("- Centroid vs learned router at top-1: the centroid router's FD_dom is "
+                   + ", ".join(f"{r:.1f}x the learned one's at K={k}" for k, r in ratios)
+                   + ". Its Gaussian cluster model in pixel space mis-routes samples whose cluster is not Gaussian "
+                   "there, and at top-1 a mis-routed sample is generated by an expert that never saw its kind of "
+                   "image; top-2 or full routing narrows the gap at 2x or K x the sampling cost. The centroid router "
+                   "costs nothing to train and needs no data beyond each expert's own; the learned router needs "
+                   "every shard's data.")
+    last = [r for r in run.records if r.k > 1 and r.fraction == run.s.fractions[-1]]
+    if last and run.costs is not None:
+        share = last[0].router_flops / (last[0].router_flops + last[0].expert_flops)
+        out.append(f"- The learned router's training ({run.s.router_steps} steps x {run.costs.router_batch}) is "
+                   f"{share * 100:.0f}% of each ensemble's total at the full budget (the paper: about 4%), so the "
+                   "learned-router rows had that much more training compute than the monolith; the plot's x axis "
+                   "counts expert FLOPs only.")
     return out
 
 
@@ -338,11 +382,8 @@ def reading(run: Run, groups: list[dict]) -> tuple[list[str], float]:
         "what clusters have in common (strokes, backgrounds). With tiny models on a small dataset the "
         "monolith is not capacity-limited, which removes the ensemble's main advantage (K times the parameters "
         "at the same training FLOPs); the paper's gain (ImageNet FID 6.08 vs 8.49 at equal FLOPs; top-1 9.84 vs "
-        "monolith 12.81 at 1.08x sampling FLOPs) comes from large data and models where capacity matters. Top-1 "
-        "routing also switches experts along a trajectory when the router's argmax changes, and a router error "
-        "sends a sample to an expert that never saw its kind of image; full routing avoids that at K times the "
-        "sampling cost (the `sampling FLOPs` column). The learned router's training costs a few percent of the "
-        "budget (shown); the centroid router costs nothing to train.",
+        "monolith 12.81 at 1.08x sampling FLOPs) comes from large data and models where capacity matters.",
+        *routing_lines(run, groups),
         "- FD_dom is a Frechet distance in the 64-dimensional features of a small classifier trained on the same "
         f"dataset, with {run.s.n_samples} samples against the plan's held-out split; it ranks samples consistently "
         "but its values are not comparable with FID, and with a few hundred reference images it is biased upwards "
@@ -351,16 +392,20 @@ def reading(run: Run, groups: list[dict]) -> tuple[list[str], float]:
     return lines, ratio
 
 
-def report(run: Run, img_dir: Path, doc_rel: Path | None) -> tuple[str, float]:
+def report(run: Run, img_dir: Path, doc_rel: Path | None, command: str | None = None,
+           measured: str | None = None) -> tuple[str, float]:
     groups, table = final_table(run)
     tag = run.s.dataset
     plot_path = img_dir / f"quality-{tag}-fd-vs-flops.png"
     plot(run, plot_path)
     grid_paths = {}
-    for method, x in run.grids.items():
+    for method in ["monolith", *(f"K={k}" for k in run.s.ks)]:
         p = img_dir / f"quality-{tag}-{method.replace('=', '').lower()}.png"
-        save_grid(x, p, ncol=10, scale=4 if x.shape[-1] <= 16 else 2)
-        grid_paths[method] = p
+        if method in run.grids:
+            x = run.grids[method]
+            save_grid(x, p, ncol=10, scale=4 if x.shape[-1] <= 16 else 2)
+        if p.exists():  # re-rendering from JSON keeps the grids of the measured run
+            grid_paths[method] = p
 
     def rel(p: Path) -> str:
         if doc_rel is None:
@@ -379,9 +424,10 @@ def report(run: Run, img_dir: Path, doc_rel: Path | None) -> tuple[str, float]:
              f"{s.budget} steps, each of K experts {s.budget}/K steps; learned router {s.router_steps} steps x "
              f"{c.router_batch} ({c.router_fpi / 1e6:.2f} MFLOP per image); seeds {s.seeds}; {s.n_samples} samples per "
              f"evaluation, Heun with {s.sample_steps} steps; checkpoints evaluated at {s.fractions} of the budget. "
-             f"Load average at the end: {load_str()}.")
+             + (f"Measured {measured}; this section was re-rendered from the JSON data." if measured else
+                f"Load average at the end: {load_str()}."))
     grids = "".join(f"| {m} |\n|---|\n| ![{m}]({rel(p)}) |\n\n" for m, p in grid_paths.items())
-    md = (section_header(NAME, f"Ensemble vs monolith at equal training FLOPs: {s.dataset}") + table
+    md = (section_header(NAME, f"Ensemble vs monolith at equal training FLOPs: {s.dataset}", command) + table
           + f"\n![FD_dom vs training FLOPs]({rel(plot_path)})\n\n" + "\n".join(lines + [setup])
           + "\n\nSamples at the full budget (seed " + str(s.seeds[0]) + ", top-1, learned router for the "
           "ensembles; first 100 of the evaluated samples, class labels drawn like the training set):\n\n" + grids)
@@ -403,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"markdown file for the section (default {RESULTS_MD.name}; quick runs only print)")
     ap.add_argument("--img-dir", type=Path, default=None, help="where the PNGs go (default docs/img)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (plans, checkpoints)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="re-render the section from a saved docs/data/quality-DATASET.json (no training)")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        return rerender(args.from_json, args.doc or RESULTS_MD, args.img_dir or IMG_DIR)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     T0 = time.time()
@@ -439,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             write_section(doc, name, md, intro=INTRO)
             data = (DATA_DIR if doc == RESULTS_MD else doc.parent) / f"quality-{s.dataset}.json"
             data.parent.mkdir(parents=True, exist_ok=True)
-            data.write_text(json.dumps({"settings": asdict(s), "records": [asdict(r) for r in run.records]}, indent=1))
+            data.write_text(json.dumps({"settings": asdict(s), "command": command_line(), "date": now_str(),
+                                        "records": [asdict(r) for r in run.records]}, indent=1))
         print(md)
         print_ratio("ensemble/monolith FD_dom at equal training FLOPs (best routing)", ratio)
     finally:
@@ -447,6 +498,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def rerender(path: Path, doc: Path, img_dir: Path) -> int:
+    """Rebuild the plot and the section from saved records (costs and the real-data floor are recomputed)."""
+    torch.set_num_threads(1)
+    data = json.loads(path.read_text())
+    s = Settings(**data["settings"])
+    root = Path(tempfile.mkdtemp(prefix="ddm-bench-quality-"))
+    try:
+        run = Run(s, root, load_dataset(s.dataset))
+        run.records = [Record(**r) for r in data["records"]]
+        run.restore()
+        md, ratio = report(run, img_dir, doc.parent, data.get("command"), data.get("date"))
+        write_section(doc, NAME if s.dataset == "digits" else f"{NAME}.{s.dataset}", md, intro=INTRO)
+        print(md)
+        print_ratio("ensemble/monolith FD_dom at equal training FLOPs (best routing)", ratio)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
