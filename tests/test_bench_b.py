@@ -78,3 +78,11 @@ def test_quality_quick_compares_ensemble_and_monolith(tmp_path):
     assert all((img / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert (tmp_path / "quality-digits.json").exists()
     assert 0.2 < ratio < 5.0, ratio  # both sides produce digits; neither is noise
+    # the section re-renders from the saved records alone, with the same numbers
+    res = subprocess.run([sys.executable, "-m", "bench.quality", "--from-json", str(tmp_path / "quality-digits.json"),
+                          "--doc", str(tmp_path / "R2.md"), "--img-dir", str(img)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(RATIO.search(res.stdout.strip().splitlines()[-1]).group(1)) == ratio
+    table = [line for line in section(tmp_path / "R2.md", "bench.quality").splitlines() if line.startswith("| K=4")]
+    assert table == [line for line in body.splitlines() if line.startswith("| K=4")]
