@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ddm_node.config import canonical_json
-from ddm_node.errors import DDMError, IntegrityError
+from ddm_node.errors import IntegrityError
 from ddm_node.identity import PUBLIC_HEX_LEN, Identity, verify_signature
 
 MANIFEST = "manifest.json"
@@ -255,9 +255,3 @@ def copy_artifact(src: str | Path, dst: str | Path) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
-
-def check_name(name: str) -> str:
-    """Validate a plain file name (no separators); used before touching anything named by a peer."""
-    if not _NAME_RE.match(name):
-        raise DDMError(f"illegal file name {name!r}")
-    return name
