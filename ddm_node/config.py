@@ -132,7 +132,7 @@ class SwarmConfig:
 
     lease_ttl: float = 30.0  # a claim expires this long after its last renewal (renewed every ttl/3)
     settle: float = 2.0  # wait between writing a claim and re-reading it
-    replicas: int = 2  # other shards each node mirrors (rendezvous hashing)
+    replicas: int = 2  # mirrors per shard, placed by rendezvous hashing over the live peers
     mirror_interval: float = 5.0  # seconds between mirror sweeps
     heartbeat: float = 5.0  # seconds between peer heartbeats
     announce_ttl: float = 120.0  # DHT expiration of announcements (re-announced every ttl/3)

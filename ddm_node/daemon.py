@@ -69,8 +69,8 @@ class IslandOptions:
     identity_path: Path | None = None  # the key file, for worker processes that sign checkpoints
 
 
-def rendezvous(key: str, items: list[int]) -> list[int]:
-    """Items ordered by the highest-random-weight hash with `key`: each node gets its own stable order."""
+def rendezvous(key: str, items: list) -> list:
+    """Items (shards or peer keys) ordered by the highest-random-weight hash with `key`: a stable order per key."""
     return sorted(items, key=lambda i: hashlib.sha256(f"{key}/{i}".encode()).digest(), reverse=True)
 
 

@@ -1,7 +1,7 @@
 """Mirroring: every island keeps verified copies of the newest training state of R other shards.
 
-Which shards an island mirrors is decided by rendezvous hashing of (its key, shard), so copies
-spread over the swarm without coordination. A mirrored checkpoint lives in the same layout as the
+Who mirrors a shard is decided by rendezvous hashing of (shard, peer key) over the live peers that
+do not already hold it, so every shard gets R copies without coordination. A mirrored checkpoint lives in the same layout as the
 island's own (`WORK/shard_k/step_s/{expert,state}`), is served over gRPC and announced as a replica,
 so whoever takes the shard over next resumes from it.
 """
@@ -163,12 +163,30 @@ class Mirror:
             self._paused.discard(shard)
 
     def targets(self) -> list[int]:
-        """The R shards this island mirrors: top of its rendezvous order, skipping what it trains or trained."""
+        """The shards this island mirrors: those where it ranks in the top R of the shard's rendezvous order.
+
+        Ranking the live peers per shard (not shards per peer) gives every shard R mirrors whenever R
+        peers besides its trainers are alive; ranking shards per peer could leave a shard with none
+        (two idle islands may both pick the same R shards). Peers that publish or train the shard are
+        left out of its order: they already hold it.
+        """
         from ddm_node.daemon import rendezvous
 
         isl = self.island
-        shards = [s for s in range(len(isl.plan.shards)) if s != isl.active and s not in isl.trained]
-        return rendezvous("mirror/" + isl.me, shards)[: isl.cfg.replicas]
+        peers = isl.swarm.peers()
+        live = {r.public_key for r in peers} | {isl.me}
+        training = {}
+        for r in peers:
+            training.setdefault(r.shard, set()).add(r.public_key)
+        out = []
+        for shard in range(len(isl.plan.shards)):
+            if shard == isl.active or shard in isl.trained:
+                continue
+            holders = training.get(shard, set()) | {c.publisher for c in isl.swarm.checkpoints(shard)}
+            order = rendezvous(f"mirror/{shard}", sorted(live - holders))
+            if isl.me in order[: isl.cfg.replicas]:
+                out.append(shard)
+        return out
 
     def loop(self) -> None:
         isl = self.island
