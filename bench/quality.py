@@ -463,15 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="budget 6000 steps, 1000 samples, 32 sampling steps")
     ap.add_argument("--dataset", default="digits", choices=sorted(DATASETS), help="dataset (default digits)")
     ap.add_argument("--budget", type=int, default=None, help="monolith training steps (overrides the mode)")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick and fashion-mnist 1)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds are FIRST..FIRST+N-1: run seeds in parallel processes, then merge with --from-json")
     ap.add_argument("--ks", type=int, nargs="+", default=None, help="ensemble sizes (default 4 8; quick 4)")
     ap.add_argument("--samples", type=int, default=None, help="samples per evaluation")
     ap.add_argument("--doc", type=Path, default=None,
                     help=f"markdown file for the section (default {RESULTS_MD.name}; quick runs only print)")
     ap.add_argument("--img-dir", type=Path, default=None, help="where the PNGs go (default docs/img)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (plans, checkpoints)")
-    ap.add_argument("--from-json", type=Path, default=None,
-                    help="re-render the section from a saved docs/data/quality-DATASET.json (no training)")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="re-render the section from saved quality-DATASET.json files (no training); several files "
+                         "of the same settings and different seeds are merged into docs/data")
     args = ap.parse_args(argv)
     if args.from_json is not None:
         return rerender(args.from_json, args.doc or RESULTS_MD, args.img_dir or IMG_DIR)
@@ -486,12 +489,14 @@ def main(argv: list[str] | None = None) -> int:
                      "full")
     else:
         s = Settings(args.dataset, 1600, args.ks or [4, 8], [0, 1, 2], [0.125, 0.25, 0.5, 1.0], 400, 16, 800, "default")
-    if fashion and not args.quick:
-        s.seeds = [0]
+    if fashion and not (args.quick or args.full):
+        # 28x28 on one CPU core: ~6 steps/s at batch 64, so a smaller budget and evaluation than digits'
+        # (about 35 min per seed; run seeds in parallel processes with --first-seed, see docs/RESULTS.md)
+        s.budget, s.fractions, s.n_samples, s.sample_steps = 2400, [0.25, 0.5, 1.0], 300, 12
     if args.budget:
         s.budget = args.budget
-    if args.seeds:
-        s.seeds = list(range(args.seeds))
+    if args.seeds or args.first_seed:
+        s.seeds = list(range(args.first_seed, args.first_seed + (args.seeds or len(s.seeds))))
     if args.samples:
         s.n_samples = args.samples
     if any(k < 2 for k in s.ks) or s.budget < max(s.ks):
@@ -522,11 +527,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def rerender(path: Path, doc: Path, img_dir: Path) -> int:
+def merge_runs(paths: list[Path]) -> dict:
+    """Saved runs of the same settings and disjoint seeds (parallel `--first-seed` processes) as one."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    base = dict(runs[0]["settings"], seeds=[])
+    seeds: list[int] = []
+    for path, r in zip(paths, runs):
+        if dict(r["settings"], seeds=[]) != base:
+            raise SystemExit(f"{path}: settings differ from {paths[0]} (only the seeds may differ)")
+        if set(r["settings"]["seeds"]) & set(seeds):
+            raise SystemExit(f"{path}: seeds {r['settings']['seeds']} were already loaded")
+        seeds += r["settings"]["seeds"]
+    return {"settings": dict(base, seeds=sorted(seeds)), "command": " ; ".join(dict.fromkeys(r["command"] for r in runs)),
+            "date": max(r["date"] for r in runs), "records": [rec for r in runs for rec in r["records"]]}
+
+
+def rerender(paths: list[Path], doc: Path, img_dir: Path) -> int:
     """Rebuild the plot and the section from saved records (costs and the real-data floor are recomputed)."""
     torch.set_num_threads(1)
-    data = json.loads(path.read_text())
+    data = merge_runs(paths)
     s = Settings(**data["settings"])
+    if len(paths) > 1 and doc == RESULTS_MD:
+        (DATA_DIR / f"quality-{s.dataset}.json").write_text(json.dumps(data, indent=1))
     root = Path(tempfile.mkdtemp(prefix="ddm-bench-quality-"))
     try:
         run = Run(s, root, load_dataset(s.dataset))
