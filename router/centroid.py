@@ -7,6 +7,11 @@ x_t = (1 - t) x0 + t eps, each component becomes N((1 - t) mu_kj, (1 - t)^2 var_
     log p(k | x_t, t) = log pi_k + logsumexp_j [log w_kj + log N(x_t; (1-t) mu_kj, (1-t)^2 var_kj + t^2)] - Z
 
 with pi_k the cluster's share of the samples. Exact when the clusters really are such mixtures.
+
+Class-conditional sampling: when every cluster also publishes its class histogram, the router uses
+p(k | x_t, t, y) proportional to pi_k p(y | k) p(x_t | k, t) (x_t and y taken as independent given k, the
+naive-Bayes step; p(y | k) with add-half smoothing). Without that term a top-1 sample of class y is often
+handed, at high noise where p(x_t | k) is flat, to an expert whose cluster holds no images of y.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ddm_node.errors import DDMError
 VAR_FLOOR = 1e-4  # a constant pixel would otherwise give a zero variance and an infinite density
 _TENSOR_KEYS = ("count", "sub_weights", "sub_means", "sub_vars")
 _DERIVED_KEYS = ("mean", "var")
+_OPTIONAL_KEYS = ("class_counts",)
+CLASS_SMOOTHING = 0.5  # add-half (Jeffreys) counts in p(y | k): a class absent from a cluster is unlikely, not impossible
 _CHUNK_ELEMENTS = 1 << 22  # bounds the [b, M, D] float64 temporaries to about 32 MiB
 
 
@@ -31,6 +38,7 @@ class ClusterStats:
     """Statistics of one cluster in the diffusion space: a J-component diagonal Gaussian mixture.
 
     `sub_weights` [J] sums to 1; `sub_means` and `sub_vars` are [J, D]. J = 1 is the plain centroid.
+    `class_counts` [C] (optional) counts the cluster's samples per class and sums to `count`.
     Construction validates shapes and values and raises DDMError on anything malformed.
     """
 
@@ -38,6 +46,7 @@ class ClusterStats:
     sub_weights: Tensor
     sub_means: Tensor
     sub_vars: Tensor
+    class_counts: Tensor | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -59,13 +68,16 @@ class ClusterStats:
 
     def merged(self) -> "ClusterStats":
         """The moment-matched single Gaussian (J = 1) of this cluster."""
-        return ClusterStats(self.count, self.sub_weights.new_ones(1), self.mean[None], self.var[None])
+        return ClusterStats(self.count, self.sub_weights.new_ones(1), self.mean[None], self.var[None], self.class_counts)
 
     @classmethod
     def from_data(
-        cls, x: Tensor, sub_centroids: int = 1, seed: int = 0, var_floor: float = VAR_FLOOR
+        cls, x: Tensor, sub_centroids: int = 1, seed: int = 0, var_floor: float = VAR_FLOOR,
+        y: Tensor | None = None, num_classes: int = 0,
     ) -> "ClusterStats":
-        """Statistics of samples `x` [N, ...] (flattened to [N, D]); k-means for J = sub_centroids > 1."""
+        """Statistics of samples `x` [N, ...] (flattened to [N, D]); k-means for J = sub_centroids > 1.
+
+        With labels `y` [N] and `num_classes` > 0 the class histogram is kept too (class-aware routing)."""
         if x.ndim < 2 or x.shape[0] < 1:
             raise DDMError(f"cluster data must be [N, ...] with N >= 1, got shape {tuple(x.shape)}")
         if sub_centroids < 1:
@@ -83,16 +95,24 @@ class ClusterStats:
             weights.append(members.shape[0] / n)
             means.append(members.mean(0))
             variances.append(members.var(0, unbiased=False).clamp_min(var_floor))
+        class_counts = None
+        if y is not None and num_classes > 0:
+            y = torch.as_tensor(y).reshape(-1).long().cpu()
+            if y.shape[0] != n or (y < 0).any() or (y >= num_classes).any():
+                raise DDMError(f"cluster labels must be {n} integers in [0, {num_classes}), got shape "
+                               f"{tuple(y.shape)}")
+            class_counts = torch.bincount(y, minlength=num_classes).to(torch.float64)
         return cls(
             count=n,
             sub_weights=torch.tensor(weights, dtype=torch.float64),
             sub_means=torch.stack(means),
             sub_vars=torch.stack(variances),
+            class_counts=class_counts,
         )
 
     def to_tensors(self) -> dict[str, Tensor]:
         """Plain tensors for a safetensors file: the mixture plus the derived mean and var."""
-        return {
+        out = {
             "count": torch.tensor([self.count], dtype=torch.int64),
             "sub_weights": self.sub_weights.contiguous(),
             "sub_means": self.sub_means.contiguous(),
@@ -100,6 +120,9 @@ class ClusterStats:
             "mean": self.mean.contiguous(),
             "var": self.var.contiguous(),
         }
+        if self.class_counts is not None:
+            out["class_counts"] = self.class_counts.contiguous()
+        return out
 
     @classmethod
     def from_tensors(cls, d: dict[str, Tensor]) -> "ClusterStats":
@@ -109,7 +132,7 @@ class ClusterStats:
         missing = [k for k in _TENSOR_KEYS if k not in d]
         if missing:
             raise DDMError(f"cluster stats: missing tensor '{missing[0]}'")
-        unknown = sorted(set(d) - set(_TENSOR_KEYS) - set(_DERIVED_KEYS))
+        unknown = sorted(set(d) - set(_TENSOR_KEYS) - set(_DERIVED_KEYS) - set(_OPTIONAL_KEYS))
         if unknown:
             raise DDMError(f"cluster stats: unknown tensor '{unknown[0]}'")
         for k, v in d.items():
@@ -123,6 +146,7 @@ class ClusterStats:
             sub_weights=_as_float(d["sub_weights"], "sub_weights"),
             sub_means=_as_float(d["sub_means"], "sub_means"),
             sub_vars=_as_float(d["sub_vars"], "sub_vars"),
+            class_counts=_as_float(d["class_counts"], "class_counts") if "class_counts" in d else None,
         )
         for k in _DERIVED_KEYS:
             if k in d and tuple(d[k].shape) != (stats.dim,):
@@ -158,6 +182,23 @@ def _validate(s: ClusterStats) -> None:
         raise DDMError(f"cluster stats: 'sub_weights' must be >= 0 and sum to 1, sum is {float(w.sum()):.6g}")
     if (var <= 0).any():
         raise DDMError("cluster stats: 'sub_vars' must be > 0")
+    c = s.class_counts
+    if c is not None:
+        if not isinstance(c, Tensor) or not c.is_floating_point() or c.ndim != 1 or c.shape[0] < 1:
+            raise DDMError("cluster stats: 'class_counts' must be a floating-point tensor of shape (C,)")
+        if not torch.isfinite(c).all() or (c < 0).any() or (c != c.round()).any():
+            raise DDMError("cluster stats: 'class_counts' must be whole numbers >= 0")
+        if int(c.sum()) != s.count:
+            raise DDMError(f"cluster stats: 'class_counts' sum to {int(c.sum())}, not the count {s.count}")
+
+
+def _class_log_likelihood(stats: list[ClusterStats]) -> Tensor | None:
+    """log p(y | k) [K, C] with add-half smoothing, or None unless every cluster has a histogram of one length."""
+    counts = [s.class_counts for s in stats]
+    if any(c is None for c in counts) or len({c.shape[0] for c in counts}) != 1:
+        return None
+    c = torch.stack([x.to(torch.float64) for x in counts]) + CLASS_SMOOTHING
+    return c.log() - c.sum(1, keepdim=True).log()
 
 
 def _kmeans_labels(flat: Tensor, j: int, seed: int) -> Tensor:
@@ -210,9 +251,18 @@ class CentroidRouter:
         self._means = torch.cat([s.sub_means.to(torch.float64) for s in comps])
         self._vars = torch.cat([s.sub_vars.to(torch.float64) for s in comps])
         self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._log_py_k = _class_log_likelihood([stats[k] for k in self.experts])  # [K, C] or None
+
+    @property
+    def class_aware(self) -> bool:
+        """Whether every cluster published its class histogram (so `y` enters the posterior)."""
+        return self._log_py_k is not None
 
     def log_probs(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """Normalized log p(k | x_t, t) [B, len(experts)] in x's dtype; `y` is ignored (stats are unconditional)."""
+        """Normalized log p(k | x_t, t[, y]) [B, len(experts)] in x's dtype.
+
+        `y` counts when the stats are class-aware; a label outside [0, C) (the null class of
+        classifier-free guidance) or no `y` gives the unconditional posterior."""
         b = x.shape[0]
         flat = x.detach().reshape(b, -1).to(torch.float64)
         if flat.shape[1] != self.dim:
@@ -223,8 +273,20 @@ class CentroidRouter:
         joint = comp + log_w  # [B, M]
         k = len(self.experts)
         per_cluster = torch.stack([torch.logsumexp(joint[:, owner == i], dim=1) for i in range(k)], dim=1)
+        if y is not None and self._log_py_k is not None:
+            per_cluster = per_cluster + self._class_term(y, b, x.device)
         out = per_cluster - torch.logsumexp(per_cluster, dim=1, keepdim=True)
         return out.to(x.dtype if x.is_floating_point() else torch.float32)
+
+    def _class_term(self, y: Tensor, b: int, device: torch.device) -> Tensor:
+        """log p(y | k) [B, K]; zero for labels outside [0, C) (unconditional samples)."""
+        yy = torch.as_tensor(y, device=device).reshape(-1).long()
+        if yy.shape[0] != b:
+            raise DDMError(f"centroid router: y has {yy.shape[0]} labels for {b} samples")
+        table = self._log_py_k.to(device)
+        known = (yy >= 0) & (yy < table.shape[1])
+        term = table[:, yy.clamp(0, table.shape[1] - 1)].T  # [B, K]
+        return torch.where(known[:, None], term, torch.zeros_like(term))
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The stacked component tensors on `device` (cached: sampling calls this every step)."""

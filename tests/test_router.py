@@ -322,6 +322,66 @@ def test_cluster_stats_rejects_bad_tensors(change, message):
         ClusterStats.from_tensors(d)
 
 
+def _labelled_clusters():
+    """Three clusters of 4-pixel images with known class histograms (labels drawn independently of x)."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, 4, generator=g) * 0.3 + m for n, m in ((50, -0.6), (30, 0.0), (20, 0.6))]
+    hist = [(40, 10, 0), (0, 15, 15), (5, 0, 15)]  # per cluster: counts of classes 0, 1, 2
+    ys = [torch.tensor([c for c, n in enumerate(h) for _ in range(n)]) for h in hist]
+    return {k: ClusterStats.from_data(x, y=y, num_classes=3) for k, (x, y) in enumerate(zip(xs, ys))}, hist
+
+
+def test_class_aware_centroid_router_is_bayes_with_the_class_histogram():
+    stats, hist = _labelled_clusters()
+    r = CentroidRouter(stats)
+    assert r.class_aware and ClusterStats.from_tensors(st_load(st_save(stats[1].to_tensors()))).class_counts.tolist() \
+        == [0.0, 15.0, 15.0]
+    plain = CentroidRouter({k: ClusterStats.from_data(torch.zeros(1, 4) + k, 1) for k in range(2)})
+    assert not plain.class_aware
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.9, 0.99])
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    uncond = r.log_probs(x, t).double()
+    smoothed = torch.tensor(hist, dtype=torch.float64) + 0.5
+    log_py_k = (smoothed / smoothed.sum(1, keepdim=True)).log()  # [K, C]
+    expect = uncond + log_py_k[:, y].T
+    expect = expect - torch.logsumexp(expect, 1, keepdim=True)
+    assert torch.allclose(r.log_probs(x, t, y).double(), expect, atol=1e-6)
+    # near t = 1 the pixels say nothing: the posterior is p(k | y), e.g. class 0 is never routed to cluster 1
+    far = r.log_probs(torch.randn(1, 4), 1.0 - 1e-6, torch.tensor([0])).exp()[0]
+    assert float(far[1]) < 0.02 and float(far[0]) > 0.85
+    # the null class (index C) and no labels are the unconditional posterior
+    assert torch.allclose(r.log_probs(x, t, torch.full((6,), 3)), r.log_probs(x, t))
+    assert torch.allclose(r.subset([0, 2]).log_probs(x, t, y).exp().sum(1), torch.ones(6, dtype=torch.float32))
+
+
+def test_class_histograms_must_all_be_there_and_agree():
+    stats, _ = _labelled_clusters()
+    stats[2] = ClusterStats.from_data(torch.zeros(3, 4))  # no histogram: routing falls back to pixels only
+    assert not CentroidRouter(stats).class_aware
+    with pytest.raises(DDMError, match="y has 2 labels for 3 samples"):
+        CentroidRouter(_labelled_clusters()[0]).log_probs(torch.zeros(3, 4), 0.5, torch.tensor([0, 1]))
+    with pytest.raises(DDMError, match=r"cluster labels must be 2 integers in \[0, 3\)"):
+        ClusterStats.from_data(torch.zeros(2, 4), y=torch.tensor([0, 3]), num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        (torch.tensor([10.0, 9.0]), "sum to 19, not the count 20"),
+        (torch.tensor([21.0, -1.0]), "whole numbers >= 0"),
+        (torch.tensor([10.5, 9.5]), "whole numbers >= 0"),
+        (torch.tensor([[20.0]]), "shape \\(C,\\)"),
+        (torch.tensor([float("nan"), 20.0]), "whole numbers >= 0"),
+    ],
+)
+def test_cluster_stats_rejects_bad_class_counts(counts, message):
+    d = ClusterStats.from_data(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), 2).to_tensors()
+    d["class_counts"] = counts.double()
+    with pytest.raises(DDMError, match=message):
+        ClusterStats.from_tensors(d)
+
+
 # ---------- samplers ----------
 
 

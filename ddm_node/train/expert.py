@@ -69,7 +69,8 @@ def ensure_stats(plan: Plan, shard: int, work_dir: Path, data: ShardData, identi
             return stats_dir
         except Exception as exc:  # a damaged copy is rewritten from the data, never trusted
             log.warning("rewriting damaged stats artifact %s: %s", stats_dir, exc)
-    stats = ClusterStats.from_data(data.x, sub_centroids=plan.cfg.partition.sub_centroids, seed=plan.cfg.partition.seed)
+    stats = ClusterStats.from_data(data.x, sub_centroids=plan.cfg.partition.sub_centroids, seed=plan.cfg.partition.seed,
+                                   y=data.y, num_classes=plan.cfg.model.num_classes if data.y is not None else 0)
     return ckpt.write_stats(work_dir, plan.run_id, shard, stats.to_tensors(), run_config_hash(plan), identity)
 
 
