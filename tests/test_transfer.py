@@ -6,6 +6,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -503,3 +504,23 @@ def test_concurrent_download_of_the_same_artifact_is_refused(tmp_path, net):
     assert not dest.exists()
     fetch_artifact([address], m.id, dest)
     assert (dest / "a.bin").read_bytes() == b"a" * 100 and not work.exists()
+
+
+def test_running_part_hash_follows_appends_truncation_and_deletion(tmp_path):
+    """The running sha256 that replaces the read-back pass re-reads the file whenever its size is not the tracked one."""
+    from ddm_node.transfer.client import _PartHash
+
+    part = tmp_path / "f.part"
+    ph = _PartHash(part)
+    assert ph.result() == FileEntry(hashlib.sha256(b"").hexdigest(), 0)  # no file yet
+    part.write_bytes(b"prefix from an earlier run ")
+    ph.sync()
+    with open(part, "ab") as f:
+        f.write(b"and the new bytes")
+    ph.update(b"and the new bytes")
+    whole = part.read_bytes()
+    assert ph.result() == FileEntry(hashlib.sha256(whole).hexdigest(), len(whole))
+    os.truncate(part, 6)  # a suspect tail cut off
+    assert ph.result() == FileEntry(hashlib.sha256(b"prefix").hexdigest(), 6)
+    part.unlink()
+    assert ph.result().size == 0

@@ -162,8 +162,39 @@ def _decompress(data: bytes, limit: int) -> bytes:
     return out
 
 
+class _PartHash:
+    """sha256 of a .part file, updated as chunks are appended: the final check needs no read-back pass.
+
+    `sync` re-reads the file only when its size is not the one tracked (a resumed, truncated or
+    deleted .part); concurrent downloads to one file are unsupported anyway (see fetch_file)."""
+
+    def __init__(self, part: Path):
+        self.part = part
+        self.size = -1
+        self.h = hashlib.sha256()
+
+    def sync(self) -> None:
+        if _part_size(self.part) != self.size:
+            got = hashlib.sha256()
+            self.size = 0
+            if self.part.exists():
+                with open(self.part, "rb") as f:
+                    while block := f.read(1 << 20):
+                        got.update(block)
+                        self.size += len(block)
+            self.h = got
+
+    def update(self, data: bytes) -> None:
+        self.h.update(data)
+        self.size += len(data)
+
+    def result(self) -> FileEntry:
+        self.sync()
+        return FileEntry(self.h.hexdigest(), self.size)
+
+
 def _receive(chunks: Iterator, entry: FileEntry, f, start: int, compress: bool, max_chunk: int,
-             progress: Progress | None) -> None:
+             progress: Progress | None, hasher: _PartHash | None = None) -> None:
     """Append a Fetch stream to `f` (positioned at `start`), refusing anything off-protocol before it is written."""
     pos = start
     first = True
@@ -190,6 +221,8 @@ def _receive(chunks: Iterator, entry: FileEntry, f, start: int, compress: bool, 
         if len(data) > remaining:
             raise _Violation(f"stream exceeds the file size ({entry.size} bytes)")
         f.write(data)
+        if hasher is not None:
+            hasher.update(data)
         pos += len(data)
         first = False
         if progress is not None:
@@ -210,8 +243,11 @@ def _truncate(part: Path, size: int) -> None:
         os.truncate(part, size)
 
 
-def _stream_once(client: NodeClient, entry: FileEntry, part: Path, compress: bool, progress: Progress | None) -> None:
+def _stream_once(client: NodeClient, entry: FileEntry, part: Path, compress: bool, progress: Progress | None,
+                 hasher: _PartHash | None = None) -> None:
     """One Fetch call from the .part file's length; raises PeerError or _Violation."""
+    if hasher is not None:
+        hasher.sync()
     start = _part_size(part)
     deadline = client.timeout + (entry.size - start) / MIN_RATE
     stream = client.fetch_stream(entry.sha256, start, compress, deadline)
@@ -219,7 +255,7 @@ def _stream_once(client: NodeClient, entry: FileEntry, part: Path, compress: boo
         with open(part, "ab") as f:
             if f.tell() != start:
                 raise DDMError(f"{part}: changed while downloading (another download of the same file?)")
-            _receive(stream, entry, f, start, compress, client.max_message, progress)
+            _receive(stream, entry, f, start, compress, client.max_message, progress, hasher)
     except grpc.RpcError as exc:
         raise client._error(f"Fetch {entry.sha256[:16]}", exc) from None
     except OSError as exc:
@@ -240,12 +276,13 @@ def _from_holder(holder: str, entry: FileEntry, part: Path, progress: Progress |
     own_from = _part_size(part)
     fresh_try_used = False
     failures = 0
+    hasher = _PartHash(part)
     with client:
         while True:
             have = _part_size(part)
             if have < entry.size:
                 try:
-                    _stream_once(client, entry, part, compress, progress)
+                    _stream_once(client, entry, part, compress, progress, hasher)
                     problem = None
                     if _part_size(part) < entry.size:
                         problem = f"stream ended at byte {_part_size(part)} of {entry.size}"
@@ -265,7 +302,7 @@ def _from_holder(holder: str, entry: FileEntry, part: Path, progress: Progress |
                     if failures:
                         time.sleep(backoff * 2 ** (failures - 1))
                     continue
-            got = sha256_file(part)
+            got = hasher.result()
             if got.size == entry.size and got.sha256 == entry.sha256:
                 return
             part.unlink(missing_ok=True)
