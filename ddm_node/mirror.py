@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 from ddm_node.errors import DDMError, IntegrityError
 from ddm_node.manifest import Manifest, commit_dir, read_manifest, staging_dir
 from ddm_node.swarm.dht import Swarm
+from ddm_node.swarm.records import CheckpointRecord
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.transfer.client import NodeClient, fetch_artifact
 
@@ -42,14 +43,17 @@ class RemoteCheckpoint:
         return iter((self.step, self.expert_manifest, self.state_manifest, list(self.holders), self.publisher))
 
 
-def newest_remote(swarm: Swarm, shard: int, exclude_key: str | None = None) -> list[RemoteCheckpoint]:
+def newest_remote(swarm: Swarm, shard: int, exclude_key: str | None = None,
+                  checkpoints: list[CheckpointRecord] | None = None) -> list[RemoteCheckpoint]:
     """Announced checkpoints and replicas of a shard, one entry per (manifests, announced step), newest first.
 
     A record that announces genuine manifests under a false step forms its own entry (rejected when
     fetched), so it cannot hide the honest announcement of the same manifests. The holders of an
     entry are every address announcing its manifests at any step, publishers first (bytes are checked).
     """
-    entries = [(r.expert_manifest, r.state_manifest, r.step, r.grpc, r.publisher) for r in swarm.checkpoints(shard)]
+    if checkpoints is None:
+        checkpoints = swarm.checkpoints(shard)
+    entries = [(r.expert_manifest, r.state_manifest, r.step, r.grpc, r.publisher) for r in checkpoints]
     entries += [(r.expert_manifest, r.state_manifest, r.step, r.grpc, r.publisher_of_checkpoint)
                 for r in swarm.replicas(shard) if exclude_key is None or r.holder_key != exclude_key]
     holders: dict[tuple[str, str], list[str]] = {}
@@ -162,13 +166,13 @@ class Mirror:
         with self._lock:
             self._paused.discard(shard)
 
-    def targets(self) -> list[int]:
+    def targets(self) -> dict[int, list[CheckpointRecord]]:
         """The shards this island mirrors: those where it ranks in the top R of the shard's rendezvous order.
 
         Ranking the live peers per shard (not shards per peer) gives every shard R mirrors whenever R
         peers besides its trainers are alive; ranking shards per peer could leave a shard with none
         (two idle islands may both pick the same R shards). Peers that publish or train the shard are
-        left out of its order: they already hold it.
+        left out of its order: they already hold it. Returns each such shard with its checkpoint records.
         """
         from ddm_node.daemon import rendezvous
 
@@ -178,14 +182,15 @@ class Mirror:
         training = {}
         for r in peers:
             training.setdefault(r.shard, set()).add(r.public_key)
-        out = []
+        out = {}
         for shard in range(len(isl.plan.shards)):
             if shard == isl.active or shard in isl.trained:
                 continue
-            holders = training.get(shard, set()) | {c.publisher for c in isl.swarm.checkpoints(shard)}
+            checkpoints = isl.swarm.checkpoints(shard)
+            holders = training.get(shard, set()) | {c.publisher for c in checkpoints}
             order = rendezvous(f"mirror/{shard}", sorted(live - holders))
             if isl.me in order[: isl.cfg.replicas]:
-                out.append(shard)
+                out[shard] = checkpoints
         return out
 
     def loop(self) -> None:
@@ -198,7 +203,7 @@ class Mirror:
 
     def sweep(self) -> None:
         isl = self.island
-        for shard in self.targets():
+        for shard, checkpoints in self.targets().items():
             with self._lock:
                 if shard in self._paused:
                     continue
@@ -206,7 +211,7 @@ class Mirror:
                 return
             local = ckpt.latest_checkpoint(isl.work_dir, shard)
             local_step = int(local.name.split("_")[1]) if local else -1
-            for remote in newest_remote(isl.swarm, shard, exclude_key=isl.me):
+            for remote in newest_remote(isl.swarm, shard, exclude_key=isl.me, checkpoints=checkpoints):
                 if remote.step <= local_step:
                     break
                 if (remote.expert_manifest, remote.state_manifest, remote.step) in isl.rejected:

@@ -29,8 +29,8 @@ def test_every_shard_gets_r_mirrors_when_one_island_trained_all(shards, replicas
     keys = [f"{seed}-{i}" for i in range(4)]
     peers = [peer(k) for k in keys]
     publishers = {s: keys[0] for s in range(shards)}
-    placed = {k: Mirror(island(k, peers, publishers, shards, replicas, trained=set(range(shards)) if k == keys[0]
-                               else set())).targets() for k in keys}
+    placed = {k: list(Mirror(island(k, peers, publishers, shards, replicas, trained=set(range(shards)) if k == keys[0]
+                                    else set())).targets()) for k in keys}
     assert placed[keys[0]] == []  # the trainer holds them already
     for s in range(shards):
         assert sum(s in t for t in placed.values()) == replicas, (s, placed)
@@ -39,11 +39,12 @@ def test_every_shard_gets_r_mirrors_when_one_island_trained_all(shards, replicas
 def test_trainers_and_publishers_are_not_counted_as_mirrors():
     peers = [peer("a", shard=0), peer("b"), peer("c"), peer("d")]
     publishers = {1: "b"}  # b published shard 1 once and lost it: the others mirror it, b does not
-    placed = {p.public_key: Mirror(island(p.public_key, peers, publishers, 2, 2,
-                                          active=0 if p.public_key == "a" else None)).targets() for p in peers}
+    placed = {p.public_key: list(Mirror(island(p.public_key, peers, publishers, 2, 2,
+                                               active=0 if p.public_key == "a" else None)).targets()) for p in peers}
     assert 0 not in placed["a"] and sum(0 in t for t in placed.values()) == 2
     assert 1 not in placed["b"] and sum(1 in t for t in placed.values()) == 2
 
 
 def test_a_lone_island_mirrors_what_it_did_not_train():
-    assert Mirror(island("a", [], {0: "x", 1: "y", 2: "a"}, 3, 2, trained={2})).targets() == [0, 1]
+    targets = Mirror(island("a", [], {0: "x", 1: "y", 2: "a"}, 3, 2, trained={2})).targets()
+    assert list(targets) == [0, 1] and [c.publisher for c in targets[1]] == ["y"]  # records passed on, not re-read
