@@ -16,6 +16,7 @@ handed, at high noise where p(x_t | k) is flat, to an expert whose cluster holds
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from ddm_node.errors import DDMError
 
+log = logging.getLogger(__name__)
 VAR_FLOOR = 1e-4  # a constant pixel would otherwise give a zero variance and an infinite density
 _TENSOR_KEYS = ("count", "sub_weights", "sub_means", "sub_vars")
 _DERIVED_KEYS = ("mean", "var")
@@ -196,6 +198,9 @@ def _class_log_likelihood(stats: list[ClusterStats]) -> Tensor | None:
     """log p(y | k) [K, C] with add-half smoothing, or None unless every cluster has a histogram of one length."""
     counts = [s.class_counts for s in stats]
     if any(c is None for c in counts) or len({c.shape[0] for c in counts}) != 1:
+        if any(c is not None for c in counts):
+            log.warning("centroid router: class histograms are missing or of different lengths across clusters; "
+                        "routing from pixels only")
         return None
     c = torch.stack([x.to(torch.float64) for x in counts]) + CLASS_SMOOTHING
     return c.log() - c.sum(1, keepdim=True).log()
