@@ -15,12 +15,15 @@ top-2, full). Repeated for several seeds (the training seed, the router seed and
 the partition does not). FD_dom and KID are in the features of the repository's domain classifier
 (`ddm_node.metrics`, not Inception: FD_dom is not FID).
 
-Run: `python -m bench.quality` (digits, 3 seeds, budget 1600 monolith steps; 15-40 minutes on one
-core), `--full` (digits, 3 seeds, budget 6000 steps = the default plan's 1500 per expert at K = 4, more
-samples and sampling steps; about 1.5 hours), `--dataset fashion-mnist` (needs `apt-get install
-dataset-fashion-mnist`; a small 28x28 DiT, one seed by default, several hours on a CPU) or `--quick`
-(1 seed, tiny budget; 1-3 minutes; prints its section, writes docs only with `--doc`). The printed ratio is
-ensemble FD_dom / monolith FD_dom at the full budget for the best ensemble configuration.
+Run: `python -m bench.quality` (digits, 3 seeds, budget 1600 monolith steps; about 31 CPU-minutes, so
+about 16 minutes on 2 cores: seeds run in parallel processes, `--jobs`), `--full` (digits, 3 seeds, budget
+6000 steps = the default plan's 1500 per expert at K = 4, more samples and sampling steps; about 1.5
+hours), `--dataset fashion-mnist` (needs `apt-get install dataset-fashion-mnist`; a small 28x28 DiT,
+budget 2400 steps, 3 seeds; about 35 CPU-minutes per seed, so about an hour on 2 cores) or `--quick`
+(1 seed, tiny budget; 1-3 minutes; prints its section, writes docs only with `--doc`). Seeds can also
+run on separate machines (`--first-seed N --seeds 1 --doc DIR/RESULTS.md`) and be merged with
+`--from-json DIR*/quality-DATASET.json`. The printed ratio is ensemble FD_dom / monolith FD_dom at the
+full budget for the best ensemble configuration.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -213,6 +219,32 @@ class Run:
 T0 = time.time()
 
 
+def run_seed(job: tuple[Settings, Path, int]) -> tuple[list[Record], dict[str, torch.Tensor], list[Scores], Costs]:
+    """Every configuration of one seed (a worker process of `--jobs`): its records, grids, floor and costs."""
+    s, root, seed = job
+    torch.set_num_threads(1)
+    run = Run(s, root, load_dataset(s.dataset))
+    for k in [1, *s.ks]:
+        run.one(k, seed)
+    return run.records, run.grids, run.floor, run.costs
+
+
+def run_all(run: Run, jobs: int) -> None:
+    """All seeds, `jobs` of them at a time in spawned processes (one torch thread each), into `run`."""
+    if jobs <= 1 or len(run.s.seeds) == 1:
+        for seed in run.s.seeds:
+            for k in [1, *run.s.ks]:
+                run.one(k, seed)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has started torch's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        for records, grids, floor, costs in pool.map(run_seed, [(run.s, run.root, seed) for seed in run.s.seeds]):
+            run.records += records
+            run.grids.update(grids)
+            run.floor += floor
+            run.costs = costs
+
+
 def costs_of(cfg, plan: Plan) -> Costs:
     c, h, _ = plan.shape
     rcfg = router_model_config(cfg.router, h, c, plan.num_classes)
@@ -345,7 +377,7 @@ def routing_lines(run: Run, groups: list[dict]) -> list[str]:
                    + ". The centroid router uses only published statistics (per cluster: 4 diagonal-Gaussian "
                    "sub-centroids in pixel space and the class histogram); it costs nothing to train and needs no "
                    "data beyond each expert's own, where the learned router needs every shard's data. How often each "
-                   "router picks the right expert is measured directly by `bench.routing` (section below).")
+                   "router picks the right expert is measured directly by `bench.routing` (its section in this file).")
     last = [r for r in run.records if r.k > 1 and r.fraction == run.s.fractions[-1]]
     if last and run.costs is not None:
         share = last[0].router_flops / (last[0].router_flops + last[0].expert_flops)
@@ -468,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeds are FIRST..FIRST+N-1: run seeds in parallel processes, then merge with --from-json")
     ap.add_argument("--ks", type=int, nargs="+", default=None, help="ensemble sizes (default 4 8; quick 4)")
     ap.add_argument("--samples", type=int, default=None, help="samples per evaluation")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="seeds run in parallel processes, one torch thread each (default: one per core, at most "
+                         "one per seed)")
     ap.add_argument("--doc", type=Path, default=None,
                     help=f"markdown file for the section (default {RESULTS_MD.name}; quick runs only print)")
     ap.add_argument("--img-dir", type=Path, default=None, help="where the PNGs go (default docs/img)")
@@ -499,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         s.seeds = list(range(args.first_seed, args.first_seed + (args.seeds or len(s.seeds))))
     if args.samples:
         s.n_samples = args.samples
+    if args.jobs is not None and args.jobs < 1:
+        ap.error("--jobs must be >= 1")
     if any(k < 2 for k in s.ks) or s.budget < max(s.ks):
         ap.error("--ks must be >= 2 and the budget at least the largest K")
     root = Path(tempfile.mkdtemp(prefix="ddm-bench-quality-"))
@@ -506,9 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     img_dir = args.img_dir or (root / "img" if doc is None else IMG_DIR)
     try:
         run = Run(s, root, load_dataset(s.dataset))
-        for seed in s.seeds:
-            for k in [1, *s.ks]:
-                run.one(k, seed)
+        run_all(run, args.jobs if args.jobs is not None else min(len(s.seeds), os.cpu_count() or 1))
         md, ratio = report(run, img_dir, doc.parent if doc is not None else None)
         name = NAME if s.dataset == "digits" else f"{NAME}.{s.dataset}"
         if doc is not None:
