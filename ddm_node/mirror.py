@@ -1,9 +1,9 @@
 """Mirroring: every island keeps verified copies of the newest training state of R other shards.
 
 Who mirrors a shard is decided by rendezvous hashing of (shard, peer key) over the live peers that
-do not already hold it, so every shard gets R copies without coordination. A mirrored checkpoint lives in the same layout as the
-island's own (`WORK/shard_k/step_s/{expert,state}`), is served over gRPC and announced as a replica,
-so whoever takes the shard over next resumes from it.
+do not already hold it, so every shard gets R copies without coordination. A mirrored checkpoint
+lives in the same layout as the island's own (`WORK/shard_k/step_s/{expert,state}`), is served over
+gRPC and announced as a replica, so whoever takes the shard over next resumes from it.
 """
 
 from __future__ import annotations
