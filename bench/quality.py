@@ -478,7 +478,7 @@ def report(run: Run, img_dir: Path, doc_rel: Path | None, command: str | None = 
              f"{c.router_batch} ({c.router_fpi / 1e6:.2f} MFLOP per image); seeds {s.seeds}; {s.n_samples} samples per "
              f"evaluation, Heun with {s.sample_steps} steps; checkpoints evaluated at {s.fractions} of the budget. "
              + (f"Measured {measured}; this section was re-rendered from the JSON data." if measured else
-                f"Load average at the end: {load_str()}."))
+                f"Wall time {(time.time() - T0) / 60:.1f} min; load average at the end: {load_str()}."))
     grids = "".join(f"| {m} |\n|---|\n| ![{m}]({rel(p)}) |\n\n" for m, p in grid_paths.items())
     md = (section_header(NAME, f"Ensemble vs monolith at equal training FLOPs: {s.dataset}", command) + table
           + f"\n![FD_dom vs training FLOPs]({rel(plot_path)})\n\n" + "\n".join(lines + [setup])
