@@ -148,3 +148,16 @@ def test_quick_mode(tmp_path, module, extra, timeout):
         args += ["--cache-dir", str(tmp_path / "cache")]
     lines = run_script(module, *args, timeout=timeout)
     check_output(lines, doc, module, module)
+
+
+def test_routing_quick_shows_the_class_histogram_fixes_high_noise_routing():
+    """bench.routing --quick: the class-aware centroid router routes noisy images far better than pixels alone."""
+    lines = run_script("bench.routing", "--quick", timeout=300)
+    assert RATIO_LINE.match(lines[-1]), lines[-1]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [float(v) for v in line.split("|")[3:-1]]
+            for line in lines if line.startswith("| K=")}
+    assert len(rows) == 8  # K=4 and K=8, four routers each
+    for k in ("K=4", "K=8"):
+        pixels, aware = rows[(k, "centroid, pixels")], rows[(k, "centroid, class-aware")]
+        assert aware[-2] > pixels[-2] + 0.2  # t = 0.9: the label carries what the pixels no longer do
+        assert all(0.0 <= a <= 1.0 for a in aware + pixels)
