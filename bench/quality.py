@@ -146,6 +146,11 @@ class Run:
                      "sample.solver": "heun"})
         return load_config(overrides=over)
 
+    def seed(self, seed: int) -> None:
+        """The monolith and every ensemble size for one seed."""
+        for k in [1, *self.s.ks]:
+            self.one(k, seed)
+
     def one(self, k: int, seed: int) -> None:
         """Train a K-expert plan (K = 1: the monolith) fraction by fraction, evaluating at each."""
         cfg = self.config(k, seed)
@@ -224,8 +229,7 @@ def run_seed(job: tuple[Settings, Path, int]) -> tuple[list[Record], dict[str, t
     s, root, seed = job
     torch.set_num_threads(1)
     run = Run(s, root, load_dataset(s.dataset))
-    for k in [1, *s.ks]:
-        run.one(k, seed)
+    run.seed(seed)
     return run.records, run.grids, run.floor, run.costs
 
 
@@ -233,8 +237,7 @@ def run_all(run: Run, jobs: int) -> None:
     """All seeds, `jobs` of them at a time in spawned processes (one torch thread each), into `run`."""
     if jobs <= 1 or len(run.s.seeds) == 1:
         for seed in run.s.seeds:
-            for k in [1, *run.s.ks]:
-                run.one(k, seed)
+            run.seed(seed)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that has started torch's threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -497,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=None, help="monolith training steps (overrides the mode)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
     ap.add_argument("--first-seed", type=int, default=0,
-                    help="seeds are FIRST..FIRST+N-1: run seeds in parallel processes, then merge with --from-json")
+                    help="seeds are FIRST..FIRST+N-1: split the seeds over machines, then merge with --from-json")
     ap.add_argument("--ks", type=int, nargs="+", default=None, help="ensemble sizes (default 4 8; quick 4)")
     ap.add_argument("--samples", type=int, default=None, help="samples per evaluation")
     ap.add_argument("--jobs", type=int, default=None,
@@ -526,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings(args.dataset, 1600, args.ks or [4, 8], [0, 1, 2], [0.125, 0.25, 0.5, 1.0], 400, 16, 800, "default")
     if fashion and not (args.quick or args.full):
         # 28x28 on one CPU core: ~6 steps/s at batch 64, so a smaller budget and evaluation than digits'
-        # (about 35 min per seed; run seeds in parallel processes with --first-seed, see docs/RESULTS.md)
+        # (about 35 CPU-minutes per seed; the seeds run in parallel processes, see --jobs)
         s.budget, s.fractions, s.n_samples, s.sample_steps = 2400, [0.25, 0.5, 1.0], 300, 12
     if args.budget:
         s.budget = args.budget
@@ -562,9 +565,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load_saved(path: Path) -> dict:
+    """One saved run, checked: its settings and records load, and it names its command and date."""
+    try:
+        data = json.loads(path.read_text())
+        Settings(**data["settings"])
+        for r in data["records"]:
+            Record(**r)
+        if not (isinstance(data["command"], str) and isinstance(data["date"], str)):
+            raise ValueError("command and date must be strings")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise SystemExit(f"{path}: not a saved bench.quality run ({type(exc).__name__}: {exc})") from None
+    return data
+
+
 def merge_runs(paths: list[Path]) -> dict:
     """Saved runs of the same settings and disjoint seeds (parallel `--first-seed` processes) as one."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = [_load_saved(p) for p in paths]
     base = dict(runs[0]["settings"], seeds=[])
     seeds: list[int] = []
     for path, r in zip(paths, runs):

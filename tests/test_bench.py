@@ -161,3 +161,30 @@ def test_routing_quick_shows_the_class_histogram_fixes_high_noise_routing():
         pixels, aware = rows[(k, "centroid, pixels")], rows[(k, "centroid, class-aware")]
         assert aware[-2] > pixels[-2] + 0.2  # t = 0.9: the label carries what the pixels no longer do
         assert all(0.0 <= a <= 1.0 for a in aware + pixels)
+
+
+def test_quality_runs_of_disjoint_seeds_merge_and_bad_files_are_one_line_errors(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from bench.quality import Record, Settings, merge_runs
+
+    def saved(name: str, seeds: list[int], budget: int = 100) -> Path:
+        s = Settings("digits", budget, [4], seeds, [1.0], 10, 4, 10, "quick")
+        recs = [Record(1, seed, 1.0, budget, 1.0, 0.0, "-", "top1", 2.0 + seed, 0.1, 0.5, 0.5, 1.0, 1.0)
+                for seed in seeds]
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": asdict(s), "command": f"cmd {name}", "date": name,
+                                    "records": [asdict(r) for r in recs]}))
+        return path
+
+    merged = merge_runs([saved("b", [1, 2]), saved("a", [0])])
+    assert merged["settings"]["seeds"] == [0, 1, 2] and [r["seed"] for r in merged["records"]] == [1, 2, 0]
+    assert merged["command"] == "cmd b ; cmd a" and merged["date"] == "b"
+    with pytest.raises(SystemExit, match="settings differ"):
+        merge_runs([saved("c", [0]), saved("d", [1], budget=200)])
+    with pytest.raises(SystemExit, match="were already loaded"):
+        merge_runs([saved("e", [0, 1]), saved("f", [1])])
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="junk.json: not a saved bench.quality run"):
+        merge_runs([tmp_path / "junk.json"])
