@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         s.n_samples = args.samples
     if args.jobs is not None and args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    if args.first_seed < 0 or (args.seeds is not None and args.seeds < 1):
+        ap.error("--first-seed must be >= 0 and --seeds >= 1")
     if any(k < 2 for k in s.ks) or s.budget < max(s.ks):
         ap.error("--ks must be >= 2 and the budget at least the largest K")
     root = Path(tempfile.mkdtemp(prefix="ddm-bench-quality-"))
