@@ -102,14 +102,20 @@ class Manifest:
                 raise IntegrityError(f"{source}: bad hash or size for {name}")
 
 
-def sha256_file(path: str | Path) -> FileEntry:
-    """sha256 and size of a file, read in 1 MiB blocks."""
+def hash_file(path: str | Path) -> tuple["hashlib._Hash", int]:
+    """A sha256 object fed with the whole file (read in 1 MiB blocks) and the file's size; more bytes can follow."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
             size += len(block)
+    return h, size
+
+
+def sha256_file(path: str | Path) -> FileEntry:
+    """sha256 and size of a file."""
+    h, size = hash_file(path)
     return FileEntry(h.hexdigest(), size)
 
 

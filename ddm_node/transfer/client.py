@@ -22,7 +22,7 @@ import zstandard
 
 from ddm_node.errors import DDMError, IntegrityError
 from ddm_node.manifest import (MANIFEST, SIGNATURE, FileEntry, Manifest, _fsync_dir, commit_dir, fsync_write,
-                               sha256_file, verify_artifact)
+                               hash_file, sha256_file, verify_artifact)
 from ddm_node.transfer.server import channel_options
 from ddm_node.transfer.store import (ANY_SHARD, DEFAULT_MAX_MESSAGE, ArtifactRef, NodeInfoData, is_hex64,
                                      parse_signed_manifest)
@@ -175,14 +175,7 @@ class _PartHash:
 
     def sync(self) -> None:
         if _part_size(self.part) != self.size:
-            got = hashlib.sha256()
-            self.size = 0
-            if self.part.exists():
-                with open(self.part, "rb") as f:
-                    while block := f.read(1 << 20):
-                        got.update(block)
-                        self.size += len(block)
-            self.h = got
+            self.h, self.size = hash_file(self.part) if self.part.exists() else (hashlib.sha256(), 0)
 
     def update(self, data: bytes) -> None:
         self.h.update(data)
