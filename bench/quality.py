@@ -51,6 +51,7 @@ from ddm_node.config import SampleConfig, load_config
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, make_plan
 from ddm_node.generate import generate, reference_split, save_grid, score
+from ddm_node.manifest import write_atomic
 from ddm_node.metrics import Scores
 from ddm_node.model import flops_per_image
 from ddm_node.train.expert import train_shard
@@ -554,9 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         if doc is not None:
             write_section(doc, name, md, intro=INTRO)
             data = (DATA_DIR if doc == RESULTS_MD else doc.parent) / f"quality-{s.dataset}.json"
-            data.parent.mkdir(parents=True, exist_ok=True)
-            data.write_text(json.dumps({"settings": asdict(s), "command": command_line(), "date": now_str(),
-                                        "records": [asdict(r) for r in run.records]}, indent=1))
+            write_atomic(data, json.dumps({"settings": asdict(s), "command": command_line(), "date": now_str(),
+                                           "records": [asdict(r) for r in run.records]}, indent=1).encode())
         print(md)
         print_ratio("ensemble/monolith FD_dom at equal training FLOPs (best routing)", ratio)
     finally:
@@ -602,7 +602,7 @@ def rerender(paths: list[Path], doc: Path, img_dir: Path) -> int:
     data = merge_runs(paths)
     s = Settings(**data["settings"])
     if len(paths) > 1 and doc == RESULTS_MD:
-        (DATA_DIR / f"quality-{s.dataset}.json").write_text(json.dumps(data, indent=1))
+        write_atomic(DATA_DIR / f"quality-{s.dataset}.json", json.dumps(data, indent=1).encode())
     root = Path(tempfile.mkdtemp(prefix="ddm-bench-quality-"))
     try:
         run = Run(s, root, load_dataset(s.dataset))
