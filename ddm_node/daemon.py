@@ -149,15 +149,16 @@ class Island:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DDMError(f"--work-dir {self.work_dir}: cannot create it ({exc.strerror or exc})") from None
-        self.server = TransferServer(self.store, NodeInfoData(peer_id="", public_key=self.me, version=__version__),
+        run_id = self._local_plan_id()
+        # The DHT first: hivemind forks its child, and a fork while gRPC's threads run can kill the child.
+        self.swarm = Swarm(self.identity, run_id or self.opts.run_id, initial_peers=self.opts.initial_peers,
+                           host=self.opts.host, port=self.opts.dht_port, announce_host=self.opts.announce_host)
+        self.server = TransferServer(self.store, NodeInfoData(peer_id=self.swarm.peer_id, public_key=self.me,
+                                                              version=__version__),
                                      host=self.opts.host, port=self.opts.grpc_port)
         self.grpc = self.server.start()
         if self.opts.announce_host:
             self.grpc = f"{self.opts.announce_host}:{self.grpc.rsplit(':', 1)[1]}"
-        run_id = self._local_plan_id()
-        self.swarm = Swarm(self.identity, run_id or self.opts.run_id, initial_peers=self.opts.initial_peers,
-                           host=self.opts.host, port=self.opts.dht_port, announce_host=self.opts.announce_host)
-        self.server.info.peer_id = self.swarm.peer_id
         self.server.info.grpc_address = self.grpc
         self.plan = self._get_plan()
         self.server.info.run_ids = [self.plan.run_id]

@@ -18,6 +18,8 @@ import psutil
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: it picks hivemind's memory sharing strategy before hivemind loads)
+import ddm_node.swarm.dht as dht_module
+import hivemind  # noqa: E402  (after ddm_node.swarm, see above)
 from ddm_node.errors import DDMError
 from ddm_node.identity import Identity
 from ddm_node.swarm.claims import ClaimManager, winner
@@ -465,3 +467,48 @@ def test_shutdown_after_the_dht_child_died():
         swarm.shutdown()
     assert time.time() - started < 2.5  # no grace-period wait for a dead child
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
+
+
+_REAL_DHT = hivemind.DHT
+
+
+class _DiesBeforeReady(hivemind.DHT):
+    """A DHT child that exits before it reports ready, as one killed by a fork-time lock does."""
+
+    def run(self) -> None:
+        os._exit(3)
+
+
+def _dht_factory(monkeypatch, dying: int) -> list[str]:
+    """Make Swarm's DHT children die `dying` times before real ones start; returns the kinds made."""
+    made: list[str] = []
+
+    def make(**kwargs):
+        made.append("dead" if len(made) < dying else "real")
+        return (_DiesBeforeReady if made[-1] == "dead" else _REAL_DHT)(**kwargs)
+
+    monkeypatch.setattr(dht_module.hivemind, "DHT", make)
+    return made
+
+
+@pytest.mark.multiproc
+def test_a_dht_child_that_dies_during_start_is_started_again(monkeypatch):
+    made = _dht_factory(monkeypatch, dying=2)
+    swarm = Swarm(Identity.generate(), secrets.token_hex(32))
+    try:
+        assert made == ["dead", "dead", "real"]
+        assert type(swarm.dht) is _REAL_DHT and swarm.dht.is_alive() and swarm.peer_id  # the third answers
+        assert any("p2pd" in p.name() for p in psutil.Process(swarm.dht_pid).children(recursive=True))
+    finally:
+        swarm.shutdown()
+
+
+@pytest.mark.multiproc
+def test_a_dht_child_that_always_dies_is_a_one_line_error(monkeypatch):
+    before = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
+    made = _dht_factory(monkeypatch, dying=99)
+    with pytest.raises(DDMError, match=r"died before it was ready, 3 times \(exit code 3\)"):
+        Swarm(Identity.generate(), secrets.token_hex(32))
+    assert made == ["dead"] * 3
+    new = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.pid not in before]
+    assert [p for p in new if p.status() != psutil.STATUS_ZOMBIE] == [], "a failed start left processes"

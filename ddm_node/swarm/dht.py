@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Iterable, Sequence
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 120.0  # announcements; the daemon re-announces well before this runs out
 RPC_TIMEOUT = 30.0  # seconds to wait for one DHT get/store
+START_TIMEOUT = 120.0  # seconds for the DHT child to join the swarm (hivemind bounds its own dials well below)
+START_ATTEMPTS = 3  # a DHT child that dies before it is ready is started again this many times in all
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -141,21 +144,20 @@ class Swarm:
         if announce_host is not None and not port:
             raise DDMError("announcing an address needs a fixed DHT port (--dht-port)")
         announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None
-        self._dht = hivemind.DHT(
+        make = partial(
+            hivemind.DHT,
             initial_peers=list(initial_peers) or None,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             announce_maddrs=announce,
             client_mode=client_mode,
-            start=False,  # started below, so a failed start can be cleaned up
+            start=False,  # started in _start, which can tell a dead child from a slow one
             nat_port_map=False,  # the default sends UPnP/NAT-PMP packets off the machine
             record_validators=[self.validator],
         )
         try:
-            self._dht.run_in_background(await_ready=True)
+            self._dht = self._start(make)
         except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
             self._closed = True
-            self._dht.join(timeout=5)  # the child exits by itself after a failed start; reap it
-            _stop(_descendants(self._dht.pid))
             raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
         # Remember the process tree now: once the DHT child is gone, its pid no longer leads to p2pd.
         self._procs = _descendants(self._dht.pid)
@@ -164,6 +166,43 @@ class Swarm:
         except Exception as exc:
             self.shutdown()
             raise DDMError(f"the DHT on {host}:{port} started but does not answer: {exc}") from None
+
+    @staticmethod
+    def _start(make) -> hivemind.DHT:
+        """Start a DHT child from `make()` and wait until it is ready; a child that dies first is retried.
+
+        hivemind forks its child. A fork while this process's gRPC threads hold a lock (the daemon's
+        server, a test's in-process peers) can leave the child to abort before it reports; hivemind's
+        own wait then blocks forever. So the wait polls, notices the dead child and starts a new one.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            dht = make()
+            dht.start()
+            deadline = time.monotonic() + START_TIMEOUT
+            try:
+                while True:
+                    try:
+                        dht.wait_until_ready(timeout=0.25)
+                        return dht
+                    except TimeoutError:
+                        if not dht.is_alive():
+                            break
+                        if time.monotonic() > deadline:
+                            raise DDMError(f"the DHT child was not ready within {START_TIMEOUT:.0f} s") from None
+            except BaseException:
+                Swarm._reap(dht)
+                raise
+            logger.warning("the DHT child %d died before it was ready (exit code %s), attempt %d of %d",
+                           dht.pid, dht.exitcode, attempt, START_ATTEMPTS)
+            Swarm._reap(dht)
+        raise DDMError(f"the DHT child died before it was ready, {START_ATTEMPTS} times (exit code {dht.exitcode})")
+
+    @staticmethod
+    def _reap(dht: hivemind.DHT) -> None:
+        """Stop a DHT child that never became ready, and its p2pd."""
+        procs = _descendants(dht.pid)
+        dht.join(timeout=5)  # after a failed start the child exits by itself
+        _stop(procs)
 
     # -- lifetime -------------------------------------------------------------------------------
 
