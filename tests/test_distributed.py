@@ -124,6 +124,7 @@ def _ddp_job(rank: int, world: int, init_file: str, out: str) -> None:
 
     ctx, dev = init_distributed("cpu", rank=rank, world_size=world, init_method=f"file://{init_file}")
     out = Path(out)
+    ok = False
     try:
         x, y = data()
         trainer = Trainer(MODEL, TRAIN, x, y, device=str(dev), dist=ctx)
@@ -139,8 +140,9 @@ def _ddp_job(rank: int, world: int, init_file: str, out: str) -> None:
         resumed.run(6)
         if ctx.is_main:
             save_state(resumed, out / "ddp_from_single6.safetensors")
+        ok = True
     finally:
-        destroy_distributed()
+        destroy_distributed(sync=ok)
 
 
 def run_ranks(job: str, world: int, *args: str, timeout: float = 300) -> None:

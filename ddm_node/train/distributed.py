@@ -114,10 +114,18 @@ def _rank_device(device: str | None, local_rank: int, world_size: int) -> torch.
     return torch.device("cuda", local_rank)
 
 
-def destroy_distributed() -> None:
-    """Leave the process group (safe to call when none was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(sync: bool = False) -> None:
+    """Leave the process group (safe to call when none was joined).
+
+    `sync` (the clean-exit path): first wait until every rank gets here. A rank that tears gloo down
+    and exits while another still finishes its last work can make that one abort ("terminate called
+    without an active exception"). Error paths leave without waiting: a dead peer would never come.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sync and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> slice:
@@ -172,6 +180,7 @@ def _selftest(steps: int = 8) -> dict:
     from ddm_node.train.trainer import Trainer
 
     ctx, dev = init_distributed()
+    ok = False
     try:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         model = ModelConfig(size="small", image_size=16, channels=4, num_classes=10)
@@ -189,10 +198,12 @@ def _selftest(steps: int = 8) -> dict:
         if ctx.world_size > 1:
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        return {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(dev), "losses": losses,
-                "max_rank_weight_diff": float((hi - lo).abs().max()), "seconds": seconds}
+        result = {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(dev), "losses": losses,
+                  "max_rank_weight_diff": float((hi - lo).abs().max()), "seconds": seconds}
+        ok = True
+        return result
     finally:
-        destroy_distributed()
+        destroy_distributed(sync=ok)
 
 
 if __name__ == "__main__":

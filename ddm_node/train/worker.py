@@ -180,12 +180,14 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     plan = Plan.load(args.plan, expected_run_id=args.run_id)
     identity = Identity.load(args.identity) if args.identity else None
     ctx, device = init_distributed(args.device)
+    ok = False
     try:
         out = train_rank(plan, args.shard, Path(args.work_dir), ctx, device, identity, args.steps, stop)
         if ctx.is_main:
             log.info("shard %d: rank 0 done, newest checkpoint %s", args.shard, out)
+        ok = True
     finally:
-        destroy_distributed()
+        destroy_distributed(sync=ok)
     return 0
 
 
