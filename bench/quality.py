@@ -93,6 +93,16 @@ class Settings:
     def steps(self, k: int, fraction: float) -> int:
         return max(1, round(self.budget * fraction / k))
 
+    @property
+    def tag(self) -> str:
+        """Names this run's images and saved JSON: the dataset, and the mode unless it is the default one
+        (a --full run then keeps the default run's section and files)."""
+        return self.dataset if self.label == "default" else f"{self.dataset}-{self.label}"
+
+    @property
+    def section(self) -> str:
+        return NAME if self.tag == "digits" else f"{NAME}.{self.tag}"
+
 
 @dataclass
 class Record:
@@ -452,7 +462,7 @@ def reading(run: Run, groups: list[dict]) -> tuple[list[str], float]:
 def report(run: Run, img_dir: Path, doc_rel: Path | None, command: str | None = None,
            measured: str | None = None) -> tuple[str, float]:
     groups, table = final_table(run)
-    tag = run.s.dataset
+    tag = run.s.tag
     plot_path = img_dir / f"quality-{tag}-fd-vs-flops.png"
     plot(run, plot_path)
     grid_paths = {}
@@ -484,7 +494,8 @@ def report(run: Run, img_dir: Path, doc_rel: Path | None, command: str | None = 
              + (f"Measured {measured}; this section was re-rendered from the JSON data." if measured else
                 f"Wall time {(time.time() - T0) / 60:.1f} min; load average at the end: {load_str()}."))
     grids = "".join(f"| {m} |\n|---|\n| ![{m}]({rel(p)}) |\n\n" for m, p in grid_paths.items())
-    md = (section_header(NAME, f"Ensemble vs monolith at equal training FLOPs: {s.dataset}", command) + table
+    md = (section_header(NAME, f"Ensemble vs monolith at equal training FLOPs: {s.dataset}"
+                                 + ("" if s.label == "default" else f" ({s.label} run)"), command) + table
           + f"\n![FD_dom vs training FLOPs]({rel(plot_path)})\n\n" + "\n".join(lines + [setup])
           + "\n\nSamples at the full budget (seed " + str(s.seeds[0]) + ", top-1, learned router for the "
           "ensembles; first 100 of the evaluated samples, class labels drawn like the training set):\n\n" + grids)
@@ -551,10 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(s, root, load_dataset(s.dataset))
         run_all(run, args.jobs if args.jobs is not None else min(len(s.seeds), os.cpu_count() or 1))
         md, ratio = report(run, img_dir, doc.parent if doc is not None else None)
-        name = NAME if s.dataset == "digits" else f"{NAME}.{s.dataset}"
         if doc is not None:
-            write_section(doc, name, md, intro=INTRO)
-            data = (DATA_DIR if doc == RESULTS_MD else doc.parent) / f"quality-{s.dataset}.json"
+            write_section(doc, s.section, md, intro=INTRO)
+            data = (DATA_DIR if doc == RESULTS_MD else doc.parent) / f"quality-{s.tag}.json"
             write_atomic(data, json.dumps({"settings": asdict(s), "command": command_line(), "date": now_str(),
                                            "records": [asdict(r) for r in run.records]}, indent=1).encode())
         print(md)
@@ -602,14 +612,14 @@ def rerender(paths: list[Path], doc: Path, img_dir: Path) -> int:
     data = merge_runs(paths)
     s = Settings(**data["settings"])
     if len(paths) > 1 and doc == RESULTS_MD:
-        write_atomic(DATA_DIR / f"quality-{s.dataset}.json", json.dumps(data, indent=1).encode())
+        write_atomic(DATA_DIR / f"quality-{s.tag}.json", json.dumps(data, indent=1).encode())
     root = Path(tempfile.mkdtemp(prefix="ddm-bench-quality-"))
     try:
         run = Run(s, root, load_dataset(s.dataset))
         run.records = [Record(**r) for r in data["records"]]
         run.restore()
         md, ratio = report(run, img_dir, doc.parent, data.get("command"), data.get("date"))
-        write_section(doc, NAME if s.dataset == "digits" else f"{NAME}.{s.dataset}", md, intro=INTRO)
+        write_section(doc, s.section, md, intro=INTRO)
         print(md)
         print_ratio("ensemble/monolith FD_dom at equal training FLOPs (best routing)", ratio)
     finally:

@@ -188,3 +188,15 @@ def test_quality_runs_of_disjoint_seeds_merge_and_bad_files_are_one_line_errors(
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(SystemExit, match="junk.json: not a saved bench.quality run"):
         merge_runs([tmp_path / "junk.json"])
+
+
+def test_quality_full_runs_keep_the_default_runs_section_and_files():
+    from bench.quality import NAME, Settings
+
+    def s(dataset: str, label: str) -> Settings:
+        return Settings(dataset, 100, [4], [0], [1.0], 10, 4, 10, label)
+
+    assert (s("digits", "default").tag, s("digits", "default").section) == ("digits", NAME)
+    assert (s("digits", "full").tag, s("digits", "full").section) == ("digits-full", f"{NAME}.digits-full")
+    assert s("fashion-mnist", "default").section == f"{NAME}.fashion-mnist"
+    assert s("fashion-mnist", "full").tag == "fashion-mnist-full"
