@@ -479,13 +479,20 @@ class _DiesBeforeReady(hivemind.DHT):
         os._exit(3)
 
 
-def _dht_factory(monkeypatch, dying: int) -> list[str]:
-    """Make Swarm's DHT children die `dying` times before real ones start; returns the kinds made."""
+class _HangsBeforeReady(hivemind.DHT):
+    """A DHT child that never starts p2pd nor reports, as one deadlocked on a fork-time lock does."""
+
+    def run(self) -> None:
+        time.sleep(3600)
+
+
+def _dht_factory(monkeypatch, dying: int, bad: type = _DiesBeforeReady) -> list[str]:
+    """Make Swarm's DHT children fail (`bad`) `dying` times before real ones start; returns the kinds made."""
     made: list[str] = []
 
     def make(**kwargs):
         made.append("dead" if len(made) < dying else "real")
-        return (_DiesBeforeReady if made[-1] == "dead" else _REAL_DHT)(**kwargs)
+        return (bad if made[-1] == "dead" else _REAL_DHT)(**kwargs)
 
     monkeypatch.setattr(dht_module.hivemind, "DHT", make)
     return made
@@ -507,8 +514,27 @@ def test_a_dht_child_that_dies_during_start_is_started_again(monkeypatch):
 def test_a_dht_child_that_always_dies_is_a_one_line_error(monkeypatch):
     before = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
     made = _dht_factory(monkeypatch, dying=99)
-    with pytest.raises(DDMError, match=r"died before it was ready, 3 times \(exit code 3\)"):
+    with pytest.raises(DDMError, match=r"failed before it was ready, 3 times \(last: died \(exit code 3\)\)"):
         Swarm(Identity.generate(), secrets.token_hex(32))
     assert made == ["dead"] * 3
     new = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.pid not in before]
     assert [p for p in new if p.status() != psutil.STATUS_ZOMBIE] == [], "a failed start left processes"
+
+
+@pytest.mark.multiproc
+def test_a_dht_child_that_hangs_during_start_is_started_again(monkeypatch):
+    monkeypatch.setattr(dht_module, "START_STUCK", 1.0)
+    before = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
+    made = _dht_factory(monkeypatch, dying=1, bad=_HangsBeforeReady)
+    swarm = Swarm(Identity.generate(), secrets.token_hex(32))
+    try:
+        assert made == ["dead", "real"] and type(swarm.dht) is _REAL_DHT and swarm.dht.is_alive()
+        new = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.pid not in before]
+        assert {p.pid for p in new if p.status() != psutil.STATUS_ZOMBIE} == {p.pid for p in _descendants_of(swarm)}
+    finally:
+        swarm.shutdown()
+
+
+def _descendants_of(swarm: Swarm) -> list[psutil.Process]:
+    root = psutil.Process(swarm.dht_pid)
+    return [root, *root.children(recursive=True)]

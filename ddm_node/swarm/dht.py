@@ -50,6 +50,7 @@ DEFAULT_TTL = 120.0  # announcements; the daemon re-announces well before this r
 RPC_TIMEOUT = 30.0  # seconds to wait for one DHT get/store
 START_TIMEOUT = 120.0  # seconds for the DHT child to join the swarm (hivemind bounds its own dials well below)
 START_ATTEMPTS = 3  # a DHT child that dies before it is ready is started again this many times in all
+START_STUCK = 20.0  # a child with no p2pd after this many seconds hangs (its first act is to start p2pd)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -172,36 +173,42 @@ class Swarm:
         """Start a DHT child from `make()` and wait until it is ready; a child that dies first is retried.
 
         hivemind forks its child. A fork while this process's gRPC threads hold a lock (the daemon's
-        server, a test's in-process peers) can leave the child to abort before it reports; hivemind's
-        own wait then blocks forever. So the wait polls, notices the dead child and starts a new one.
+        server, a test's in-process peers) can leave the child to crash or hang before it reports;
+        hivemind's own wait then blocks forever. So the wait polls, and a child that died, or that
+        started no p2pd within START_STUCK seconds, is stopped and started again.
         """
         for attempt in range(1, START_ATTEMPTS + 1):
             dht = make()
             dht.start()
-            deadline = time.monotonic() + START_TIMEOUT
+            started = time.monotonic()
             try:
                 while True:
                     try:
                         dht.wait_until_ready(timeout=0.25)
                         return dht
                     except TimeoutError:
+                        waited = time.monotonic() - started
                         if not dht.is_alive():
+                            why = f"died (exit code {dht.exitcode})"
                             break
-                        if time.monotonic() > deadline:
+                        if waited > START_STUCK and len(_descendants(dht.pid)) == 1:
+                            why = f"started no p2pd in {START_STUCK:.0f} s"
+                            break
+                        if waited > START_TIMEOUT:
                             raise DDMError(f"the DHT child was not ready within {START_TIMEOUT:.0f} s") from None
             except BaseException:
                 Swarm._reap(dht)
                 raise
-            logger.warning("the DHT child %d died before it was ready (exit code %s), attempt %d of %d",
-                           dht.pid, dht.exitcode, attempt, START_ATTEMPTS)
-            Swarm._reap(dht)
-        raise DDMError(f"the DHT child died before it was ready, {START_ATTEMPTS} times (exit code {dht.exitcode})")
+            logger.warning("the DHT child %d %s before it was ready, attempt %d of %d",
+                           dht.pid, why, attempt, START_ATTEMPTS)
+            Swarm._reap(dht, grace=0.0)
+        raise DDMError(f"the DHT child failed before it was ready, {START_ATTEMPTS} times (last: {why})")
 
     @staticmethod
-    def _reap(dht: hivemind.DHT) -> None:
-        """Stop a DHT child that never became ready, and its p2pd."""
+    def _reap(dht: hivemind.DHT, grace: float = 5.0) -> None:
+        """Stop a DHT child that never became ready, and its p2pd, after `grace` seconds to exit by itself."""
         procs = _descendants(dht.pid)
-        dht.join(timeout=5)  # after a failed start the child exits by itself
+        dht.join(timeout=grace)  # after a failed start the child exits by itself
         _stop(procs)
 
     # -- lifetime -------------------------------------------------------------------------------
