@@ -3,7 +3,8 @@
 A LocalNet of islands (real `ddm-node start` processes, one torch thread each, loopback DHT and gRPC)
 trains a plan of K shards with a budget so large that no shard finishes; the islands beyond K wait and
 mirror. Then, `--kills` times, one training island is chosen (it has published at least two checkpoints
-of its shard since claiming it), we wait a seeded random fraction of its checkpoint interval (so the kill
+of its shard since claiming it, and another island has mirrored the shard since: a kill before any replica
+exists loses the shard's progress by design, which is not what this bench measures), we wait a seeded random fraction of its checkpoint interval (so the kill
 lands anywhere between two checkpoints, as a real crash would), and SIGKILL its whole process group.
 
 Measured from the islands' own events.jsonl (wall-clock timestamps on one machine):
@@ -107,8 +108,18 @@ def checkpoints_since_claim(events: list[dict], name: str, shard: int) -> list[d
             and e["t"] >= claim_t]
 
 
+def mirrored_since_claim(events: list[dict], name: str, shard: int) -> bool:
+    """Whether any other island mirrored `shard` after `name` claimed it: only then can a kill of
+    `name` be survived (a kill before any replica exists loses the shard's progress, which this bench does
+    not measure)."""
+    claim_t = max(e["t"] for e in events if e["event"] == "claim" and e["name"] == name and e["shard"] == shard)
+    return any(e["event"] == "mirror" and e["shard"] == shard and e["name"] != name and e["t"] >= claim_t
+               for e in events)
+
+
 def pick_victim(net: LocalNet, min_ckpts: int = 2):
-    """Predicate: a live trainer with >= min_ckpts checkpoints of its shard since its claim, and a live idle island."""
+    """Predicate: a live trainer with >= min_ckpts checkpoints of its shard since its claim, mirrored by another
+    island since then, and a live idle island."""
 
     def check(events: list[dict]):
         trainers = current_trainers(net, events)
@@ -117,7 +128,7 @@ def pick_victim(net: LocalNet, min_ckpts: int = 2):
             return None
         for shard, name in sorted(trainers.items()):
             cps = checkpoints_since_claim(events, name, shard)
-            if len(cps) >= min_ckpts:
+            if len(cps) >= min_ckpts and mirrored_since_claim(events, name, shard):
                 return name, shard, cps
         return None
 
@@ -145,7 +156,8 @@ def one_run(s: Settings, ttl: float, root: Path, rng: random.Random, log) -> lis
             net.wait_ready(p, timeout=240)
         log(f"ttl {ttl:g}: {len(net.procs)} islands up")
         for n in range(1, s.kills + 1):
-            name, shard, cps = net.wait_for(pick_victim(net), 240, "a training island with two checkpoints")
+            name, shard, cps = net.wait_for(pick_victim(net), 240,
+                                            "a training island with two checkpoints and a mirror")
             interval = max(cps[-1]["t"] - cps[-2]["t"], 0.1)
             time.sleep(rng.uniform(0.0, interval))
             victim = next(p for p in net.procs if p.name == name)

@@ -225,6 +225,7 @@ class Mirror:
                     isl.publish_checkpoint(step_dir, shard, mirrored_from=publisher)
                     ckpt.prune_checkpoints(isl.work_dir, shard, keep=2)
                     log.info("mirrored shard %d step %d", shard, remote.step)
+                    isl.event("mirror", shard=shard, step=remote.step, publisher=publisher[:12])
                     break
                 except DDMError as exc:
                     if isinstance(exc, RejectedCheckpoint):

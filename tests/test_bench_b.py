@@ -70,19 +70,22 @@ def test_scale_quick_measures_two_swarm_sizes(tmp_path):
 def test_quality_quick_compares_ensemble_and_monolith(tmp_path):
     doc, img = tmp_path / "R.md", tmp_path / "img"
     _out, ratio = run_bench("quality", "--doc", str(doc), "--img-dir", str(img))
-    body = section(doc, "bench.quality")
+    body = section(doc, "bench.quality.digits-quick")  # named by its mode: never the default run's section
     for route in ("top1", "top2", "full"):
         assert sum(f"| {route} |" in line for line in body.splitlines()) == 2  # learned and centroid, K=4
     pngs = sorted(p.name for p in img.glob("*.png"))
-    assert pngs == ["quality-digits-fd-vs-flops.png", "quality-digits-k4.png", "quality-digits-monolith.png"]
+    assert pngs == ["quality-digits-quick-fd-vs-flops.png", "quality-digits-quick-k4.png",
+                    "quality-digits-quick-monolith.png"]
     assert all((img / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert (tmp_path / "quality-digits.json").exists()
+    saved = tmp_path / "quality-digits-quick.json"
+    assert saved.is_file()
     assert 0.2 < ratio < 5.0, ratio  # both sides produce digits; neither is noise
     # the section re-renders from the saved records alone, with the same numbers
-    res = subprocess.run([sys.executable, "-m", "bench.quality", "--from-json", str(tmp_path / "quality-digits.json"),
+    res = subprocess.run([sys.executable, "-m", "bench.quality", "--from-json", str(saved),
                           "--doc", str(tmp_path / "R2.md"), "--img-dir", str(img)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert float(RATIO.search(res.stdout.strip().splitlines()[-1]).group(1)) == ratio
-    table = [line for line in section(tmp_path / "R2.md", "bench.quality").splitlines() if line.startswith("| K=4")]
+    rerendered = section(tmp_path / "R2.md", "bench.quality.digits-quick")
+    table = [line for line in rerendered.splitlines() if line.startswith("| K=4")]
     assert table == [line for line in body.splitlines() if line.startswith("| K=4")]
