@@ -3,9 +3,10 @@
 A LocalNet of islands (real `ddm-node start` processes, one torch thread each, loopback DHT and gRPC)
 trains a plan of K shards with a budget so large that no shard finishes; the islands beyond K wait and
 mirror. Then, `--kills` times, one training island is chosen (it has published at least two checkpoints
-of its shard since claiming it, and another island has mirrored the shard since: a kill before any replica
-exists loses the shard's progress by design, which is not what this bench measures), we wait a seeded random fraction of its checkpoint interval (so the kill
-lands anywhere between two checkpoints, as a real crash would), and SIGKILL its whole process group.
+of its shard since claiming it, and another island has mirrored the shard since: a kill before any
+replica exists loses the shard's progress by design, which is not what this bench measures), we wait a
+seeded random fraction of its checkpoint interval (so the kill lands anywhere between two checkpoints, as
+a real crash would), and SIGKILL its whole process group.
 
 Measured from the islands' own events.jsonl (wall-clock timestamps on one machine):
 - t_kill: just before `killpg(SIGKILL)` in this process;
@@ -102,8 +103,13 @@ def current_trainers(net: LocalNet, events: list[dict]) -> dict[int, str]:
     return {s: n for s, n in owner.items() if n in alive}
 
 
+def claim_time(events: list[dict], name: str, shard: int) -> float:
+    """When `name` last claimed `shard`."""
+    return max(e["t"] for e in events if e["event"] == "claim" and e["name"] == name and e["shard"] == shard)
+
+
 def checkpoints_since_claim(events: list[dict], name: str, shard: int) -> list[dict]:
-    claim_t = max(e["t"] for e in events if e["event"] == "claim" and e["name"] == name and e["shard"] == shard)
+    claim_t = claim_time(events, name, shard)
     return [e for e in events if e["event"] == "checkpoint" and e["name"] == name and e["shard"] == shard
             and e["t"] >= claim_t]
 
@@ -112,7 +118,7 @@ def mirrored_since_claim(events: list[dict], name: str, shard: int) -> bool:
     """Whether any other island mirrored `shard` after `name` claimed it: only then can a kill of
     `name` be survived (a kill before any replica exists loses the shard's progress, which this bench does
     not measure)."""
-    claim_t = max(e["t"] for e in events if e["event"] == "claim" and e["name"] == name and e["shard"] == shard)
+    claim_t = claim_time(events, name, shard)
     return any(e["event"] == "mirror" and e["shard"] == shard and e["name"] != name and e["t"] >= claim_t
                for e in events)
 
