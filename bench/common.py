@@ -295,11 +295,11 @@ def trained_digits(expert_steps: int = 300, router_steps: int = 200, experts: in
     concurrent callers wait for one training instead of racing. About 10 s per 100 expert steps of
     the tiny model on one idle core.
     """
-    from ddm_node.bundle import sources_from_work_dirs, write_bundle
-    from ddm_node.config import config_hash, load_config
+    from ddm_node.ensemble.bundle import sources_from_work_dirs, write_bundle
+    from ddm_node.core.config import config_hash, load_config
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import Plan, make_plan
-    from ddm_node.identity import Identity
+    from ddm_node.core.identity import Identity
     from ddm_node.train.expert import train_shard
     from ddm_node.train.router_job import train_plan_router
 

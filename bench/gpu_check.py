@@ -1,7 +1,7 @@
 """GPU check: our Trainer's step against a plain PyTorch DiT flow-matching loop, MFU, sampling throughput.
 
 Runs on the lent GPU machine (Python 3.12, torch 2.11, no internet, no hivemind, maybe no pyyaml,
-cryptography or safetensors): it imports only torch, ddm_node.config/model/train.trainer and
+cryptography or safetensors): it imports only torch, ddm_node.core.config/model/train.trainer and
 router.sampler, and reports which optional packages are missing.
 
 Measured in ONE run, side by side (repetitions interleaved A B, B A, ... ; median of per-pair ratios):
@@ -9,7 +9,7 @@ Measured in ONE run, side by side (repetitions interleaved A B, B A, ... ; media
          clipping, the seeded host-side data/noise stream, losses read back every 32 steps);
 - plain: the loop anyone would write for the same DiT: data and noise drawn on the GPU, bf16 autocast,
          torch.compile, fused AdamW; no EMA, no clipping.
-MFU = images/s x 3 x ddm_node.model.flops_per_image / peak (989 TFLOP/s dense bf16 on H100 SXM / H200).
+MFU = images/s x 3 x ddm_node.core.model.flops_per_image / peak (989 TFLOP/s dense bf16 on H100 SXM / H200).
 Goal (docs/BENCHMARKS.md): ours >= 0.95 x plain, DiT-B/2 batch 256 MFU >= 0.40.
 
     python bench/gpu_check.py --out DIR             # on a GPU; writes DIR/gpu_check.md and .json
@@ -38,8 +38,8 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/gpu_check.py` from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ddm_node.config import ModelConfig, TrainConfig  # noqa: E402
-from ddm_node.model import DiT, count_params, flops_per_image  # noqa: E402
+from ddm_node.core.config import ModelConfig, TrainConfig  # noqa: E402
+from ddm_node.core.model import DiT, count_params, flops_per_image  # noqa: E402
 from ddm_node.train.trainer import Trainer  # noqa: E402
 
 NAME = "bench.gpu_check"

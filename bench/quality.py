@@ -13,7 +13,7 @@ Evaluated at several fractions of the budget (for the FD-vs-FLOPs plot: the mono
 with both routers), and at the full budget with every router (learned, centroid) and routing (top-1,
 top-2, full). Repeated for several seeds (the training seed, the router seed and the sampling seed change;
 the partition does not). FD_dom and KID are in the features of the repository's domain classifier
-(`ddm_node.metrics`, not Inception: FD_dom is not FID).
+(`ddm_node.ensemble.metrics`, not Inception: FD_dom is not FID).
 
 Run: `python -m bench.quality` (digits, 3 seeds, budget 1600 monolith steps; about 31 CPU-minutes, so
 about 16 minutes on 2 cores: seeds run in parallel processes, `--jobs`), `--full` (digits, 3 seeds, budget
@@ -46,14 +46,14 @@ import torch
 
 from bench.common import (REPO_ROOT, RESULTS_MD, command_line, load_str, markdown_table, now_str, print_ratio,
                           section_header, write_section)
-from ddm_node.bundle import load_bundle, sources_from_work_dirs, write_bundle
-from ddm_node.config import SampleConfig, load_config
+from ddm_node.ensemble.bundle import load_bundle, sources_from_work_dirs, write_bundle
+from ddm_node.core.config import SampleConfig, load_config
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, make_plan
-from ddm_node.generate import generate, reference_split, save_grid, score
-from ddm_node.manifest import write_atomic
-from ddm_node.metrics import Scores
-from ddm_node.model import flops_per_image
+from ddm_node.ensemble.generate import generate, reference_split, save_grid, score
+from ddm_node.core.manifest import write_atomic
+from ddm_node.ensemble.metrics import Scores
+from ddm_node.core.model import flops_per_image
 from ddm_node.train.expert import train_shard
 from ddm_node.train.router_job import train_plan_router
 from router.learned import router_model_config

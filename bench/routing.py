@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.common import RESULTS_MD, markdown_table, print_ratio, section_header, write_section
-from ddm_node.config import load_config
+from ddm_node.core.config import load_config
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.plan import make_plan
 from ddm_node.train.router_job import plan_router_data

@@ -55,8 +55,8 @@ class Sides:
     """Velocity functions for every side and the fixed noise/labels they all sample from."""
 
     def __init__(self, s: Settings, cache_dir: Path | None = None):
-        from ddm_node.bundle import load_bundle
-        from ddm_node.generate import class_labels
+        from ddm_node.ensemble.bundle import load_bundle
+        from ddm_node.ensemble.generate import class_labels
         from router.ensemble import EnsembleVelocity, Expert
 
         self.s = s

@@ -13,7 +13,7 @@ Per island, from its events.jsonl (times on one machine):
   started fresh, shard data loaded, trainer built: the first step is about to run);
 - to checkpoint: `start` -> first `checkpoint` event (`checkpoint_every` steps later, signed and announced).
 Then this process joins the swarm as a DHT client and measures the DHT read latency (one `claims(k)`
-get per shard) and the assembly of all K experts (`ddm_node.assemble.assemble`: newest verified
+get per shard) and the assembly of all K experts (`ddm_node.clients.assemble.assemble`: newest verified
 checkpoint of every shard fetched over gRPC, bundle written).
 
 CPU use (all cores, sampled every second) and the islands' resident memory are recorded per phase, to
@@ -40,7 +40,7 @@ import psutil
 
 from bench.common import (BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header,
                           write_section)
-from ddm_node.localnet import LocalNet
+from ddm_node.cli.localnet import LocalNet
 
 NAME = "bench.scale"
 GIB = float(1 << 30)
@@ -192,9 +192,9 @@ def measure_assembly(res: SizeResult, net: LocalNet, maddr: str, run_id: str, k:
     """Join as a DHT client, time one claims(k) get per shard, then assemble every expert."""
     from rich.console import Console
 
-    from ddm_node.assemble import assemble
+    from ddm_node.clients.assemble import assemble
     from ddm_node.data.plan import Plan
-    from ddm_node.peers import join_swarm
+    from ddm_node.exchange.peers import join_swarm
 
     t = time.perf_counter()
     swarm = join_swarm([maddr], run_id)

@@ -166,7 +166,7 @@ def worker(kind: str, root: Path, batch: int) -> None:
 
 def plain_loop(plan, x: torch.Tensor, y: torch.Tensor, batch: int, report) -> None:
     """The loop anyone would write: same model, batch, AdamW, data and loss; nothing else. Runs until killed."""
-    from ddm_node.model import DiT
+    from ddm_node.core.model import DiT
 
     cfg, tc = plan.cfg.model, plan.cfg.train
     torch.manual_seed(tc.seed)
@@ -245,7 +245,7 @@ class RepInfo:
 class Bench:
     def __init__(self, s: Settings, root: Path):
         from ddm_node.data.plan import Plan
-        from ddm_node.localnet import LocalNet
+        from ddm_node.cli.localnet import LocalNet
 
         self.s = s
         self.root = root
@@ -311,7 +311,7 @@ class Bench:
     def checkpoint_cost(self, work: Path, n: int = 3) -> tuple[float, float]:
         """Median seconds to write + prune one checkpoint (expert + state, sealed and signed), and median
         seconds of the per-step extras of the recipe that a plain loop lacks (EMA update + gradient clipping)."""
-        from ddm_node.identity import Identity
+        from ddm_node.core.identity import Identity
         from ddm_node.train import checkpoint as ckpt
         from ddm_node.train.expert import run_config_hash, shard_data
         from ddm_node.train.trainer import Trainer

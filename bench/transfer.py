@@ -99,8 +99,8 @@ def variants(name: str, x: np.ndarray) -> list[Variant]:
 
 def write_artifact(directory: Path, files: dict[str, bytes]) -> str:
     """A sealed, signed artifact holding `files`; returns its manifest id."""
-    from ddm_node.identity import Identity
-    from ddm_node.manifest import FileEntry, Manifest, seal
+    from ddm_node.core.identity import Identity
+    from ddm_node.core.manifest import FileEntry, Manifest, seal
 
     directory.mkdir(parents=True)
     for name, data in files.items():
@@ -235,7 +235,7 @@ class Settings:
 
 def build_files(s: Settings, srv: Path) -> tuple[dict, list[tuple[str, int, str]]]:
     """Write the served artifacts; returns (big file entry, [(label, size, sha256)] for compression)."""
-    from ddm_node.manifest import read_manifest
+    from ddm_node.core.manifest import read_manifest
 
     rng = np.random.default_rng(0)
     n = s.size_mib * (1 << 20) // 4
@@ -291,7 +291,7 @@ def throughput(s: Settings, grpc_addr: str, raw_addr: str, big, tmp: Path, local
         return run
 
     def hash_pass() -> float:
-        from ddm_node.manifest import sha256_file
+        from ddm_node.core.manifest import sha256_file
 
         return size / timed(lambda: sha256_file(local)) / MIB
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 log = logging.getLogger(__name__)
 VAR_FLOOR = 1e-4  # a constant pixel would otherwise give a zero variance and an infinite density

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 from router.centroid import broadcast_t
 
 ROUTINGS = ("full", "top1", "top2", "topk")

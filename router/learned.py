@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddm_node.config import ModelConfig, RouterConfig
-from ddm_node.errors import DDMError
-from ddm_node.model import DiTBackbone
+from ddm_node.core.config import ModelConfig, RouterConfig
+from ddm_node.core.errors import DDMError
+from ddm_node.core.model import DiTBackbone
 from router.centroid import broadcast_t
 
 log = logging.getLogger(__name__)

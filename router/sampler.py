@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 SOLVERS = ("euler", "heun")
 

@@ -60,7 +60,7 @@ def no_leftover_processes():
 @pytest.fixture
 def tiny_cfg():
     """A config small enough to train an expert in a few seconds on one core."""
-    from ddm_node.config import load_config
+    from ddm_node.core.config import load_config
 
     return load_config(
         overrides={

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.assemble import expert_candidates
+from ddm_node.clients.assemble import expert_candidates
 from ddm_node.cli import main
-from ddm_node.config import load_config
-from ddm_node.identity import Identity
-from ddm_node.manifest import copy_artifact, read_manifest
+from ddm_node.core.config import load_config
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import copy_artifact, read_manifest
 from ddm_node.swarm.records import (CheckpointRecord, Claim, PeerRecord, PlanRecord, ReplicaRecord, RouterRecord,
                                     StatsRecord)
 
@@ -63,7 +63,7 @@ class _FakeSwarm:
 
 
 def test_status_shard_states():
-    from ddm_node.status import shard_status
+    from ddm_node.clients.status import shard_status
 
     now = 1.8e9
     peer = "12D3KooWHPmjMnsMBwLTJvWNnh7qgUvkjVeHuGniGo9tQ1ygBwoM"
@@ -254,7 +254,7 @@ def test_status_unknown_run_is_one_line_error(world, capsys):
 
 @pytest.mark.multiproc
 def test_assemble_verifies_skips_lie_and_verify_catches_a_flipped_byte(world, tmp_path, capsys, caplog):
-    caplog.set_level(logging.WARNING, logger="ddm_node.assemble")
+    caplog.set_level(logging.WARNING, logger="ddm_node.clients.assemble")
     key = tmp_path / "key.pem"
     Identity.generate().save(key)
     out = tmp_path / "bundle"

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddm_node.config import ModelConfig, TrainConfig
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.identity import Identity
-from ddm_node.manifest import read_manifest, seal, staging_dir, verify_artifact
+from ddm_node.core.config import ModelConfig, TrainConfig
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import read_manifest, seal, staging_dir, verify_artifact
 from ddm_node.train import checkpoint as ck
 from ddm_node.train.trainer import Trainer
 

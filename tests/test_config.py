@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ddm_node.config import Config, config_hash, load_config, to_dict
-from ddm_node.errors import DDMError
+from ddm_node.core.config import Config, config_hash, load_config, to_dict
+from ddm_node.core.errors import DDMError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from ddm_node.bundle import load_bundle, read_index
+from ddm_node.ensemble.bundle import load_bundle, read_index
 from ddm_node.cli import main
-from ddm_node.identity import Identity
-from ddm_node.localnet import LocalNet, all_done
+from ddm_node.core.identity import Identity
+from ddm_node.cli.localnet import LocalNet, all_done
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.train import checkpoint as ckpt
 

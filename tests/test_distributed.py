@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddm_node.config import ModelConfig, TrainConfig, load_config
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
+from ddm_node.core.config import ModelConfig, TrainConfig, load_config
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
 from ddm_node.train.distributed import rank_slice
 from ddm_node.train.supervisor import RestartPolicy, check_devices, resolve_nproc, train_shard_distributed
 from ddm_node.train.trainer import Trainer
@@ -294,7 +294,7 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
 @pytest.mark.multiproc
 @pytest.mark.slow  # 90-150 s of torchrun start-ups on 2 cores: run with -m slow
 def test_island_with_two_processes_trains_to_budget_through_a_killed_worker(tmp_path):
-    from ddm_node.localnet import LocalNet
+    from ddm_node.cli.localnet import LocalNet
     from ddm_node.train import checkpoint as ckpt
 
     net = LocalNet(tmp_path)

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from ddm_node.bundle import load_bundle
+from ddm_node.ensemble.bundle import load_bundle
 from ddm_node.cli import main
 from ddm_node.data.datasets import load_dataset
-from ddm_node.generate import reference_split, score
+from ddm_node.ensemble.generate import reference_split, score
 
 CONFIG = """
 partition: {experts: 4}

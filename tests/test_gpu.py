@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 REPO = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,7 +72,7 @@ def test_latents_are_memory_mapped_and_not_limited_to_unit_range(tmp_path):
 
 
 def test_latent_shard_trains_and_checkpoints(tmp_path):
-    from ddm_node.config import load_config
+    from ddm_node.core.config import load_config
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import make_plan
     from ddm_node.train import checkpoint as ckpt
@@ -99,8 +99,8 @@ def test_latent_shard_trains_and_checkpoints(tmp_path):
 
 
 def test_gpu_latent_configs_load():
-    from ddm_node.config import load_config
-    from ddm_node.model import flops_per_image
+    from ddm_node.core.config import load_config
+    from ddm_node.core.model import flops_per_image
 
     for name, size, hidden in (("latent-b2.yaml", "B/2", 768), ("latent-xl2.yaml", "XL/2", 1152)):
         cfg = load_config(REPO / "configs" / name)
@@ -120,9 +120,9 @@ BLOCKER = "import sys\nfor m in {mods!r}:\n    sys.modules[m] = None  # import m
 
 @pytest.mark.multiproc
 def test_gpu_check_cpu_path_runs_without_optional_packages(tmp_path):
-    """ddm_node.config/model/train.trainer and bench/gpu_check.py import on a bare torch; its CPU path runs."""
+    """ddm_node.core.config/model/train.trainer and bench/gpu_check.py import on a bare torch; its CPU path runs."""
     code = BLOCKER.format(mods=BLOCK) + (
-        "import ddm_node.config, ddm_node.model, ddm_node.train.trainer, ddm_node.train.distributed\n"
+        "import ddm_node.core.config, ddm_node.core.model, ddm_node.train.trainer, ddm_node.train.distributed\n"
         "import runpy\n"
         f"sys.argv = ['bench/gpu_check.py', '--device', 'cpu', '--tiny', '--out', {str(tmp_path)!r}]\n"
         "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n")
@@ -147,7 +147,7 @@ def test_gpu_check_cpu_path_runs_without_optional_packages(tmp_path):
 def test_cuda_trainer_uses_bf16_compile_fused_adamw_and_tf32():
     import dataclasses
 
-    from ddm_node.config import ModelConfig, TrainConfig
+    from ddm_node.core.config import ModelConfig, TrainConfig
     from ddm_node.train.trainer import Trainer
 
     model = ModelConfig(size="tiny", image_size=8, channels=4, num_classes=10, hidden=64, depth=2, heads=4)

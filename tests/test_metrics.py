@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
-from ddm_node import metrics
-from ddm_node.errors import DDMError
-from ddm_node.metrics import (DomainClassifier, Scores, evaluate, frechet_distance, get_domain_classifier, kid,
+from ddm_node.ensemble import metrics
+from ddm_node.core.errors import DDMError
+from ddm_node.ensemble.metrics import (DomainClassifier, Scores, evaluate, frechet_distance, get_domain_classifier, kid,
                               precision_recall, train_domain_classifier)
 
 FINGERPRINT = "0123456789abcdef" * 4

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ddm_node.mirror import Mirror
+from ddm_node.node.mirror import Mirror
 
 
 def island(me: str, peers: list[SimpleNamespace], publishers: dict[int, str], shards: int, replicas: int,

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ddm_node.config import RouterConfig
-from ddm_node.errors import DDMError
+from ddm_node.core.config import RouterConfig
+from ddm_node.core.errors import DDMError
 from router.centroid import CentroidRouter, ClusterStats
 from router.ensemble import EnsembleVelocity, Expert
 from router.learned import LearnedRouter, RouterNet, router_model_config, train_router

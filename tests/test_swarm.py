@@ -20,8 +20,8 @@ import pytest
 import ddm_node.swarm  # noqa: F401  (first: it picks hivemind's memory sharing strategy before hivemind loads)
 import ddm_node.swarm.dht as dht_module
 import hivemind  # noqa: E402  (after ddm_node.swarm, see above)
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
 from ddm_node.swarm.claims import ClaimManager, winner
 from ddm_node.swarm.dht import Swarm, dht_key
 from ddm_node.swarm.records import (

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from ddm_node.config import ModelConfig, TrainConfig
-from ddm_node.errors import DDMError
+from ddm_node.core.config import ModelConfig, TrainConfig
+from ddm_node.core.errors import DDMError
 from ddm_node.train.flow import flow_matching_loss, interpolate, sample_t
 from ddm_node.train.trainer import Trainer
 

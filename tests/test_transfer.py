@@ -16,9 +16,9 @@ import grpc
 import pytest
 import zstandard
 
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.identity import Identity
-from ddm_node.manifest import MANIFEST, SIGNATURE, FileEntry, Manifest, copy_artifact, seal, verify_artifact
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import MANIFEST, SIGNATURE, FileEntry, Manifest, copy_artifact, seal, verify_artifact
 from ddm_node.transfer import (ArtifactStore, NodeClient, NodeInfoData, PeerError, TransferServer, fetch_artifact,
                                fetch_file)
 from ddm_node.transfer.client import download_dir

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm_node.errors import DDMError
-from ddm_node.manifest import write_atomic
+from ddm_node.core.errors import DDMError
+from ddm_node.core.manifest import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import warnings
 
 import numpy as np
 
-from ddm_node.config import PartitionConfig
+from ddm_node.core.config import PartitionConfig
 from ddm_node.data.datasets import Dataset
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ddm_node.config import Config, canonical_json, from_dict, to_dict
+from ddm_node.core.config import Config, canonical_json, from_dict, to_dict
 from ddm_node.data.datasets import Dataset, split_indices
 from ddm_node.data.partition import cluster, compute_features
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import write_atomic
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.manifest import write_atomic
 
 log = logging.getLogger(__name__)
 

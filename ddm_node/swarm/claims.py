@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Iterable
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import Claim
 

@@ -31,8 +31,8 @@ import hivemind
 import psutil
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 MAX_STR = 256
 MAX_MADDRS = 16

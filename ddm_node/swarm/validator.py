@@ -29,7 +29,7 @@ import re
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from ddm_node.identity import Identity, verify_signature
+from ddm_node.core.identity import Identity, verify_signature
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -26,33 +25,29 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ddm_node.config import ModelConfig, TrainConfig, canonical_json, from_dict, to_dict
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.identity import Identity
-from ddm_node.manifest import FileEntry, Manifest, commit_dir, seal, staging_dir, verify_artifact
-from ddm_node.model import DiT
+from ddm_node.core.config import ModelConfig, TrainConfig, canonical_json, from_dict, to_dict
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, seal, staging_dir, verify_artifact
+from ddm_node.core.model import DiT
+from ddm_node.core.workdir import STEP_RE, WorkDir, step_of
 from ddm_node.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 EXPERT, STATE, STATS = "expert", "state", "stats"
 MODEL_FILE, STATE_FILE, STATS_FILE, CONFIG_FILE = "model.safetensors", "state.safetensors", "stats.safetensors", "config.json"
-_STEP_RE = re.compile(r"^step_(\d{8})$")
 STALE_STAGING_S = 3600.0  # staging directories older than this are leftovers of a crash
 
 
 def shard_dir(work_dir: str | Path, shard: int) -> Path:
     """WORK/shard_{k:03d}."""
-    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
-        raise DDMError(f"bad shard index {shard!r}")
-    return Path(work_dir) / f"shard_{shard:03d}"
+    return WorkDir(work_dir).shard(shard)
 
 
 def checkpoint_dir(work_dir: str | Path, shard: int, step: int) -> Path:
     """WORK/shard_{k:03d}/step_{s:08d}."""
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**8:
-        raise DDMError(f"bad checkpoint step {step!r}")
-    return shard_dir(work_dir, shard) / f"step_{step:08d}"
+    return WorkDir(work_dir).step(shard, step)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -156,21 +151,16 @@ def write_checkpoint(work_dir: str | Path, run_id: str, shard: int, trainer: Tra
 
 def list_checkpoints(work_dir: str | Path, shard: int) -> list[Path]:
     """Step directories of a shard, newest first (temporary and other directories are ignored)."""
-    root = shard_dir(work_dir, shard)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
+    return WorkDir(work_dir).steps(shard)
 
 
 def verify_checkpoint(step_dir: str | Path, require_signature: bool = False,
                       trusted_keys: Iterable[str] | None = None) -> tuple[Manifest, Manifest]:
     """Verify both artifacts of a step dir and that their manifests agree with its place; IntegrityError if not."""
     step_dir = Path(step_dir)
-    m = _STEP_RE.match(step_dir.name)
-    if not m:
+    if not STEP_RE.match(step_dir.name):
         raise IntegrityError(f"{step_dir}: not a step directory")
-    step = int(m.group(1))
+    step = step_of(step_dir)
     require = require_signature or bool(trusted_keys)
     manifests = []
     for kind in (EXPERT, STATE):
@@ -267,7 +257,7 @@ def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: 
 
 def stats_dir(work_dir: str | Path, shard: int) -> Path:
     """WORK/shard_{k:03d}/stats."""
-    return shard_dir(work_dir, shard) / STATS
+    return WorkDir(work_dir).stats(shard)
 
 
 def write_stats(work_dir: str | Path, run_id: str, shard: int, tensors: dict[str, torch.Tensor], config_hash: str,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _selftest(steps: int = 8) -> dict:
     import dataclasses
     import time
 
-    from ddm_node.config import ModelConfig, TrainConfig
+    from ddm_node.core.config import ModelConfig, TrainConfig
     from ddm_node.train.trainer import Trainer
 
     ctx, dev = init_distributed()

@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from ddm_node.config import config_hash
+from ddm_node.core.config import config_hash
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.trainer import Trainer
 from router.centroid import ClusterStats

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 T_MODES = ("uniform", "logit_normal")
 

@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddm_node.config import RouterConfig, canonical_json, from_dict, to_dict
+from ddm_node.core.config import RouterConfig, canonical_json, from_dict, to_dict
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.identity import Identity
-from ddm_node.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
 from router.learned import LearnedRouter, RouterNet, router_model_config, train_router
 
 log = logging.getLogger(__name__)

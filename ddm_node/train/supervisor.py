@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 
 from ddm_node.data.plan import Plan
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import write_atomic
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.manifest import write_atomic
 from ddm_node.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def resolve_nproc(flag: int | None, node_config: str | Path | None = None) -> in
         return None
     import yaml
 
-    from ddm_node.config import load_config
+    from ddm_node.core.config import load_config
 
     cfg = load_config(node_config)  # full validation, file-named errors
     raw = yaml.safe_load(Path(node_config).read_text()) or {}

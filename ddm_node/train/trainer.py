@@ -33,9 +33,9 @@ from typing import Any, Callable
 
 import torch
 
-from ddm_node.config import Config, ModelConfig, TrainConfig
-from ddm_node.errors import DDMError
-from ddm_node.model import DiT, count_params
+from ddm_node.core.config import Config, ModelConfig, TrainConfig
+from ddm_node.core.errors import DDMError
+from ddm_node.core.model import DiT, count_params
 from ddm_node.train.distributed import DistContext, all_reduce_sum, rank_slice
 from ddm_node.train.flow import flow_matching_loss, sample_t
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 log = logging.getLogger("ddm_node.train.worker")
 EXIT_DDM_ERROR = 2
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.error_file:  # the supervisor raises the same kind of error in the daemon
             import json
 
-            from ddm_node.manifest import write_atomic
+            from ddm_node.core.manifest import write_atomic
 
             write_atomic(args.error_file, json.dumps({"type": type(exc).__name__, "message": str(exc)}).encode())
         return EXIT_DDM_ERROR
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from ddm_node.data.plan import Plan
-    from ddm_node.identity import Identity
+    from ddm_node.core.identity import Identity
     from ddm_node.train.distributed import destroy_distributed, init_distributed
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)

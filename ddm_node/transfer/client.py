@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Iterator
 import grpc
 import zstandard
 
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import (MANIFEST, SIGNATURE, FileEntry, Manifest, _fsync_dir, commit_dir, fsync_write,
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.manifest import (MANIFEST, SIGNATURE, FileEntry, Manifest, _fsync_dir, commit_dir, fsync_write,
                                hash_file, sha256_file, verify_artifact)
 from ddm_node.transfer.server import channel_options
 from ddm_node.transfer.store import (ANY_SHARD, DEFAULT_MAX_MESSAGE, ArtifactRef, NodeInfoData, is_hex64,

@@ -11,8 +11,8 @@ from typing import Iterator
 import grpc
 import zstandard
 
-from ddm_node.errors import DDMError
-from ddm_node.manifest import KINDS
+from ddm_node.core.errors import DDMError
+from ddm_node.core.manifest import KINDS
 from ddm_node.transfer.store import (ANY_SHARD, DEFAULT_CHUNK, DEFAULT_MAX_MESSAGE, ArtifactStore, NodeInfoData,
                                      is_hex64)
 from proto import ddm_pb2, ddm_pb2_grpc

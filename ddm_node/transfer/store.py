@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ddm_node import __version__
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import MANIFEST, SIGNATURE, Manifest, check_signature, verify_artifact
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.manifest import MANIFEST, SIGNATURE, Manifest, check_signature, verify_artifact
 
 DEFAULT_CHUNK = 1 << 20  # bytes of file data per streamed message
 DEFAULT_MAX_MESSAGE = 8 << 20  # gRPC send/receive limit set on both sides

@@ -27,8 +27,8 @@ from pathlib import Path
 import grpc
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.identity import Identity
-from ddm_node.manifest import MANIFEST, SIGNATURE, Manifest, read_manifest, seal
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import MANIFEST, SIGNATURE, Manifest, read_manifest, seal
 from ddm_node.swarm.dht import Swarm, dht_key, dht_time
 from proto import ddm_pb2, ddm_pb2_grpc
 

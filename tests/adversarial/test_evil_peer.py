@@ -35,11 +35,11 @@ from pathlib import Path
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.bundle import load_bundle, read_index
+from ddm_node.ensemble.bundle import load_bundle, read_index
 from ddm_node.cli import main
-from ddm_node.config import load_config
-from ddm_node.identity import Identity
-from ddm_node.manifest import read_manifest
+from ddm_node.core.config import load_config
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import read_manifest
 from ddm_node.swarm.records import CheckpointRecord, Claim, PlanRecord, ReplicaRecord, RouterRecord, StatsRecord
 from ddm_node.train import checkpoint as ckpt
 
@@ -349,7 +349,7 @@ def test_assemble_takes_every_honest_copy_past_the_lies(world, tmp_path, caplog,
 
 
 def test_island_mirrors_resumes_and_finishes_past_the_lies(world, tmp_path, caplog):
-    from ddm_node.daemon import Island, IslandOptions
+    from ddm_node.node.island import Island, IslandOptions
 
     w, e1, e2 = world, world.e1, world.e2
     caplog.set_level(logging.INFO, logger="ddm_node")

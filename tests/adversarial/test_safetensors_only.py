@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm_node.bundle import ExpertSource, load_bundle, verify_bundle, write_bundle
+from ddm_node.ensemble.bundle import ExpertSource, load_bundle, verify_bundle, write_bundle
 from ddm_node.cli import main
-from ddm_node.errors import IntegrityError
-from ddm_node.identity import Identity
-from ddm_node.manifest import verify_artifact
+from ddm_node.core.errors import IntegrityError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import verify_artifact
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.router_job import load_router
 
@@ -28,7 +28,7 @@ from .evil_peer import _Boom, pickle_payload, seal_copy
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory, request):
     """A real checkpoint, stats and router of a tiny plan, signed by an honest key."""
-    from ddm_node.config import load_config
+    from ddm_node.core.config import load_config
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import make_plan
     from ddm_node.train.expert import train_shard

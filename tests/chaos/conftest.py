@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from ddm_node.localnet import LocalNet
+from ddm_node.cli.localnet import LocalNet
 
 from .harness import DEFAULT_SEED, ChaosReport, mount_permitted, privileges
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ddm_node.localnet import IslandProc, LocalNet
+from ddm_node.cli.localnet import IslandProc, LocalNet
 from ddm_node.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ddm_node.identity import Identity
+from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht import Swarm
 
 from .harness import island_log_tail, training_now, verified_copy

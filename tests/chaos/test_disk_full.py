@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from ddm_node.config import load_config
-from ddm_node.identity import Identity
+from ddm_node.core.config import load_config
+from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.trainer import Trainer

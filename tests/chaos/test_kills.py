@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm_node.config import load_config
-from ddm_node.localnet import IslandProc, LocalNet, all_done
+from ddm_node.core.config import load_config
+from ddm_node.cli.localnet import IslandProc, LocalNet, all_done
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.trainer import Trainer
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 
 @dataclass

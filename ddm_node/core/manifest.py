@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ddm_node.config import canonical_json
-from ddm_node.errors import IntegrityError
-from ddm_node.identity import PUBLIC_HEX_LEN, Identity, verify_signature
+from ddm_node.core.config import canonical_json
+from ddm_node.core.errors import IntegrityError
+from ddm_node.core.identity import PUBLIC_HEX_LEN, Identity, verify_signature
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"

@@ -38,9 +38,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ddm_node.config import canonical_json
-from ddm_node.errors import DDMError
-from ddm_node.manifest import write_atomic
+from ddm_node.core.config import canonical_json
+from ddm_node.core.errors import DDMError
+from ddm_node.core.manifest import write_atomic
 
 log = logging.getLogger(__name__)
 

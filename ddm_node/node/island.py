@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from ddm_node import __version__
-from ddm_node.config import Config, SwarmConfig, from_dict, load_config, to_dict
+from ddm_node.core.config import Config, SwarmConfig, from_dict, load_config, to_dict
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.plan import Plan, check_dataset
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
-from ddm_node.manifest import read_manifest, write_atomic
-from ddm_node.mirror import Mirror, RejectedCheckpoint, fetch_checkpoint, newest_remote
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import read_manifest, write_atomic
+from ddm_node.node.mirror import Mirror, RejectedCheckpoint, fetch_checkpoint, newest_remote
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import CheckpointRecord, PeerRecord, PlanRecord, ReplicaRecord, RouterRecord, StatsRecord

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.bundle import INDEX, ExpertSource, write_bundle
+from ddm_node.ensemble.bundle import INDEX, ExpertSource, write_bundle
 from ddm_node.data.plan import Plan
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
-from ddm_node.manifest import Manifest
-from ddm_node.peers import fetch_plan, join_swarm
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import Manifest
+from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import CheckpointRecord, ReplicaRecord, RouterRecord
 from ddm_node.train.expert import run_config_hash

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import Manifest, commit_dir, read_manifest, staging_dir
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.manifest import Manifest, commit_dir, read_manifest, staging_dir
 from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import CheckpointRecord
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.transfer.client import NodeClient, fetch_artifact
 
 if TYPE_CHECKING:
-    from ddm_node.daemon import Island
+    from ddm_node.node.island import Island
 
 log = logging.getLogger(__name__)
 MANIFEST_TIMEOUT = 10.0  # seconds for one GetManifest call
@@ -174,7 +174,7 @@ class Mirror:
         (two idle islands may both pick the same R shards). Peers that publish or train the shard are
         left out of its order: they already hold it. Returns each such shard with its checkpoint records.
         """
-        from ddm_node.daemon import rendezvous
+        from ddm_node.node.island import rendezvous
 
         isl = self.island
         peers = isl.swarm.peers()

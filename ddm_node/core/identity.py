@@ -10,7 +10,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 PUBLIC_HEX_LEN = 64  # 32-byte Ed25519 public key, hex
 

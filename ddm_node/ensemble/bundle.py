@@ -20,10 +20,10 @@ from typing import Iterable
 
 import torch
 
-from ddm_node.config import SampleConfig
+from ddm_node.core.config import SampleConfig
 from ddm_node.data.plan import Plan
-from ddm_node.errors import DDMError, IntegrityError
-from ddm_node.manifest import MANIFEST, commit_dir, copy_artifact, read_manifest, staging_dir, verify_artifact, write_atomic
+from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.manifest import MANIFEST, commit_dir, copy_artifact, read_manifest, staging_dir, verify_artifact, write_atomic
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.router_job import load_router
 from router.centroid import CentroidRouter, ClusterStats

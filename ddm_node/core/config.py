@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 # name -> (hidden, depth, heads, patch). router/tiny/small run on a CPU; S/B/XL follow DiT for 32x32x4 latents.
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {

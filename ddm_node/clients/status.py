@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ddm_node.data.plan import Plan
-from ddm_node.peers import fetch_plan, join_swarm
+from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.claims import winner
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import PeerRecord

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ddm_node import __version__
-from ddm_node.errors import DDMError
+from ddm_node.core.errors import DDMError
 
 log = logging.getLogger("ddm_node")
 
@@ -45,7 +45,7 @@ def progress_bar(description: str, total: int, start: int = 0) -> Iterator:
 def load_identity(path: str | None):
     if path is None:
         return None
-    from ddm_node.identity import Identity
+    from ddm_node.core.identity import Identity
 
     return Identity.load(path)
 
@@ -71,7 +71,7 @@ def positive(name: str):
 
 def sample_config(args, plan):
     """The plan's sample config with CLI flags applied."""
-    from ddm_node.config import Config, from_dict, to_dict
+    from ddm_node.core.config import Config, from_dict, to_dict
 
     values = to_dict(plan.cfg)
     for key in ("steps", "routing", "solver", "router", "top_k", "cfg_scale"):
@@ -85,7 +85,7 @@ def sample_config(args, plan):
 
 
 def cmd_partition(args) -> int:
-    from ddm_node.config import load_config
+    from ddm_node.core.config import load_config
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import make_plan
 
@@ -126,7 +126,7 @@ def cmd_train_router(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from ddm_node.bundle import sources_from_work_dirs, write_bundle
+    from ddm_node.ensemble.bundle import sources_from_work_dirs, write_bundle
 
     plan = load_plan(args.plan)
     sources = sources_from_work_dirs(args.experts, [s.index for s in plan.shards])
@@ -141,9 +141,9 @@ def cmd_bundle(args) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from ddm_node.bundle import load_bundle
-    from ddm_node.generate import generate, save_grid
-    from ddm_node.manifest import write_atomic
+    from ddm_node.ensemble.bundle import load_bundle
+    from ddm_node.ensemble.generate import generate, save_grid
+    from ddm_node.core.manifest import write_atomic
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
@@ -167,9 +167,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ddm_node.bundle import load_bundle
+    from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.data.datasets import load_dataset
-    from ddm_node.generate import generate, score
+    from ddm_node.ensemble.generate import generate, score
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
@@ -189,7 +189,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from ddm_node.identity import Identity
+    from ddm_node.core.identity import Identity
 
     ident = Identity.generate()
     ident.save(args.out, overwrite=args.force)
@@ -205,25 +205,25 @@ def cmd_start(args) -> int:
     early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: early.set())
     signal.signal(signal.SIGINT, lambda *_: early.set())
-    from ddm_node.daemon import run_island
+    from ddm_node.node.island import run_island
 
     return run_island(args, early)
 
 
 def cmd_status(args) -> int:
-    from ddm_node.status import run_status
+    from ddm_node.clients.status import run_status
 
     return run_status(args)
 
 
 def cmd_assemble(args) -> int:
-    from ddm_node.assemble import run_assemble
+    from ddm_node.clients.assemble import run_assemble
 
     return run_assemble(args)
 
 
 def cmd_verify(args) -> int:
-    from ddm_node.bundle import verify_bundle
+    from ddm_node.ensemble.bundle import verify_bundle
 
     index = verify_bundle(args.dir, require_signature=not args.allow_unsigned, trusted_keys=args.trusted_key or None)
     print(f"{args.dir}: OK, {len(index['experts'])} experts, router {index['router']['kind']}, "
@@ -232,7 +232,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ddm_node.demo import run_demo
+    from ddm_node.cli.demo import run_demo
 
     return run_demo(args)
 

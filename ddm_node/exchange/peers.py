@@ -13,8 +13,8 @@ from typing import Sequence
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
 from ddm_node.data.plan import Plan
-from ddm_node.errors import DDMError
-from ddm_node.identity import Identity
+from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht import Swarm
 from ddm_node.transfer.client import NodeClient
 

@@ -1,0 +1,1 @@
+"""Clients of a run's swarm: assemble and status."""
