@@ -29,7 +29,7 @@ if $PY -c "import pytest" 2>/dev/null; then
 else
   summary "pytest is not installed: running the DDP self-test (NCCL under torchrun) instead of the CUDA tests"
   NPROC=$($PY -c "import torch; print(max(1, min(2, torch.cuda.device_count())))")
-  timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m ddm_node.train.distributed \
+  timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m ddm_node.train.selftest \
       > "$OUT_DIR/pytest_cuda.log" 2>&1
   summary "DDP self-test on $NPROC GPU(s): exit $? ($(grep '^{' "$OUT_DIR/pytest_cuda.log" | tail -n 1 | cut -c1-200))"
 fi

@@ -120,9 +120,10 @@ BLOCKER = "import sys\nfor m in {mods!r}:\n    sys.modules[m] = None  # import m
 
 @pytest.mark.multiproc
 def test_gpu_check_cpu_path_runs_without_optional_packages(tmp_path):
-    """ddm_node.core.config/model/train.trainer and bench/gpu_check.py import on a bare torch; its CPU path runs."""
+    """The ground modules, the trainer, its DDP self-test and bench/gpu_check.py import on a bare torch; its CPU path runs."""
     code = BLOCKER.format(mods=BLOCK) + (
         "import ddm_node.core.config, ddm_node.core.model, ddm_node.train.trainer, ddm_node.train.distributed\n"
+        "import ddm_node.train.selftest\n"
         "import runpy\n"
         f"sys.argv = ['bench/gpu_check.py', '--device', 'cpu', '--tiny', '--out', {str(tmp_path)!r}]\n"
         "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n")
@@ -182,7 +183,7 @@ def test_cuda_ddp_selftest_under_torchrun():
     """NCCL process group, DDP on cuda:LOCAL_RANK, gloo control group: every rank ends with the same weights."""
     nproc = min(2, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "ddm_node.train.distributed"]
+           "-m", "ddm_node.train.selftest"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]

@@ -10,8 +10,7 @@ Backends: NCCL for CUDA devices (one process per GPU, `cuda:LOCAL_RANK`), gloo f
 messages (stop flags, the checkpoint path to resume from) always go over a gloo group on CPU tensors,
 so checking them never synchronises the GPU stream.
 
-Run `python -m torch.distributed.run --standalone --nproc-per-node N -m ddm_node.train.distributed`
-for a self-test: a few DDP steps of a small DiT on random data, printed as one JSON line by rank 0.
+The self-test (a few DDP steps of a small DiT under torchrun) is `ddm_node.train.selftest`.
 """
 
 from __future__ import annotations
@@ -166,49 +165,3 @@ def all_reduce_sum(ctx: DistContext | None, t: torch.Tensor) -> torch.Tensor:
     if ctx is not None and ctx.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-# ------------------------------------------------------------------------------------------- self-test
-
-
-def _selftest(steps: int = 8) -> dict:
-    """A few DDP steps of a small DiT on random data; returns what rank 0 saw."""
-    import dataclasses
-    import time
-
-    from ddm_node.core.config import ModelConfig, TrainConfig
-    from ddm_node.train.trainer import Trainer
-
-    ctx, dev = init_distributed()
-    ok = False
-    try:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        model = ModelConfig(size="small", image_size=16, channels=4, num_classes=10)
-        train = TrainConfig(batch_size=8 * ctx.world_size, warmup_steps=2, checkpoint_every=steps, seed=1)
-        train = dataclasses.replace(train, compile=False)
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(64, 4, 16, 16, generator=g).clamp(-1, 1), torch.randint(0, 10, (64,), generator=g)
-        trainer = Trainer(model, train, x, y, device=str(dev), dist=ctx)
-        t0 = time.perf_counter()
-        losses = [trainer.train_step() for _ in range(steps)]
-        seconds = time.perf_counter() - t0
-        # every rank must hold the same weights after the same updates
-        flat = torch.cat([p.detach().float().reshape(-1) for p in trainer.model.parameters()])
-        lo, hi = flat.clone(), flat.clone()
-        if ctx.world_size > 1:
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        result = {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(dev), "losses": losses,
-                  "max_rank_weight_diff": float((hi - lo).abs().max()), "seconds": seconds}
-        ok = True
-        return result
-    finally:
-        destroy_distributed(sync=ok)
-
-
-if __name__ == "__main__":
-    import json
-
-    result = _selftest()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result), flush=True)
