@@ -120,7 +120,7 @@ BLOCKER = "import sys\nfor m in {mods!r}:\n    sys.modules[m] = None  # import m
 
 @pytest.mark.multiproc
 def test_gpu_check_cpu_path_runs_without_optional_packages(tmp_path):
-    """The ground modules, the trainer, its DDP self-test and bench/gpu_check.py import on a bare torch; its CPU path runs."""
+    """Ground modules, trainer, self-test and bench/gpu_check.py import on a bare torch; its CPU path runs."""
     code = BLOCKER.format(mods=BLOCK) + (
         "import ddm_node.core.config, ddm_node.core.model, ddm_node.train.trainer, ddm_node.train.distributed\n"
         "import ddm_node.train.selftest\n"
@@ -160,9 +160,9 @@ def test_cuda_trainer_uses_bf16_compile_fused_adamw_and_tf32():
     assert a.device.type == "cuda" and a._bf16 and a.lazy_loss and a._forward is not a.model
     assert a.optimizer.defaults.get("fused") and torch.get_float32_matmul_precision() == "high"
     losses = []
-    a.run(10, on_step=lambda s, l: losses.append(l))
+    a.run(10, on_step=lambda s, loss: losses.append(loss))
     a.run(60)  # lazy path: no per-step sync
-    assert all(l == l for l in losses)
+    assert all(v == v for v in losses)
     state = a.state_tensors()
     assert all(v.device.type == "cpu" for v in state.values()) and "rng.cuda" in state
     assert all(bool(torch.isfinite(v).all()) for k, v in state.items() if v.is_floating_point())
