@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
-from ddm_node.ensemble import metrics
 from ddm_node.core.errors import DDMError
-from ddm_node.ensemble.metrics import (DomainClassifier, Scores, evaluate, frechet_distance, get_domain_classifier, kid,
-                              precision_recall, train_domain_classifier)
+from ddm_node.ensemble import domain_classifier
+from ddm_node.ensemble.domain_classifier import DomainClassifier, get_domain_classifier, train_domain_classifier
+from ddm_node.ensemble.metrics import Scores, evaluate, frechet_distance, kid, precision_recall
 
 FINGERPRINT = "0123456789abcdef" * 4
 
@@ -72,7 +72,7 @@ def test_classifier_accuracy_and_features(clf, digits):
     x, _ = digits
     assert clf.accuracy >= 0.95
     assert not clf.pseudo_labels and clf.num_classes == 10
-    assert len(clf.hash) == 64 and clf.hash == metrics.weights_hash(clf.net)
+    assert len(clf.hash) == 64 and clf.hash == domain_classifier.weights_hash(clf.net)
     f = clf.features(x[:100], batch=32)
     assert f.shape == (100, clf.net.feature_dim) and 64 <= f.shape[1] <= 128
     assert np.allclose(f, clf.features(x[:100], batch=512), atol=1e-5)  # batching does not change features
@@ -100,21 +100,21 @@ def test_training_is_deterministic_and_leaves_global_state(clf, digits, tmp_path
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert torch.are_deterministic_algorithms_enabled() == det_before
     files = list(tmp_path.glob("domain-*.safetensors"))
-    assert files == [metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT, tmp_path)]
+    assert files == [domain_classifier.cache_path(tuple(x.shape), 10, True, FINGERPRINT, tmp_path)]
     assert files[0].name.startswith(f"domain-{FINGERPRINT[:16]}-")
-    assert metrics.load_classifier(files[0]).hash == clf.hash
+    assert domain_classifier.load_classifier(files[0]).hash == clf.hash
 
 
 def test_cache_hit_does_not_retrain_and_corruption_retrains(clf, digits, tmp_path, monkeypatch):
     x, y = digits
-    path = metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT, tmp_path)
-    metrics.save_classifier(clf, path)
+    path = domain_classifier.cache_path(tuple(x.shape), 10, True, FINGERPRINT, tmp_path)
+    domain_classifier.save_classifier(clf, path)
     calls = []
 
     def no_training(*args, **kwargs):
         raise AssertionError("retrained despite a valid cache file")
 
-    monkeypatch.setattr(metrics, "train_domain_classifier", no_training)
+    monkeypatch.setattr(domain_classifier, "train_domain_classifier", no_training)
     hit = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
     assert hit.hash == clf.hash and hit.accuracy == clf.accuracy
     assert np.allclose(hit.features(x[:50]), clf.features(x[:50]))
@@ -124,19 +124,19 @@ def test_cache_hit_does_not_retrain_and_corruption_retrains(clf, digits, tmp_pat
         calls.append(1)
         return clf
 
-    monkeypatch.setattr(metrics, "train_domain_classifier", counted)
+    monkeypatch.setattr(domain_classifier, "train_domain_classifier", counted)
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0x40  # flip a bit in the tensor data: loads fine, hash no longer matches
     path.write_bytes(bytes(raw))
     with pytest.raises(DDMError, match="does not match"):
-        metrics.load_classifier(path)
+        domain_classifier.load_classifier(path)
     fixed = get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path)
     assert calls == [1] and fixed.hash == clf.hash
-    assert metrics.load_classifier(path).hash == clf.hash  # the retrained copy replaced the bad file
+    assert domain_classifier.load_classifier(path).hash == clf.hash  # the retrained copy replaced the bad file
 
     path.write_bytes(path.read_bytes()[:1000])  # truncated: cannot be loaded at all
     with pytest.raises(DDMError, match="unreadable"):
-        metrics.load_classifier(path)
+        domain_classifier.load_classifier(path)
     assert get_domain_classifier(x, y, 10, FINGERPRINT, cache_dir=tmp_path).hash == clf.hash
     assert calls == [1, 1]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
@@ -145,12 +145,12 @@ def test_cache_hit_does_not_retrain_and_corruption_retrains(clf, digits, tmp_pat
 def test_cache_location_and_bad_fingerprint(digits, tmp_path, monkeypatch):
     x, y = digits
     monkeypatch.setenv("DDM_CACHE_DIR", str(tmp_path / "env"))
-    path = metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT)
+    path = domain_classifier.cache_path(tuple(x.shape), 10, True, FINGERPRINT)
     assert path.parent == tmp_path / "env"
-    assert path != metrics.cache_path(tuple(x.shape), 10, False, FINGERPRINT)  # unlabeled: another recipe
-    assert path != metrics.cache_path(tuple(x.shape), 10, True, FINGERPRINT, seed=1)
+    assert path != domain_classifier.cache_path(tuple(x.shape), 10, False, FINGERPRINT)  # unlabeled: another recipe
+    assert path != domain_classifier.cache_path(tuple(x.shape), 10, True, FINGERPRINT, seed=1)
     monkeypatch.delenv("DDM_CACHE_DIR")
-    assert metrics.default_cache_dir() == metrics.Path.home() / ".cache" / "ddm-node"
+    assert domain_classifier.default_cache_dir() == domain_classifier.Path.home() / ".cache" / "ddm-node"
     with pytest.raises(DDMError, match="fingerprint"):
         get_domain_classifier(x, y, 10, "../../etc", cache_dir=tmp_path)
 
@@ -158,7 +158,7 @@ def test_cache_location_and_bad_fingerprint(digits, tmp_path, monkeypatch):
 def test_unlabeled_data_uses_pseudo_labels(digits, halves):
     x, _ = digits
     pseudo = train_domain_classifier(x, None, 0, seed=0, epochs=4)
-    assert pseudo.pseudo_labels and pseudo.num_classes == metrics.PSEUDO_CLUSTERS
+    assert pseudo.pseudo_labels and pseudo.num_classes == domain_classifier.PSEUDO_CLUSTERS
     assert pseudo.accuracy > 0.7  # held-out accuracy on the cluster labels
     ref, other = halves
     real = evaluate(other, ref, pseudo)
@@ -278,9 +278,9 @@ def test_frechet_general_covariance_and_singular():
 
 def test_domain_net_sizes():
     for channels, size in ((1, 8), (1, 16), (1, 28), (3, 32)):
-        net = metrics.DomainNet(channels, size, 7)
+        net = domain_classifier.DomainNet(channels, size, 7)
         x = torch.rand(5, channels, size, size) * 2 - 1
-        assert net(x).shape == (5, 7) and net.features(x).shape == (5, metrics.FEATURE_DIM)
+        assert net(x).shape == (5, 7) and net.features(x).shape == (5, domain_classifier.FEATURE_DIM)
 
 
 def test_kid_unbiased_and_shift():

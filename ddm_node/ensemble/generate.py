@@ -16,7 +16,8 @@ from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import write_atomic
-from ddm_node.ensemble.metrics import Scores, evaluate, get_domain_classifier
+from ddm_node.ensemble.domain_classifier import get_domain_classifier
+from ddm_node.ensemble.metrics import Scores, evaluate
 from router.sampler import sample
 
 log = logging.getLogger(__name__)
