@@ -1,12 +1,15 @@
 """Train one shard's expert from a plan: data selection, stats artifact, resume, periodic checkpoints.
 
-This is the whole of an island's training work; the daemon calls `train_shard` with hooks for
-announcing checkpoints and for stopping on a signal, and `ddm-node train-expert` calls it alone.
+This is the whole of an island's training work, in one loop for one process and for every rank of a
+DDP group: the daemon calls `train_shard` with hooks for announcing checkpoints and for stopping on a
+signal, `ddm-node train-expert` calls it alone, and each torchrun worker (`ddm_node.train.worker`)
+calls it with its `DistContext`. With several ranks, rank 0 writes the stats artifact and every
+checkpoint and picks the checkpoint that every rank resumes from; a stop request on any rank stops
+all of them after the same step.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +18,13 @@ from typing import Callable
 import torch
 
 from ddm_node.core.config import config_hash
+from ddm_node.core.identity import Identity
+from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
-from ddm_node.core.errors import DDMError
-from ddm_node.core.identity import Identity
 from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.checkpointer import Checkpointer, DiskFull, is_disk_full  # noqa: F401 (re-exported for node.island)
+from ddm_node.train.distributed import DistContext, any_rank, broadcast_object
 from ddm_node.train.trainer import Trainer
 from router.centroid import ClusterStats
 
@@ -33,15 +38,6 @@ class ShardData:
     x: torch.Tensor
     y: torch.Tensor | None
     latent: bool = False  # latents are not limited to [-1, 1] (datasets spec latents:PATH)
-
-
-class DiskFull(DDMError):
-    """A checkpoint does not fit on the work dir's filesystem, even after pruning to the newest one."""
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """An OSError for a full filesystem or an exhausted quota."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None) -> ShardData:
@@ -62,7 +58,7 @@ def run_config_hash(plan: Plan) -> str:
 
 def ensure_stats(plan: Plan, shard: int, work_dir: Path, data: ShardData, identity: Identity | None) -> Path:
     """Write the shard's cluster-statistics artifact once (it does not change with training)."""
-    stats_dir = work_dir / f"shard_{shard:03d}" / "stats"
+    stats_dir = WorkDir(work_dir).stats(shard)
     if stats_dir.exists():
         try:
             ckpt.read_stats(stats_dir, verify=True)
@@ -72,6 +68,39 @@ def ensure_stats(plan: Plan, shard: int, work_dir: Path, data: ShardData, identi
     stats = ClusterStats.from_data(data.x, sub_centroids=plan.cfg.partition.sub_centroids, seed=plan.cfg.partition.seed,
                                    y=data.y, num_classes=plan.cfg.model.num_classes if data.y is not None else 0)
     return ckpt.write_stats(work_dir, plan.run_id, shard, stats.to_tensors(), run_config_hash(plan), identity)
+
+
+def _is_main(dist: DistContext | None) -> bool:
+    return dist is None or dist.is_main
+
+
+def _resume(trainer: Trainer, work_dir: Path, shard: int, resume_from: Path | None,
+            dist: DistContext | None) -> Path | None:
+    """Load the state rank 0 picked (`resume_from`, else the newest valid local checkpoint's) on every rank.
+
+    Rank 0 alone looks at the work dir, so that every rank resumes from the same step even while a
+    checkpoint is being verified or pruned. Returns the newest valid local step dir (None if there is none).
+    """
+    picked = None
+    if _is_main(dist):
+        latest = ckpt.latest_checkpoint(work_dir, shard)
+        state_dir = resume_from or (latest / ckpt.STATE if latest is not None else None)
+        picked = tuple(str(p) if p is not None else None for p in (latest, state_dir))
+    latest, state_dir = (Path(p) if p else None for p in broadcast_object(dist, picked))
+    if state_dir is not None:
+        ckpt.load_state(state_dir, trainer)
+        if _is_main(dist):
+            log.info("shard %d: resumed at step %d from %s on %d process(es)", shard, trainer.step, state_dir,
+                     trainer.world_size)
+    return latest
+
+
+def _stop_check(should_stop: Callable[[], bool] | None, dist: DistContext | None) -> Callable[[], bool] | None:
+    """`should_stop` for the trainer. With DDP every rank must stop after the same step, so each step the
+    ranks' flags are all-reduced (a CPU collective on the control group): a stop on any rank stops all."""
+    if dist is None:
+        return should_stop
+    return lambda: any_rank(dist, should_stop is not None and should_stop())
 
 
 def train_shard(
@@ -87,58 +116,41 @@ def train_shard(
     should_stop: Callable[[], bool] | None = None,
     device: str | None = None,
     on_start: Callable[[int], None] | None = None,
+    dist: DistContext | None = None,
 ) -> Path | None:
     """Train shard `shard` of `plan` up to `steps` (default: the plan's budget), checkpointing into `work_dir`.
 
     Resumes from `resume_from` (a state artifact directory) or the newest valid local checkpoint.
     `on_start(step)` is called once the trainer is built and resumed, right before the first step.
-    Returns the newest checkpoint directory (None if nothing was trained or written).
+    `dist`: this process's rank in a DDP group (None: one process); rank 0 then writes the stats and the
+    checkpoints and alone calls `on_checkpoint`, and `should_stop()` on any rank stops every rank.
+    Returns the newest checkpoint directory (None if nothing was trained or written), the same on every rank.
     """
     cfg = plan.cfg
     work_dir = Path(work_dir)
     target = cfg.train.steps if steps is None else steps
     data = shard_data(plan, shard, dataset)
-    ensure_stats(plan, shard, work_dir, data, identity)
-    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, check_range=not data.latent)
-    latest = ckpt.latest_checkpoint(work_dir, shard)
-    state_dir = resume_from or (latest / "state" if latest else None)
-    if state_dir is not None:
-        step = ckpt.load_state(state_dir, trainer)
-        log.info("shard %d: resumed at step %d from %s", shard, step, state_dir)
+    main = _is_main(dist)
+    if main:
+        ensure_stats(plan, shard, work_dir, data, identity)
+    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, dist=dist, check_range=not data.latent)
+    latest = _resume(trainer, work_dir, shard, resume_from, dist)
     if trainer.step >= target:
         return latest
-    chash = run_config_hash(plan)
-    written: list[Path] = []
-    keep = 2
+    saver = Checkpointer(work_dir, plan.run_id, shard, run_config_hash(plan), identity)
 
     def checkpoint(step: int) -> None:
-        nonlocal keep
-        try:
-            path = ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            # The failed write left nothing behind (its staging dir is gone). Keep only the newest valid
-            # checkpoint from now on and try once more; if that does not fit either, give up cleanly.
-            log.error("disk full writing shard %d step %d in %s (%s); keeping only the newest checkpoint "
-                      "and retrying", shard, step, work_dir, exc.strerror)
-            keep = 1
-            ckpt.prune_checkpoints(work_dir, shard, keep=1)
-            try:
-                path = ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
-            except OSError as again:
-                if not is_disk_full(again):
-                    raise
-                raise DiskFull(f"disk full: shard {shard} step {step} does not fit in {work_dir} even with only "
-                               f"the newest checkpoint kept ({again.strerror})") from None
-        ckpt.prune_checkpoints(work_dir, shard, keep=keep)
-        written.append(path)
-        if on_checkpoint:
-            on_checkpoint(path)
+        if main:  # the other ranks go on; their next collective waits for rank 0
+            path = saver.write(trainer)
+            if on_checkpoint is not None:
+                on_checkpoint(path)
 
     if on_start is not None:
         on_start(trainer.step)
-    reached = trainer.run(target, on_step=on_step, on_checkpoint=checkpoint, should_stop=should_stop)
-    if not written or not written[-1].name.endswith(f"{reached:08d}"):
-        checkpoint(reached)
-    return written[-1]
+    reached = trainer.run(target, on_step=on_step, on_checkpoint=checkpoint,
+                          should_stop=_stop_check(should_stop, dist))
+    if main and saver.newest_step != reached:
+        checkpoint(reached)  # a stop between periodic checkpoints, or a budget off the checkpoint grid
+    # Also the other ranks' wait for rank 0's final checkpoint before they leave.
+    newest = broadcast_object(dist, str(saver.newest) if saver.newest is not None else None)
+    return Path(newest) if newest is not None else latest

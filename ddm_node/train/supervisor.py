@@ -37,17 +37,20 @@ from typing import Callable
 
 import torch
 
-from ddm_node.data.plan import Plan
 from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.events import EventKind
 from ddm_node.core.manifest import write_atomic
+from ddm_node.core.workdir import WorkDir, step_of
+from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.checkpointer import DiskFull
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 300.0  # a large model's final checkpoint (model, EMA, Adam: 16 bytes/param) must fit
 MAX_RESTARTS = 3
 LOG_TAIL_LINES = 8
-EventHook = Callable[[str, dict], None]
+EventHook = Callable[[EventKind, dict], None]  # on_event(kind, fields)
 
 
 def resolve_nproc(flag: int | None, node_config: str | Path | None = None) -> int | None:
@@ -112,6 +115,7 @@ class WorkerGroup:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> int:
+        """Start torchrun in a session of its own, output appended to the log; returns its pid."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as f:
             f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.cmd)}\n".encode())
@@ -122,9 +126,11 @@ class WorkerGroup:
 
     @property
     def pid(self) -> int:
+        """torchrun's pid, which is also its session's and process group's id."""
         return self.popen.pid
 
     def poll(self) -> int | None:
+        """torchrun's exit code, None while it runs."""
         return self.popen.poll()
 
     def stop(self, timeout: float) -> int:
@@ -163,10 +169,6 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return " | ".join(line.strip() for line in text[-lines:])
 
 
-def _step_of(step_dir: Path | None) -> int:
-    return int(step_dir.name.split("_")[1]) if step_dir is not None else -1
-
-
 class Supervisor:
     """Runs one shard's worker group to its target; see the module docstring."""
 
@@ -184,18 +186,18 @@ class Supervisor:
         self.on_start = on_start
         self.policy = RestartPolicy(max_restarts)
         self.stop_timeout, self.poll = stop_timeout, poll
-        self.dir = self.work_dir / "workers" / f"shard_{shard:03d}"
+        self.dir = WorkDir(self.work_dir).workers(shard)
         self.log_path = self.dir / "worker.log"
         self.error_file = self.dir / "error.txt"
-        self.announced = _step_of(ckpt.latest_checkpoint(self.work_dir, shard))
+        self.announced = step_of(ckpt.latest_checkpoint(self.work_dir, shard))
 
     # ------------------------------------------------------------------------------ helpers
-    def _event(self, kind: str, **fields) -> None:
+    def _event(self, kind: EventKind, **fields) -> None:
         if self.on_event is not None:
             try:
                 self.on_event(kind, fields)
             except Exception as exc:  # an event log problem must not stop training
-                log.warning("event %s: %s", kind, exc)
+                log.warning("event %s: %s", kind.value, exc)
 
     def _plan_file(self) -> Path:
         path = self.dir / "plan.json"
@@ -206,8 +208,6 @@ class Supervisor:
 
     def _worker_error(self) -> DDMError:
         """The DDMError a worker reported (same type for a full disk, which the daemon handles apart)."""
-        from ddm_node.train.expert import DiskFull
-
         text = self.error_file.read_text(errors="replace").strip()
         try:
             data = json.loads(text)
@@ -217,6 +217,7 @@ class Supervisor:
         return DiskFull(message) if kind == "DiskFull" else DDMError(f"shard {self.shard}: {message}")
 
     def command(self) -> list[str]:
+        """The torchrun command line of this shard's worker group (`ddm_node.train.worker` on every rank)."""
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(self.nproc),
                "--monitor-interval", "0.5", "-m", "ddm_node.train.worker",
                "--plan", str(self._plan_file()), "--run-id", self.plan.run_id, "--shard", str(self.shard),
@@ -227,6 +228,7 @@ class Supervisor:
         return cmd
 
     def environment(self) -> dict[str, str]:
+        """The daemon's environment, set up for the workers (import path, threads, loopback, unbuffered logs)."""
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the workers import this very ddm_node
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -239,7 +241,7 @@ class Supervisor:
     def announce_new(self) -> None:
         """Hand the newest step dir to `on_checkpoint` once it is newer than the last one and verifies."""
         found = ckpt.list_checkpoints(self.work_dir, self.shard)
-        if not found or _step_of(found[0]) <= self.announced:
+        if not found or step_of(found[0]) <= self.announced:
             return
         newest = found[0]
         try:
@@ -247,46 +249,59 @@ class Supervisor:
         except (IntegrityError, OSError) as exc:  # pruned meanwhile, or damaged: the next one will do
             log.warning("shard %d: not announcing %s: %s", self.shard, newest, exc)
             return
-        self.announced = _step_of(newest)
+        self.announced = step_of(newest)
         if self.on_checkpoint is not None:
             self.on_checkpoint(newest)
 
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> Path | None:
+        """Start the group, again after a crash, until the target, a stop request or too many failures."""
         attempt = 0
         while True:
             latest = ckpt.latest_checkpoint(self.work_dir, self.shard)
-            if _step_of(latest) >= self.target or (self.should_stop is not None and self.should_stop()):
+            if step_of(latest) >= self.target or (self.should_stop is not None and self.should_stop()):
                 return latest
             attempt += 1
-            start_step = _step_of(latest)
-            self.error_file.unlink(missing_ok=True)
-            group = WorkerGroup(self.command(), self.environment(), self.log_path)
-            pid = group.start()
-            log.info("shard %d: worker group %d started (%d processes, attempt %d, resuming at step %d)",
-                     self.shard, pid, self.nproc, attempt, max(start_step, 0))
-            self._event("workers_start", pid=pid, nproc=self.nproc, attempt=attempt, resume_step=max(start_step, 0))
-            if self.on_start is not None:
-                self.on_start(max(start_step, 0))
+            start_step = step_of(latest)
+            group = self._start(attempt, max(start_step, 0))
             stopped = self._watch(group)
-            code = group.poll()
-            self.announce_new()
-            newest = _step_of(ckpt.latest_checkpoint(self.work_dir, self.shard))
-            self._event("workers_exit", pid=pid, code=code, attempt=attempt, step=max(newest, 0), stopped=stopped)
-            if stopped:
+            code, newest = self._exited(group, attempt, stopped)
+            if stopped or (code == 0 and not self.error_file.is_file()):
                 return ckpt.latest_checkpoint(self.work_dir, self.shard)
-            if self.error_file.is_file():
-                raise self._worker_error()
-            if code == 0:
-                return ckpt.latest_checkpoint(self.work_dir, self.shard)
-            if not self.policy.allow(progressed=newest > start_step):
-                raise DDMError(f"shard {self.shard}: the worker group failed {self.policy.failures} times in a row "
-                               f"without a new checkpoint (last exit code {code}); see {self.log_path}: "
-                               f"{_log_tail(self.log_path)}")
-            log.warning("shard %d: worker group exited with code %s at step %d; restarting from the last checkpoint",
-                        self.shard, code, max(newest, 0))
-            self._event("workers_restart", code=code, step=max(newest, 0), failures=self.policy.failures)
-            time.sleep(min(float(self.policy.failures), 5.0))
+            self._failed(code, start_step, newest)
+
+    def _start(self, attempt: int, resume_step: int) -> WorkerGroup:
+        self.error_file.unlink(missing_ok=True)
+        group = WorkerGroup(self.command(), self.environment(), self.log_path)
+        pid = group.start()
+        log.info("shard %d: worker group %d started (%d processes, attempt %d, resuming at step %d)",
+                 self.shard, pid, self.nproc, attempt, resume_step)
+        self._event(EventKind.WORKERS_START, pid=pid, nproc=self.nproc, attempt=attempt, resume_step=resume_step)
+        if self.on_start is not None:
+            self.on_start(resume_step)
+        return group
+
+    def _exited(self, group: WorkerGroup, attempt: int, stopped: bool) -> tuple[int | None, int]:
+        """Announce what the group left and record its exit; returns its exit code and the newest step (-1: none)."""
+        code = group.poll()
+        self.announce_new()
+        newest = step_of(ckpt.latest_checkpoint(self.work_dir, self.shard))
+        self._event(EventKind.WORKERS_EXIT, pid=group.pid, code=code, attempt=attempt, step=max(newest, 0),
+                    stopped=stopped)
+        return code, newest
+
+    def _failed(self, code: int | None, start_step: int, newest: int) -> None:
+        """A failed group: raise the worker's own error, or DDMError when restarts ran out; else wait a little."""
+        if self.error_file.is_file():
+            raise self._worker_error()
+        if not self.policy.allow(progressed=newest > start_step):
+            raise DDMError(f"shard {self.shard}: the worker group failed {self.policy.failures} times in a row "
+                           f"without a new checkpoint (last exit code {code}); see {self.log_path}: "
+                           f"{_log_tail(self.log_path)}")
+        log.warning("shard %d: worker group exited with code %s at step %d; restarting from the last checkpoint",
+                    self.shard, code, max(newest, 0))
+        self._event(EventKind.WORKERS_RESTART, code=code, step=max(newest, 0), failures=self.policy.failures)
+        time.sleep(min(float(self.policy.failures), 5.0))  # back off a little: a crash may repeat at once
 
     def _watch(self, group: WorkerGroup) -> bool:
         """Poll until the group exits; returns True when it was stopped on request."""
@@ -315,8 +330,9 @@ def train_shard_distributed(plan: Plan, shard: int, work_dir: str | Path, nproc:
 
     Same contract as `train_shard`: resumes from the newest valid local checkpoint, calls
     `on_checkpoint(step_dir)` for new checkpoints, stops (with a final checkpoint) when `should_stop()`,
-    returns the newest checkpoint directory. `on_event(kind, fields)` hears workers_start, workers_exit
-    and workers_restart; `on_start(step)` is called with the step each started group resumes at.
+    returns the newest checkpoint directory. `on_event(kind, fields)` hears EventKind.WORKERS_START,
+    WORKERS_EXIT and WORKERS_RESTART (a str enum: each equals its value, e.g. "workers_start");
+    `on_start(step)` is called with the step each started group resumes at.
     Checkpoints are signed with the key file `identity_path` (unsigned without one).
     """
     sup = Supervisor(plan, shard, Path(work_dir), nproc, identity_path, steps, device, on_checkpoint, should_stop,

@@ -3,10 +3,12 @@
     python -m torch.distributed.run --standalone --nproc-per-node N -m ddm_node.train.worker \\
         --plan PLAN --run-id RUN --shard K --work-dir WORK [--identity KEY] [--steps S] [--device D]
 
-Every rank loads the shard and resumes from the step dir rank 0 picked (the newest valid local
-checkpoint), then trains with DDP. Rank 0 writes the stats artifact and every checkpoint; the daemon
-notices new step dirs and announces them (`ddm_node.train.supervisor`). SIGTERM (sent by the daemon,
-forwarded by torchrun) stops every rank after the same step, and rank 0 writes a final checkpoint.
+This module only sets the process up (arguments, process group, watchdog, signals); the training is
+`ddm_node.train.expert.train_shard`, the same loop as in one process: every rank loads the shard and
+resumes from the step dir rank 0 picked (the newest valid local checkpoint), then trains with DDP.
+Rank 0 writes the stats artifact and every checkpoint; the daemon notices new step dirs and announces
+them (`ddm_node.train.supervisor`). SIGTERM (sent by the daemon, forwarded by torchrun) stops every
+rank after the same step, and rank 0 writes a final checkpoint.
 
 Exit codes: 0 done or stopped; 2 a DDMError (its type and one-line message also go to --error-file as
 JSON, so the supervisor raises it instead of restarting); anything else is a crash and the group is
@@ -18,6 +20,7 @@ leaves training processes behind.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -29,6 +32,11 @@ from pathlib import Path
 import torch
 
 from ddm_node.core.errors import DDMError
+from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import write_atomic
+from ddm_node.data.plan import Plan
+from ddm_node.train.distributed import destroy_distributed, init_distributed
+from ddm_node.train.expert import train_shard
 
 log = logging.getLogger("ddm_node.train.worker")
 EXIT_DDM_ERROR = 2
@@ -37,6 +45,7 @@ WATCHDOG_PERIOD_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's command line (built by `ddm_node.train.supervisor.Supervisor.command`)."""
     p = argparse.ArgumentParser(prog="ddm_node.train.worker", description=__doc__.splitlines()[0])
     p.add_argument("--plan", required=True, help="plan.json")
     p.add_argument("--run-id", required=True, help="the plan file must have this sha256")
@@ -80,68 +89,8 @@ def start_watchdog(parent_pid: int | None) -> None:
     threading.Thread(target=watch, name="watchdog", daemon=True).start()
 
 
-def train_rank(plan, shard: int, work_dir: Path, ctx, device: torch.device, identity=None, steps: int | None = None,
-               stop: threading.Event | None = None) -> Path | None:
-    """Train this rank's part of shard `shard` up to `steps`; rank 0 checkpoints. Returns the newest step dir."""
-    from ddm_node.train import checkpoint as ckpt
-    from ddm_node.train.distributed import any_rank, barrier, broadcast_object
-    from ddm_node.train.expert import DiskFull, ensure_stats, is_disk_full, run_config_hash, shard_data
-    from ddm_node.train.trainer import Trainer
-
-    cfg = plan.cfg
-    target = cfg.train.steps if steps is None else steps
-    data = shard_data(plan, shard)
-    if ctx.is_main:
-        ensure_stats(plan, shard, work_dir, data, identity)
-    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=str(device), dist=ctx, check_range=not data.latent)
-    # Rank 0 picks the step dir so that every rank resumes from the same one.
-    latest = ckpt.latest_checkpoint(work_dir, shard) if ctx.is_main else None
-    latest_name = broadcast_object(ctx, str(latest) if latest is not None else None)
-    latest = Path(latest_name) if latest_name else None
-    if latest is not None:
-        ckpt.load_state(latest / ckpt.STATE, trainer)
-        if ctx.is_main:
-            log.info("shard %d: resumed at step %d from %s on %d process(es)", shard, trainer.step, latest,
-                     ctx.world_size)
-    if trainer.step >= target:
-        return latest
-    chash = run_config_hash(plan)
-    written: list[Path] = []
-    keep = 2
-
-    def write() -> Path:
-        nonlocal keep
-        try:
-            return ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
-        except OSError as exc:  # as train_shard: on a full disk keep only the newest checkpoint, try once more
-            if not is_disk_full(exc):
-                raise
-            log.error("disk full writing shard %d step %d (%s); keeping only the newest checkpoint and retrying",
-                      shard, trainer.step, exc.strerror)
-            keep = 1
-            ckpt.prune_checkpoints(work_dir, shard, keep=1)
-            try:
-                return ckpt.write_checkpoint(work_dir, plan.run_id, shard, trainer, chash, identity)
-            except OSError as again:
-                if not is_disk_full(again):
-                    raise
-                raise DiskFull(f"disk full: shard {shard} step {trainer.step} does not fit in {work_dir} even with "
-                               f"only the newest checkpoint kept ({again.strerror})") from None
-
-    def checkpoint(step: int) -> None:
-        if ctx.is_main:  # the others go on; the next collective waits for rank 0
-            written.append(write())
-            ckpt.prune_checkpoints(work_dir, shard, keep=keep)
-
-    flag = stop if stop is not None else threading.Event()
-    reached = trainer.run(target, on_checkpoint=checkpoint, should_stop=lambda: any_rank(ctx, flag.is_set()))
-    if ctx.is_main and (not written or not written[-1].name.endswith(f"{reached:08d}")):
-        checkpoint(reached)
-    barrier(ctx)
-    return written[-1] if written else latest
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one rank; returns the exit code (see the module docstring)."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -161,19 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     except DDMError as exc:
         log.error("%s", exc)
         if args.error_file:  # the supervisor raises the same kind of error in the daemon
-            import json
-
-            from ddm_node.core.manifest import write_atomic
-
             write_atomic(args.error_file, json.dumps({"type": type(exc).__name__, "message": str(exc)}).encode())
         return EXIT_DDM_ERROR
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
-    from ddm_node.data.plan import Plan
-    from ddm_node.core.identity import Identity
-    from ddm_node.train.distributed import destroy_distributed, init_distributed
-
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -182,7 +123,8 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     ctx, device = init_distributed(args.device)
     ok = False
     try:
-        out = train_rank(plan, args.shard, Path(args.work_dir), ctx, device, identity, args.steps, stop)
+        out = train_shard(plan, args.shard, Path(args.work_dir), steps=args.steps, identity=identity,
+                          should_stop=stop.is_set, device=str(device), dist=ctx)
         if ctx.is_main:
             log.info("shard %d: rank 0 done, newest checkpoint %s", args.shard, out)
         ok = True
