@@ -18,8 +18,14 @@ import psutil
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: it picks hivemind's memory sharing strategy before hivemind loads)
-import ddm_node.swarm.dht as dht_module
+
+# isort: split
 import hivemind  # noqa: E402  (after ddm_node.swarm, see above)
+from hivemind.dht.routing import DHTID  # noqa: E402  (after ddm_node.swarm, see above)
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+import ddm_node.swarm.dht_process as dht_process
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
 from ddm_node.swarm.claims import ClaimManager, winner
@@ -34,9 +40,6 @@ from ddm_node.swarm.records import (
     StatsRecord,
 )
 from ddm_node.swarm.validator import MAX_VALUE_BYTES, Ed25519RecordValidator
-from hivemind.dht.routing import DHTID  # noqa: E402  (after ddm_node.swarm, see above)
-from hivemind.dht.validation import DHTRecord
-from hivemind.utils import MSGPackSerializer, get_dht_time
 
 H = "ab" * 32  # a valid 64-hex id
 H2 = "cd" * 32
@@ -494,7 +497,7 @@ def _dht_factory(monkeypatch, dying: int, bad: type = _DiesBeforeReady) -> list[
         made.append("dead" if len(made) < dying else "real")
         return (bad if made[-1] == "dead" else _REAL_DHT)(**kwargs)
 
-    monkeypatch.setattr(dht_module.hivemind, "DHT", make)
+    monkeypatch.setattr(dht_process.hivemind, "DHT", make)
     return made
 
 
@@ -523,7 +526,7 @@ def test_a_dht_child_that_always_dies_is_a_one_line_error(monkeypatch):
 
 @pytest.mark.multiproc
 def test_a_dht_child_that_hangs_during_start_is_started_again(monkeypatch):
-    monkeypatch.setattr(dht_module, "START_STUCK", 1.0)
+    monkeypatch.setattr(dht_process, "START_STUCK", 1.0)
     before = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
     made = _dht_factory(monkeypatch, dying=1, bad=_HangsBeforeReady)
     swarm = Swarm(Identity.generate(), secrets.token_hex(32))
@@ -531,6 +534,6 @@ def test_a_dht_child_that_hangs_during_start_is_started_again(monkeypatch):
         assert made == ["dead", "real"] and type(swarm.dht) is _REAL_DHT and swarm.dht.is_alive()
         new = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.pid not in before]
         live = {p.pid for p in new if p.status() != psutil.STATUS_ZOMBIE}
-        assert live == {p.pid for p in dht_module._descendants(swarm.dht_pid)}  # the hung child is gone
+        assert live == {p.pid for p in dht_process.descendants(swarm.dht_pid)}  # the hung child is gone
     finally:
         swarm.shutdown()

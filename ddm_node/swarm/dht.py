@@ -22,17 +22,17 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import hivemind
-import psutil
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
+from ddm_node.swarm.dht_process import DHTChild
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,
@@ -48,9 +48,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 120.0  # announcements; the daemon re-announces well before this runs out
 RPC_TIMEOUT = 30.0  # seconds to wait for one DHT get/store
-START_TIMEOUT = 120.0  # seconds for the DHT child to join the swarm (hivemind bounds its own dials well below)
-START_ATTEMPTS = 3  # a DHT child that dies before it is ready is started again this many times in all
-START_STUCK = 20.0  # a child with no p2pd after this many seconds hangs (its first act is to start p2pd)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -139,81 +136,28 @@ class Swarm:
         self.marker = self.validator.local_marker
         self._lock = threading.Lock()
         self._closed = False
-        self._procs: list[psutil.Process] = []
         if isinstance(initial_peers, str) or not all(isinstance(p, str) for p in initial_peers):
             raise DDMError(f"initial peers must be a list of multiaddr strings, got {initial_peers!r}")
         if announce_host is not None and not port:
             raise DDMError("announcing an address needs a fixed DHT port (--dht-port)")
         announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None
-        make = partial(
-            hivemind.DHT,
-            initial_peers=list(initial_peers) or None,
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            announce_maddrs=announce,
-            client_mode=client_mode,
-            start=False,  # started in _start, which can tell a dead child from a slow one
-            nat_port_map=False,  # the default sends UPnP/NAT-PMP packets off the machine
-            record_validators=[self.validator],
-        )
         try:
-            self._dht = self._start(make)
+            self._child = DHTChild(initial_peers=list(initial_peers) or None, host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                                   announce_maddrs=announce, client_mode=client_mode,
+                                   record_validators=[self.validator])
         except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
             self._closed = True
             raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
-        # Remember the process tree now: once the DHT child is gone, its pid no longer leads to p2pd.
-        self._procs = _descendants(self._dht.pid)
+        self._dht = self._child.dht
         try:
             self._peer_id = self._call(lambda: self._dht.peer_id).to_base58()
         except Exception as exc:
             self.shutdown()
             raise DDMError(f"the DHT on {host}:{port} started but does not answer: {exc}") from None
 
-    @staticmethod
-    def _start(make) -> hivemind.DHT:
-        """Start a DHT child from `make()` and wait until it is ready; a child that dies first is retried.
-
-        hivemind forks its child. A fork while this process's gRPC threads hold a lock (the daemon's
-        server, a test's in-process peers) can leave the child to crash or hang before it reports;
-        hivemind's own wait then blocks forever. So the wait polls, and a child that died, or that
-        started no p2pd within START_STUCK seconds, is stopped and started again.
-        """
-        for attempt in range(1, START_ATTEMPTS + 1):
-            dht = make()
-            dht.start()
-            started = time.monotonic()
-            try:
-                while True:
-                    try:
-                        dht.wait_until_ready(timeout=0.25)
-                        return dht
-                    except TimeoutError:
-                        waited = time.monotonic() - started
-                        if not dht.is_alive():
-                            why = f"died (exit code {dht.exitcode})"
-                            break
-                        if waited > START_STUCK and len(_descendants(dht.pid)) == 1:
-                            why = f"started no p2pd in {START_STUCK:.0f} s"
-                            break
-                        if waited > START_TIMEOUT:
-                            raise DDMError(f"the DHT child was not ready within {START_TIMEOUT:.0f} s") from None
-            except BaseException:
-                Swarm._reap(dht)
-                raise
-            logger.warning("the DHT child %d %s before it was ready, attempt %d of %d",
-                           dht.pid, why, attempt, START_ATTEMPTS)
-            Swarm._reap(dht, grace=0.0)
-        raise DDMError(f"the DHT child failed before it was ready, {START_ATTEMPTS} times (last: {why})")
-
-    @staticmethod
-    def _reap(dht: hivemind.DHT, grace: float = 5.0) -> None:
-        """Stop a DHT child that never became ready, and its p2pd, after `grace` seconds to exit by itself."""
-        procs = _descendants(dht.pid)
-        dht.join(timeout=grace)  # after a failed start the child exits by itself
-        _stop(procs)
-
     # -- lifetime -------------------------------------------------------------------------------
 
-    def __enter__(self) -> "Swarm":
+    def __enter__(self) -> Swarm:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -239,16 +183,7 @@ class Swarm:
             if self._closed:
                 return
             self._closed = True
-            known = {p.pid for p in self._procs}
-            procs = self._procs + [p for p in _descendants(self._dht.pid) if p.pid not in known]
-            try:
-                self._dht.shutdown()
-            except Exception:
-                logger.warning("DHT shutdown raised; terminating its processes", exc_info=True)
-            self._dht.join(timeout=5)
-            # Safety net: anything of the tree still running after hivemind's stop (measured here:
-            # p2pd exits with its parent, so this normally finds nothing) is terminated, then killed.
-            _stop(procs)
+            self._child.shutdown()
 
     # -- identity and addresses -----------------------------------------------------------------
 
@@ -284,21 +219,7 @@ class Swarm:
         Raises DDMError for a record readers would skip (wrong type, shard, owner, size, fields),
         so a bug shows up at the writer. `expiration` (absolute DHT time) overrides `ttl`.
         """
-        spec = KINDS.get(kind)
-        if spec is None:
-            raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
-        if not isinstance(record, spec.record):
-            raise DDMError(f"DHT kind {kind!r} takes a {spec.record.__name__}, got {type(record).__name__}")
-        run_id = record.run_id if kind == "plan" else self.run_id
-        key = dht_key(run_id, kind, shard)
-        if spec.per_shard and record.shard != shard:
-            raise DDMError(f"{kind} record for shard {record.shard} written under shard {shard}")
-        if spec.owner_field and getattr(record, spec.owner_field) != self.public_key:
-            raise DDMError(f"{kind} record's {spec.owner_field} is not this node's key")
-        value = record.validated().to_value()
-        size = len(MSGPackSerializer.dumps(value))
-        if size > MAX_VALUE_BYTES:
-            raise DDMError(f"{kind} record is {size} bytes, over the {MAX_VALUE_BYTES}-byte DHT limit")
+        key, value = _encode(kind, shard, record, self.run_id, self.public_key)
         now = dht_time()
         if expiration is None:
             if not 0 < ttl <= MAX_TTL:
@@ -339,34 +260,11 @@ class Swarm:
             return []
         entries = []
         for subkey, item in found.value.items():
-            entry = self._parse(kind, spec, key, shard, subkey, item)
+            entry = _parse_entry(kind, spec, key, shard, subkey, item)
             if entry is not None:
                 entries.append(entry)
         entries.sort(key=lambda e: e.owner)
         return entries
-
-    def _parse(self, kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any, item: Any) -> Entry | None:
-        owner = owner_of_subkey(subkey)
-        if owner is None:  # impossible with our validator on every peer; cheap to check
-            logger.warning("skipping a record without owner under %s", key)
-            return None
-        try:
-            record = spec.record.from_value(item.value)
-        except DDMError as exc:
-            logger.warning("skipping a garbage record of %s under %s: %s", owner[:12], key, exc)
-            return None
-        if spec.per_shard and record.shard != shard:
-            logger.warning("skipping a record of %s under %s that names shard %s", owner[:12], key, record.shard)
-            return None
-        if spec.owner_field and getattr(record, spec.owner_field) != owner:
-            logger.warning("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
-            return None
-        if kind == "plan" and key != dht_key(record.run_id, "plan"):
-            logger.warning("skipping a plan record of %s for another run under %s", owner[:12], key)
-            return None
-        if isinstance(record, Claim):
-            record = replace(record, expires_at=float(item.expiration_time))  # the DHT's expiration counts
-        return Entry(owner=owner, record=record, expiration=float(item.expiration_time))
 
     # -- typed readers --------------------------------------------------------------------------
 
@@ -451,6 +349,51 @@ class Swarm:
         return future.result(timeout=RPC_TIMEOUT)
 
 
+def _encode(kind: str, shard: int | None, record: Any, run_id: str, owner: str) -> tuple[str, Any]:
+    """(key, value) to store `record` under, or DDMError for a record readers would skip."""
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
+    if not isinstance(record, spec.record):
+        raise DDMError(f"DHT kind {kind!r} takes a {spec.record.__name__}, got {type(record).__name__}")
+    run_id = record.run_id if kind == "plan" else run_id
+    key = dht_key(run_id, kind, shard)
+    if spec.per_shard and record.shard != shard:
+        raise DDMError(f"{kind} record for shard {record.shard} written under shard {shard}")
+    if spec.owner_field and getattr(record, spec.owner_field) != owner:
+        raise DDMError(f"{kind} record's {spec.owner_field} is not this node's key")
+    value = record.validated().to_value()
+    size = len(MSGPackSerializer.dumps(value))
+    if size > MAX_VALUE_BYTES:
+        raise DDMError(f"{kind} record is {size} bytes, over the {MAX_VALUE_BYTES}-byte DHT limit")
+    return key, value
+
+
+def _parse_entry(kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any, item: Any) -> Entry | None:
+    """The entry of one stored subkey, or None (with a warning) when readers must skip it."""
+    owner = owner_of_subkey(subkey)
+    if owner is None:  # impossible with our validator on every peer; cheap to check
+        logger.warning("skipping a record without owner under %s", key)
+        return None
+    try:
+        record = spec.record.from_value(item.value)
+    except DDMError as exc:
+        logger.warning("skipping a garbage record of %s under %s: %s", owner[:12], key, exc)
+        return None
+    if spec.per_shard and record.shard != shard:
+        logger.warning("skipping a record of %s under %s that names shard %s", owner[:12], key, record.shard)
+        return None
+    if spec.owner_field and getattr(record, spec.owner_field) != owner:
+        logger.warning("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
+        return None
+    if kind == "plan" and key != dht_key(record.run_id, "plan"):
+        logger.warning("skipping a plan record of %s for another run under %s", owner[:12], key)
+        return None
+    if isinstance(record, Claim):
+        record = replace(record, expires_at=float(item.expiration_time))  # the DHT's expiration counts
+    return Entry(owner=owner, record=record, expiration=float(item.expiration_time))
+
+
 async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) -> int:
     """Runs in the DHT process (see `Swarm.rejoin`): connect to and ping missing peers; how many answered."""
     import asyncio
@@ -485,39 +428,3 @@ async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) 
         logger.info("rejoined %d of %d peers missing from the DHT routing table", answered, len(peers))
         await node.find_nearest_nodes([node.node_id])  # refill the routing table through them
     return answered
-
-
-def _descendants(pid: int | None) -> list[psutil.Process]:
-    """The DHT process and everything under it (p2pd), captured while they run."""
-    if pid is None:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def _stop(procs: Iterable[psutil.Process]) -> None:
-    """Terminate, then kill, whichever of `procs` (captured before shutdown) still runs."""
-    alive = [p for p in procs if _running(p)]
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=3)
-    for p in alive:
-        try:
-            logger.warning("killing leftover DHT process %d (%s)", p.pid, p.name())
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=3)
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
