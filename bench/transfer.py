@@ -267,7 +267,7 @@ def build_files(s: Settings, srv: Path) -> tuple[dict, list[tuple[str, int, str]
 
 
 def throughput(s: Settings, grpc_addr: str, raw_addr: str, big, tmp: Path, local: Path) -> dict[str, list[float]]:
-    from ddm_node.transfer.client import fetch_file
+    from ddm_node.transfer.download import fetch_file
 
     size = big.size
 

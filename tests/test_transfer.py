@@ -19,9 +19,16 @@ import zstandard
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import MANIFEST, SIGNATURE, FileEntry, Manifest, copy_artifact, seal, verify_artifact
-from ddm_node.transfer import (ArtifactStore, NodeClient, NodeInfoData, PeerError, TransferServer, fetch_artifact,
-                               fetch_file)
-from ddm_node.transfer.client import download_dir
+from ddm_node.transfer import (
+    ArtifactStore,
+    NodeClient,
+    NodeInfoData,
+    PeerError,
+    TransferServer,
+    fetch_artifact,
+    fetch_file,
+)
+from ddm_node.transfer.download import download_dir
 from proto import ddm_pb2, ddm_pb2_grpc
 
 RUN = hashlib.sha256(b"run-a").hexdigest()
@@ -291,7 +298,7 @@ def test_tampered_holder_is_dropped_for_an_honest_one(tmp_path, net, caplog):
         fetch_file([bad], entry, tmp_path / "x.bin")
     assert entry.sha256 in str(info.value) and bad in str(info.value) and "mismatch" in str(info.value)
     assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.part").exists()
-    caplog.set_level(logging.WARNING, logger="ddm_node.transfer.client")
+    caplog.set_level(logging.WARNING, logger="ddm_node.transfer.download")
     dest = fetch_file([bad, good], entry, tmp_path / "f.bin")
     assert dest.read_bytes() == data
     assert any(bad in r.getMessage() and "mismatch" in r.getMessage() for r in caplog.records)
@@ -508,7 +515,7 @@ def test_concurrent_download_of_the_same_artifact_is_refused(tmp_path, net):
 
 def test_running_part_hash_follows_appends_truncation_and_deletion(tmp_path):
     """The running sha256 that replaces the read-back pass re-reads the file whenever its size is not the tracked one."""
-    from ddm_node.transfer.client import _PartHash
+    from ddm_node.transfer.download import _PartHash
 
     part = tmp_path / "f.part"
     ph = _PartHash(part)

@@ -21,7 +21,8 @@ from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.trainer import Trainer
-from ddm_node.transfer.client import NodeClient, fetch_artifact
+from ddm_node.transfer.client import NodeClient
+from ddm_node.transfer.download import fetch_artifact
 
 from .harness import island_log_tail, tmpfs
 
