@@ -41,7 +41,8 @@ from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import CheckpointRecord, ReplicaRecord, RouterRecord
 from ddm_node.train.expert import run_config_hash
-from ddm_node.transfer.client import NodeClient, fetch_artifact
+from ddm_node.transfer.client import NodeClient
+from ddm_node.transfer.download import fetch_artifact
 
 __all__ = ["join_swarm", "fetch_plan", "assemble", "run_assemble", "Candidate", "expert_candidates"]
 

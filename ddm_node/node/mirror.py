@@ -20,7 +20,8 @@ from ddm_node.core.manifest import Manifest, commit_dir, read_manifest, staging_
 from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import CheckpointRecord
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.transfer.client import NodeClient, fetch_artifact
+from ddm_node.transfer.client import NodeClient
+from ddm_node.transfer.download import fetch_artifact
 
 if TYPE_CHECKING:
     from ddm_node.node.island import Island
