@@ -36,7 +36,8 @@ from ddm_node.train.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 EXPERT, STATE, STATS = "expert", "state", "stats"
-MODEL_FILE, STATE_FILE, STATS_FILE, CONFIG_FILE = "model.safetensors", "state.safetensors", "stats.safetensors", "config.json"
+MODEL_FILE, STATE_FILE, STATS_FILE = "model.safetensors", "state.safetensors", "stats.safetensors"
+CONFIG_FILE = "config.json"
 STALE_STAGING_S = 3600.0  # staging directories older than this are leftovers of a crash
 
 

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddm_node.core.config import RouterConfig, canonical_json, from_dict, to_dict
-from ddm_node.data.datasets import Dataset, load_dataset
-from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
+from ddm_node.data.datasets import Dataset, load_dataset
+from ddm_node.data.plan import Plan, check_dataset
 from router.learned import LearnedRouter, RouterNet, router_model_config, train_router
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def plan_router_data(plan: Plan, dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def plan_router_data(plan: Plan,
+                     dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """All training samples of the plan with their shard index as the label."""
     ds = dataset if dataset is not None else load_dataset(plan.dataset)
     check_dataset(plan, ds)
@@ -57,7 +58,8 @@ def write_router(out_dir: str | Path, plan: Plan, router: LearnedRouter, cfg: Ro
               "experts": list(router.experts)}
     stage = staging_dir(out_dir)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in router.net.state_dict().items()}, str(stage / MODEL_FILE))
+        weights = {k: v.detach().cpu().contiguous() for k, v in router.net.state_dict().items()}
+        save_file(weights, str(stage / MODEL_FILE))
         fsync_write(stage / CONFIG_FILE, canonical_json(config))
         manifest = Manifest(kind="router", run_id=plan.run_id, shard=-1, step=cfg.steps, config_hash="",
                             files={MODEL_FILE: FileEntry("", 0), CONFIG_FILE: FileEntry("", 0)})
@@ -76,12 +78,14 @@ def load_router(router_dir: str | Path, require_signature: bool = False, trusted
         config = json.loads((router_dir / CONFIG_FILE).read_bytes())
         experts = [int(e) for e in config["experts"]]
         cfg = from_dict(config["router"], RouterConfig, source=str(router_dir / CONFIG_FILE))
-        model_cfg = router_model_config(cfg, int(config["image_size"]), int(config["channels"]), int(config["num_classes"]))
+        model_cfg = router_model_config(cfg, int(config["image_size"]), int(config["channels"]),
+                                        int(config["num_classes"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise DDMError(f"{router_dir / CONFIG_FILE}: malformed router config ({exc})") from None
     net = RouterNet(model_cfg, len(experts))
     try:
         net.load_state_dict(load_file(str(router_dir / MODEL_FILE)))
     except Exception as exc:  # shape mismatch or unreadable file
-        raise IntegrityError(f"{router_dir / MODEL_FILE}: cannot load router weights ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0]
+        raise IntegrityError(f"{router_dir / MODEL_FILE}: cannot load router weights ({reason})") from None
     return LearnedRouter(net.eval(), experts)
