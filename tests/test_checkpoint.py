@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,9 @@ from ddm_node.core.config import ModelConfig, TrainConfig
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import read_manifest, seal, staging_dir, verify_artifact
+from ddm_node.core.workdir import step_of
 from ddm_node.train import checkpoint as ck
+from ddm_node.train.checkpointer import Checkpointer, DiskFull, is_disk_full
 from ddm_node.train.trainer import Trainer
 
 RUN = "ab" * 32
@@ -42,11 +45,13 @@ def test_layout_and_expert_roundtrip(tmp_path):
     t = trainer(4)
     step_dir = ck.write_checkpoint(tmp_path, RUN, 2, t, HASH, extra={"loss": 0.5})
     assert step_dir == ck.checkpoint_dir(tmp_path, 2, 4) == tmp_path / "shard_002" / "step_00000004"
-    assert sorted(p.name for p in (step_dir / "expert").iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
-    assert sorted(p.name for p in (step_dir / "state").iterdir()) == ["config.json", "manifest.json", "state.safetensors"]
+    listing = {kind: sorted(p.name for p in (step_dir / kind).iterdir()) for kind in ("expert", "state")}
+    assert listing["expert"] == ["config.json", "manifest.json", "model.safetensors"]
+    assert listing["state"] == ["config.json", "manifest.json", "state.safetensors"]
     expert_m = verify_artifact(step_dir / "expert", require_signature=False)
     state_m = verify_artifact(step_dir / "state", require_signature=False)
-    assert (expert_m.kind, expert_m.run_id, expert_m.shard, expert_m.step, expert_m.config_hash) == ("expert", RUN, 2, 4, HASH)
+    got = (expert_m.kind, expert_m.run_id, expert_m.shard, expert_m.step, expert_m.config_hash)
+    assert got == ("expert", RUN, 2, 4, HASH)
     assert state_m.kind == "state" and state_m.extra["loss"] == 0.5
     assert state_m.extra["step"] == 4 and state_m.extra["position"] == t.position
     cfg = json.loads((step_dir / "state" / "config.json").read_text())
@@ -217,3 +222,38 @@ def test_prune_keeps_newest_valid(tmp_path):
     assert ck.list_checkpoints(tmp_path, 0) == [dirs[3], dirs[2]]
     with pytest.raises(DDMError):
         ck.prune_checkpoints(tmp_path, 0, keep=0)
+
+
+def test_checkpointer_keeps_two_then_one_after_a_full_disk(tmp_path, monkeypatch):
+    t = trainer(0)
+    saver = Checkpointer(tmp_path, RUN, 0, HASH)
+    for _ in range(3):
+        t.run(t.step + 1)
+        saver.write(t)
+    assert [step_of(d) for d in ck.list_checkpoints(tmp_path, 0)] == [3, 2] and saver.newest_step == 3
+
+    # the next write does not fit while two are kept: prune to the newest, retry once, keep one from now on
+    real = ck.write_checkpoint
+    full = {"left": 1}
+
+    def write(*args, **kwargs):
+        if full["left"] > 0:
+            full["left"] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "write_checkpoint", write)
+    t.run(4)
+    assert saver.write(t) == ck.checkpoint_dir(tmp_path, 0, 4) and saver.keep == 1
+    assert [step_of(d) for d in ck.list_checkpoints(tmp_path, 0)] == [4]
+    t.run(5)
+    saver.write(t)
+    assert [step_of(d) for d in ck.list_checkpoints(tmp_path, 0)] == [5]
+
+    # full even with one kept: DiskFull, and the newest checkpoint stays intact
+    full["left"] = 2
+    t.run(6)
+    with pytest.raises(DiskFull, match="step 6 does not fit"):
+        saver.write(t)
+    assert ck.list_checkpoints(tmp_path, 0) == [ck.latest_checkpoint(tmp_path, 0)] == [saver.newest]
+    assert is_disk_full(OSError(errno.EDQUOT, "quota")) and not is_disk_full(OSError(errno.EACCES, "denied"))

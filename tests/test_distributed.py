@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from ddm_node.core.config import ModelConfig, TrainConfig, load_config
 from ddm_node.core.errors import DDMError
+from ddm_node.core.events import Event, EventKind
 from ddm_node.core.identity import Identity
+from ddm_node.core.workdir import step_of
 from ddm_node.train.distributed import rank_slice
 from ddm_node.train.supervisor import RestartPolicy, check_devices, resolve_nproc, train_shard_distributed
 from ddm_node.train.trainer import Trainer
@@ -252,10 +254,11 @@ def test_supervised_group_stops_with_a_final_checkpoint_and_resumes_in_one_proce
                                     should_stop=stop.is_set, on_event=lambda k, f: events.append((k, f)), poll=0.2)
     expert, state = ckpt.verify_checkpoint(final, require_signature=True)
     assert expert.publisher == identity.public_hex and expert.step == state.step
-    assert announced and int(announced[0].name[5:]) % 10 == 0  # the periodic checkpoint rank 0 wrote
+    assert announced and step_of(announced[0]) % 10 == 0  # the periodic checkpoint rank 0 wrote
     assert 10 <= expert.step < 5000  # stopped early, after the first checkpoint
     kinds = [k for k, _ in events]
-    assert kinds == ["workers_start", "workers_exit"] and events[1][1]["stopped"]
+    assert kinds == [EventKind.WORKERS_START, EventKind.WORKERS_EXIT] and events[1][1]["stopped"]
+    assert all(isinstance(k, EventKind) for k in kinds)
     assert ckpt.stats_dir(work, 0).is_dir()
 
     # the 2-process checkpoint continues in one process
@@ -269,7 +272,7 @@ def test_supervised_group_stops_with_a_final_checkpoint_and_resumes_in_one_proce
     with pytest.raises(DDMError, match="not a PEM private key"):
         train_shard_distributed(plan, 0, work, 2, identity_path=bad, device="cpu", poll=0.2,
                                 on_event=lambda k, f: events.append((k, f)))
-    assert [k for k, _ in events] == ["workers_start", "workers_exit"]
+    assert [k for k, _ in events] == [EventKind.WORKERS_START, EventKind.WORKERS_EXIT]
 
 
 # ----------------------------------------------------------------------------------------- a real island
@@ -302,31 +305,31 @@ def test_island_with_two_processes_trains_to_budget_through_a_killed_worker(tmp_
         net.partition(ISLAND)
         island = net.start("gpu-island", "--plan", str(net.root / "plan"), "--nproc-per-node", "2")
 
-        def first_checkpoint_and_group(ev):
-            starts = [e for e in ev if e["event"] == "workers_start"]
-            ckpts = [e for e in ev if e["event"] == "checkpoint"]
+        def first_checkpoint_and_group(ev: list[Event]):
+            starts = [e for e in ev if e.kind is EventKind.WORKERS_START]
+            ckpts = [e for e in ev if e.kind is EventKind.CHECKPOINT]
             return starts and ckpts and (starts[-1], ckpts[-1])
 
         start, first = net.wait_for(first_checkpoint_and_group, 240, "the first checkpoint of the worker group")
-        assert start["nproc"] == 2 and start["attempt"] == 1
-        pids = _worker_pids(start["pid"])
+        assert start.nproc == 2 and start.attempt == 1
+        pids = _worker_pids(start.pid)
         assert len(pids) == 2, pids
         os.kill(pids[-1], signal.SIGKILL)  # one rank crashes: torchrun ends the group, the daemon restarts it
 
-        ev = net.wait_for(lambda ev: any(e["event"] == "done" for e in ev) and ev, 300, "the shard's budget")
-        restarts = [e for e in ev if e["event"] == "workers_start" and e["attempt"] == 2]
-        assert restarts and restarts[0]["resume_step"] >= first["step"] >= 50  # not from scratch
-        assert [e["step"] for e in ev if e["event"] == "train"] == [0, restarts[0]["resume_step"]]
-        crashed = next(e for e in ev if e["event"] == "workers_exit" and e["attempt"] == 1)
-        assert crashed["code"] != 0 and not crashed["stopped"]
-        assert next(e for e in ev if e["event"] == "done")["step"] == 400
-        steps = [e["step"] for e in ev if e["event"] == "checkpoint"]
+        ev = net.wait_for(lambda ev: any(e.kind is EventKind.DONE for e in ev) and ev, 300, "the shard's budget")
+        restarts = [e for e in ev if e.kind is EventKind.WORKERS_START and e.attempt == 2]
+        assert restarts and restarts[0].resume_step >= first.step >= 50  # not from scratch
+        assert [e.step for e in ev if e.kind is EventKind.TRAIN] == [0, restarts[0].resume_step]
+        crashed = next(e for e in ev if e.kind is EventKind.WORKERS_EXIT and e.attempt == 1)
+        assert crashed.code != 0 and not crashed.stopped
+        assert next(e for e in ev if e.kind is EventKind.DONE).step == 400
+        steps = [e.step for e in ev if e.kind is EventKind.CHECKPOINT]
         assert steps == sorted(steps) and steps[-1] == 400  # announced by the daemon as rank 0 wrote them
         final = ckpt.latest_checkpoint(island.work, 0, require_signature=True)
         assert final.name == "step_00000400"
         owner = Identity.load(net.key("gpu-island")).public_hex
         assert ckpt.verify_checkpoint(final, require_signature=True)[0].publisher == owner
-        assert not _worker_pids(start["pid"])
+        assert not _worker_pids(start.pid)
         codes = net.stop_all()
         assert codes["gpu-island"] == 0
     finally:

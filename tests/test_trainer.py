@@ -78,7 +78,7 @@ def test_loss_decreases_on_digits():
     cfg = dataclasses.replace(TRAIN, t_sampling="uniform")
     trainer = Trainer(MODEL, cfg, x, y)
     losses: list[float] = []
-    assert trainer.run(100, on_step=lambda s, l: losses.append(l)) == 100
+    assert trainer.run(100, on_step=lambda s, loss: losses.append(loss)) == 100
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.75 * first, (first, last)
     # EMA follows the model and is frozen
@@ -91,7 +91,7 @@ def test_run_callbacks_and_stop():
     x, y = random_data()
     trainer = Trainer(MODEL, TRAIN, x, y)
     steps, ckpts = [], []
-    reached = trainer.run(10, on_step=lambda s, l: steps.append(s), on_checkpoint=ckpts.append)
+    reached = trainer.run(10, on_step=lambda s, loss: steps.append(s), on_checkpoint=ckpts.append)
     assert reached == 10 == trainer.step
     assert steps == list(range(1, 11)) and ckpts == [4, 8]
     calls = []
@@ -204,8 +204,8 @@ def test_cuda_bf16_trains_and_state_moves_to_cpu():
     gpu = Trainer(MODEL, cfg, x, y)
     assert gpu.device.type == "cuda" and gpu._bf16
     losses = []
-    gpu.run(30, on_step=lambda s, l: losses.append(l))
-    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    gpu.run(30, on_step=lambda s, loss: losses.append(loss))
+    assert all(v == v for v in losses) and losses[-1] < losses[0]
     tensors, extra = _roundtrip(gpu)
     cpu = Trainer(MODEL, dataclasses.replace(cfg, device="cpu"), x, y)
     cpu.load_state(tensors, extra)  # an island on another device can take over

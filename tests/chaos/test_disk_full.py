@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ddm_node.core.config import load_config
+from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
@@ -63,9 +64,9 @@ def test_full_disk_during_checkpoint_write(net, report, tmp_path):
             info = {name: net.wait_ready(p) for name, p in procs.items()}
 
             # tight: the 2nd checkpoint does not fit even after pruning -> disk_full, shard released, still serving
-            full = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "disk_full"), None), 120,
+            full = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.DISK_FULL), None), 120,
                                 "the tight island to report a full disk")
-            assert full["name"] == "tight" and full["shard"] == 0 and full["step"] == EVERY, full
+            assert full.name == "tight" and full.shard == 0 and full.step == EVERY, full
             kept = ckpt.checkpoint_dir(disks["tight"], 0, EVERY)
             ckpt.verify_checkpoint(kept, require_signature=True)
             assert [d.name for d in ckpt.list_checkpoints(disks["tight"], 0)] == [kept.name]
@@ -86,14 +87,14 @@ def test_full_disk_during_checkpoint_write(net, report, tmp_path):
                     assert time.time() < deadline, f"peer states {states}, live claims {live}"
                     time.sleep(0.5)
             time.sleep(3)  # no crash loop, no new claim: it stays up, serving
-            tight_ev = [e for e in net.events() if e["name"] == "tight"]
+            tight_ev = [e for e in net.events() if e.name == "tight"]
             assert procs["tight"].alive, island_log_tail(procs["tight"])
-            assert not [e for e in tight_ev if e["event"] == "claim" and e["t"] > full["t"]]
+            assert not [e for e in tight_ev if e.kind is EventKind.CLAIM and e.t > full.t]
 
             # roomy: the 3rd checkpoint fails while two are kept; prune to one, retry, finish the shard
-            done = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "done" and e["name"] == "roomy"), None),
-                                120, "the roomy island to finish")
-            assert done["step"] == STEPS
+            done = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.DONE and e.name == "roomy"),
+                                                None), 120, "the roomy island to finish")
+            assert done.step == STEPS
             roomy_log = island_log_tail(procs["roomy"], 10**5)
             assert "disk full writing shard 0" in roomy_log
             steps = ckpt.list_checkpoints(disks["roomy"], 0)
