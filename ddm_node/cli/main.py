@@ -207,19 +207,52 @@ def cmd_start(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: early.set())
     from ddm_node.node.island import run_island
 
-    return run_island(args, early)
+    opts = island_options(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return run_island(opts, early)
+
+
+def island_options(args):
+    """IslandOptions from parsed `ddm-node start` arguments (bad input -> DDMError)."""
+    from ddm_node.core.config import load_config
+    from ddm_node.core.identity import Identity
+    from ddm_node.node.options import IslandOptions, check_flags
+    from ddm_node.train.supervisor import resolve_nproc
+
+    overrides = {}
+    if args.config:
+        import yaml
+
+        load_config(args.config)  # full validation with file-named errors
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        overrides = raw.get("swarm", {}) or {}
+    check_flags(args.initial_peers, args.host, args.announce_host, args.run_id)
+    return IslandOptions(
+        identity=Identity.load(args.identity), work_dir=Path(args.work_dir),
+        plan_path=Path(args.plan) if args.plan else None, run_id=args.run_id, initial_peers=list(args.initial_peers),
+        host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
+        announce_file=Path(args.announce_file) if args.announce_file else None,
+        announce_host=args.announce_host, swarm_overrides=overrides, config_source=args.config or "swarm config",
+        device=args.device, exit_when_done=args.exit_when_done, identity_path=Path(args.identity),
+        nproc_per_node=resolve_nproc(getattr(args, "nproc_per_node", None), args.config))
 
 
 def cmd_status(args) -> int:
     from ddm_node.clients.status import run_status
 
-    return run_status(args)
+    return run_status(args.initial_peers, args.run_id, as_json=args.json, timeout=args.timeout)
 
 
 def cmd_assemble(args) -> int:
     from ddm_node.clients.assemble import run_assemble
+    from ddm_node.core.identity import Identity
 
-    return run_assemble(args)
+    identity = Identity.load(args.identity) if getattr(args, "identity", None) else None
+    return run_assemble(args.initial_peers, args.run_id, args.out, identity=identity, min_experts=args.min_experts,
+                        wait=args.wait)
 
 
 def cmd_verify(args) -> int:

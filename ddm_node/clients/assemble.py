@@ -29,93 +29,25 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.ensemble.bundle import INDEX, ExpertSource, write_bundle
-from ddm_node.data.plan import Plan
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import Manifest
+from ddm_node.data.plan import Plan
+from ddm_node.ensemble.bundle import INDEX, ExpertSource, write_bundle
+from ddm_node.exchange.candidates import Candidate, expert_candidates, router_candidates, stats_candidates
+from ddm_node.exchange.fetch import (MANIFEST_TIMEOUT, Expected, RejectedArtifact, RejectList, check_announced,
+                                     download)
 from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.dht import Swarm
-from ddm_node.swarm.records import CheckpointRecord, ReplicaRecord, RouterRecord
 from ddm_node.train.expert import run_config_hash
 from ddm_node.transfer.client import NodeClient
-from ddm_node.transfer.download import fetch_artifact
-
-__all__ = ["join_swarm", "fetch_plan", "assemble", "run_assemble", "Candidate", "expert_candidates"]
 
 log = logging.getLogger(__name__)
 
 POLL = 2.0  # seconds between passes while waiting for unfinished shards
 PLAN_TIMEOUT = 20.0  # seconds to wait for the plan at least (even with --wait 0)
-MANIFEST_TIMEOUT = 10.0  # seconds for one GetManifest call
-
-
-@dataclass
-class Candidate:
-    """One artifact announced as `step`, and every address that announces it."""
-
-    manifest: str
-    step: int
-    holders: list[str]
-    announced_by: list[str] = field(default_factory=list)  # public keys, for the logs
-
-
-def _group(entries: Iterable[tuple[str, int, str, str]]) -> list[Candidate]:
-    """(manifest, step, grpc, announcer) tuples -> candidates, newest step first.
-
-    Holders are per manifest (any step): whoever announces a manifest serves it, and the bytes are
-    checked anyway. Groups are per (manifest, step) so a wrong step only spoils its own group.
-    """
-    entries = list(entries)
-    holders: dict[str, list[str]] = {}
-    for manifest, _, grpc, _ in entries:
-        holders.setdefault(manifest, [])
-        if grpc not in holders[manifest]:
-            holders[manifest].append(grpc)
-    groups: dict[tuple[str, int], Candidate] = {}
-    for manifest, step, _, who in entries:
-        c = groups.setdefault((manifest, step), Candidate(manifest, step, holders[manifest]))
-        c.announced_by.append(who)
-    return sorted(groups.values(), key=lambda c: (-c.step, -len(c.holders), c.manifest))
-
-
-def expert_candidates(checkpoints: list[CheckpointRecord], replicas: list[ReplicaRecord]) -> list[Candidate]:
-    """A shard's expert candidates from its checkpoint records (publishers first) and replica records."""
-    return _group([(r.expert_manifest, r.step, r.grpc, r.publisher) for r in checkpoints]
-                  + [(r.expert_manifest, r.step, r.grpc, r.holder_key) for r in replicas])
-
-
-def router_candidates(routers: list[RouterRecord]) -> list[Candidate]:
-    return _group([(r.manifest, r.step, r.grpc, r.publisher) for r in routers])
-
-
-def stats_candidates(entries: Iterable[tuple[str, int, str, str]], prefer: Iterable[str] = ()) -> list[Candidate]:
-    """Stats manifests from (manifest, 0, grpc, "") entries, those served by a `prefer` address first."""
-    prefer = set(prefer)
-    groups = _group(entries)
-    return sorted(groups, key=lambda c: (not prefer & set(c.holders), -len(c.holders), c.manifest))
-
-
-@dataclass
-class Expected:
-    """What an announcement says an artifact is; `mismatch` names the first field the manifest contradicts."""
-
-    kind: str
-    run_id: str
-    shard: int
-    step: int | None = None
-    config_hash: str | None = None
-
-    def mismatch(self, m: Manifest) -> str | None:
-        checks = [("kind", m.kind, self.kind), ("run", m.run_id, self.run_id), ("shard", m.shard, self.shard),
-                  ("step", m.step, self.step), ("config hash", m.config_hash, self.config_hash)]
-        for name, got, want in checks:
-            if want is not None and got != want:
-                return f"{name} is {str(got)[:16]}, expected {str(want)[:16]}"
-        return None
 
 
 @dataclass
@@ -150,7 +82,7 @@ class Assembler:
         self.progress = progress  # rich.progress.Progress or None
         self.shards = {s.index: ShardProgress() for s in plan.shards}
         self.router: Fetched | None = None
-        self.lies: set[tuple[str, int]] = set()  # (manifest, announced step) found false: never again
+        self.lies = RejectList()  # candidates found false or unloadable: never again
 
     # -- passes -------------------------------------------------------------------------------
 
@@ -176,7 +108,7 @@ class Assembler:
         for c in cands:
             if c.step <= have:
                 break  # sorted newest first: nothing newer than what we hold
-            if (c.manifest, c.step) in self.lies:
+            if c.key in self.lies:
                 continue
             expect = Expected("expert", self.run_id, k, c.step, self.config_hash)
             got, why = self._fetch(f"shard {k} expert step {c.step}", c, self.staging / f"expert_{k}", expect)
@@ -189,8 +121,8 @@ class Assembler:
         prog.reasons = reasons if prog.expert is None else []
 
     def _update_stats(self, k: int, prog: ShardProgress) -> None:
-        records = [(r.manifest, 0, r.grpc, "") for r in self.swarm.stats(k)]
-        cands = stats_candidates(records + self._listed_stats(k, prog.expert.holders), prefer=prog.expert.holders)
+        cands = stats_candidates(self.swarm.stats(k), self._listed_stats(k, prog.expert.holders),
+                                 prefer=prog.expert.holders)
         reasons = []
         for c in cands:
             expect = Expected("stats", self.run_id, k, None, self.config_hash)
@@ -203,7 +135,7 @@ class Assembler:
 
     def _update_router(self) -> None:
         for c in router_candidates(self.swarm.routers()):
-            if (c.manifest, c.step) in self.lies:
+            if c.key in self.lies:
                 continue
             got, _ = self._fetch(f"router step {c.step}", c, self.staging / "router",
                                  Expected("router", self.run_id, -1, c.step))
@@ -211,8 +143,8 @@ class Assembler:
                 self.router = got
                 return
 
-    def _listed_stats(self, k: int, holders: list[str]) -> list[tuple[str, int, str, str]]:
-        """Stats artifacts the expert's holders list (a mirror holds them too), as (manifest, 0, holder, "")."""
+    def _listed_stats(self, k: int, holders: list[str]) -> list[tuple[str, str]]:
+        """Stats artifacts the expert's holders list (a mirror holds them too), as (manifest, holder)."""
         found = []
         for h in holders:
             try:
@@ -221,81 +153,36 @@ class Assembler:
             except DDMError as exc:
                 log.info("listing stats of shard %d at %s: %s", k, h, exc)
                 continue
-            found += [(ref.manifest_id, 0, h, "") for ref in refs]
+            found += [(ref.manifest_id, h) for ref in refs]
         return found
 
     # -- one artifact -------------------------------------------------------------------------
 
-    def _manifest(self, holders: list[str], manifest_id: str) -> Manifest:
-        """The manifest from the first holder giving a verified one (id, signature, trusted keys)."""
-        reasons = []
-        for h in holders:
-            try:
-                with NodeClient(h, timeout=MANIFEST_TIMEOUT) as client:
-                    manifest, _, _ = client.get_manifest(manifest_id, self.trusted)
-                return manifest
-            except DDMError as exc:
-                reasons.append(str(exc))
-        raise DDMError("; ".join(reasons) or "no holders")
-
     def _fetch(self, label: str, c: Candidate, dest: Path, expect: Expected) -> tuple[Fetched | None, str]:
-        """Check the announcement against the manifest, then download and verify; (None, why) on failure."""
-        try:
-            manifest = self._manifest(c.holders, c.manifest)
-        except DDMError as exc:
-            log.warning("%s: no verified manifest %s: %s", label, c.manifest[:16], exc)
-            return None, f"no verified manifest ({exc})"
-        problem = expect.mismatch(manifest)
-        if problem is not None:
-            who = ", ".join(sorted({k[:12] for k in c.announced_by if k})) or "a peer"
-            log.warning("%s: %s announced manifest %s but its %s; ignoring it (a lie or a stale record)",
-                        label, who, c.manifest[:16], problem)
-            self.lies.add((c.manifest, c.step))
-            return None, f"announcement is false: {problem}"
-        total = sum(e.size for e in manifest.files.values())
-        task = self.progress.add_task(label, total=total) if self.progress is not None else None
-        advance: Callable[[int], None] | None = None
-        if task is not None:
-            def advance(n: int) -> None:
-                self.progress.advance(task, n)
+        """The one verified fetch, loading the artifact as a bundle would; (None, why) on failure."""
         # One directory per manifest: a candidate that fails below never replaces one fetched earlier.
         dest = dest.with_name(f"{dest.name}-{c.manifest[:16]}")
+        task = None
         try:
-            got = fetch_artifact(c.holders, c.manifest, dest, trusted_keys=self.trusted, progress=advance)
+            m = check_announced(c.holders, c.manifest, expect, self.trusted)
+            task = self._task(label, sum(e.size for e in m.files.values()))
+            got = download(c.holders, c.manifest, dest, expect, self.trusted, content="load",
+                           progress=None if task is None else lambda n: self.progress.advance(task, n))
         except DDMError as exc:
-            log.warning("%s: fetching %s failed: %s", label, c.manifest[:16], exc)
+            if isinstance(exc, RejectedArtifact):  # a lie, a stale record, or a valid signer's garbage
+                self.lies.add(c.key, str(exc))
+                shutil.rmtree(dest, ignore_errors=True)
+            who = ", ".join(sorted({k[:12] for k in c.announced_by if k})) or "a peer"
+            log.warning("%s: %s announced manifest %s: %s", label, who, c.manifest[:16], exc)
             if task is not None:
                 self.progress.update(task, description=f"{label} [red]failed[/]")
             return None, str(exc)
         if task is not None:
-            self.progress.update(task, completed=total)
-        problem = _load_problem(expect.kind, dest)
-        if problem is not None:  # signed and intact, but it would not load from the bundle: never again
-            log.warning("%s: %s by %s verifies but does not load; ignoring it: %s", label, c.manifest[:16],
-                        got.publisher[:12], problem)
-            self.lies.add((c.manifest, c.step))
-            shutil.rmtree(dest, ignore_errors=True)
-            return None, f"does not load ({problem})"
+            self.progress.update(task, completed=sum(e.size for e in got.files.values()))
         return Fetched(dest, got, c.holders), ""
 
-
-def _load_problem(kind: str, directory: Path) -> str | None:
-    """Why a verified artifact would not load from a bundle (a pickle named *.safetensors, tensors that do not
-    fit its config), or None. Loads it the way `load_bundle` does (safetensors only: nothing is unpickled)."""
-    from ddm_node.train import checkpoint as ckpt
-    from ddm_node.train.router_job import load_router
-    from router.centroid import ClusterStats
-
-    try:
-        if kind == "expert":
-            ckpt.load_expert(directory, verify=False)
-        elif kind == "stats":
-            ClusterStats.from_tensors(ckpt.read_stats(directory, verify=False))
-        elif kind == "router":
-            load_router(directory)
-    except DDMError as exc:
-        return str(exc)
-    return None
+    def _task(self, label: str, total: int):
+        return self.progress.add_task(label, total=total) if self.progress is not None else None
 
 
 def _check_out(out: Path) -> None:
@@ -365,14 +252,14 @@ def _write(job: Assembler, plan: Plan, out: Path, min_experts: int, console, pas
     return out
 
 
-def run_assemble(args) -> int:
+def run_assemble(initial_peers: list[str], run_id: str, out: str | Path, identity: Identity | None = None,
+                 min_experts: int = 1, wait: float = 0.0) -> int:
     """`ddm-node assemble`: join the run's swarm, fetch verified experts (and router), write the bundle."""
-    identity = Identity.load(args.identity) if getattr(args, "identity", None) else None
-    _check_out(Path(args.out))
-    swarm = join_swarm(args.initial_peers, args.run_id, identity)
+    _check_out(Path(out))
+    swarm = join_swarm(initial_peers, run_id, identity)
     try:
-        plan = fetch_plan(swarm, args.run_id, timeout=max(PLAN_TIMEOUT, args.wait))
-        out = assemble(swarm, plan, args.out, min_experts=args.min_experts, wait=args.wait)
+        plan = fetch_plan(swarm, run_id, timeout=max(PLAN_TIMEOUT, wait))
+        out = assemble(swarm, plan, out, min_experts=min_experts, wait=wait)
     finally:
         swarm.shutdown()
     print(out)

@@ -185,15 +185,15 @@ def render(status: RunStatus):
     return Group(table, peers)
 
 
-def run_status(args) -> int:
-    """`ddm-node status`: a table (or `--json`) of the run's shards, router job and peers on stdout."""
-    swarm = join_swarm(args.initial_peers, args.run_id)
+def run_status(initial_peers: list[str], run_id: str, as_json: bool = False, timeout: float = 20.0) -> int:
+    """`ddm-node status`: a table (or JSON) of the run's shards, router job and peers on stdout."""
+    swarm = join_swarm(initial_peers, run_id)
     try:
-        plan = fetch_plan(swarm, args.run_id, timeout=getattr(args, "timeout", 20.0))
+        plan = fetch_plan(swarm, run_id, timeout=timeout)
         status = collect_status(swarm, plan)
     finally:
         swarm.shutdown()
-    if args.json:
+    if as_json:
         print(json.dumps(status.to_json(), sort_keys=True))
     else:
         from rich.console import Console

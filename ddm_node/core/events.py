@@ -39,6 +39,8 @@ class EventKind(str, Enum):
     WORKERS_EXIT = "workers_exit"  # a worker group exited (code, stopped)
     WORKERS_RESTART = "workers_restart"  # a crashed worker group is restarted
 
+    def __str__(self) -> str:  # the value in f-strings and DHT keys, as on Python 3.12
+        return self.value
 
 @dataclass(frozen=True)
 class Event:

@@ -8,13 +8,14 @@ checks against the run id (sha256), so any peer may serve it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Sequence
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.data.plan import Plan
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
+from ddm_node.data.plan import Plan
 from ddm_node.swarm.dht import Swarm
 from ddm_node.transfer.client import NodeClient
 
@@ -37,14 +38,15 @@ def join_swarm(initial_peers: Sequence[str], run_id: str, identity: Identity | N
                  client_mode=True)
 
 
-def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0) -> Plan:
-    """The plan of `run_id` from any peer that announces it, retried until `timeout` seconds pass.
+def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0, stop: threading.Event | None = None) -> Plan:
+    """The plan of `run_id` from any peer that announces it, retried until `timeout` seconds pass (or `stop`).
 
     Every plan is checked against the run id (sha256 of its bytes) before it is parsed, so a peer
     cannot hand out another plan. Raises DDMError naming the run id (and why each peer failed)
     when nobody serves it in time.
     """
     deadline = time.monotonic() + max(0.0, timeout)
+    stop = stop or threading.Event()
     reasons: dict[str, str] = {}
     while True:
         holders = list(dict.fromkeys(r.grpc for r in swarm.plan_holders(run_id)))
@@ -58,10 +60,9 @@ def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0) -> Plan:
                 return plan
             except DDMError as exc:
                 reasons[address] = str(exc)
-                log.warning("plan from %s: %s", address, exc)
-        if time.monotonic() >= deadline:
+                log.warning("plan from %s rejected: %s", address, exc)
+        if time.monotonic() >= deadline or stop.wait(min(PLAN_POLL, max(0.0, deadline - time.monotonic()))):
             break
-        time.sleep(min(PLAN_POLL, max(0.0, deadline - time.monotonic())))
     if not reasons:
         raise DDMError(f"no peer announces the plan of run {run_id} (waited {timeout:.0f} s); "
                        f"is the run id right and are the initial peers part of its swarm?")

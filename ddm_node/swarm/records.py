@@ -8,10 +8,12 @@ This module does not import hivemind (cheap to import, pure data).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
 
 from ddm_node.core.errors import DDMError
 
@@ -26,6 +28,25 @@ _GRPC = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
 
 R = TypeVar("R", bound="_Record")
+
+
+class RecordKind(str, Enum):
+    """The kinds of DHT record; each names its key (see swarm/dht.py). Per-shard kinds have one key per shard."""
+
+    PEERS = "peers"
+    CLAIM = "claim"
+    CKPT = "ckpt"
+    REPLICA = "replica"
+    STATS = "stats"
+    ROUTER = "router"
+    PLAN = "plan"
+
+    def __str__(self) -> str:  # the value in f-strings and DHT keys, as on Python 3.12
+        return self.value
+
+    @property
+    def per_shard(self) -> bool:
+        return self in (RecordKind.CLAIM, RecordKind.CKPT, RecordKind.REPLICA, RecordKind.STATS)
 
 
 def _bad(cls_name: str, field: str, why: str) -> DDMError:
@@ -106,9 +127,9 @@ class _Record:
 
     def to_value(self) -> dict:
         out = {}
-        for name in self.__dataclass_fields__:  # type: ignore[attr-defined]
-            v = getattr(self, name)
-            out[name] = list(v) if isinstance(v, tuple) else v
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
     def validated(self: R) -> R:
@@ -120,6 +141,7 @@ class _Record:
 class PeerRecord(_Record):
     """A node's heartbeat: where to reach it and what it is doing (shard -1 = none)."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.PEERS
     peer_id: str
     public_key: str
     grpc: str
@@ -153,6 +175,7 @@ class Claim(_Record):
     """A lease on a shard. `expires_at` mirrors the DHT expiration (readers overwrite it with the
     expiration the DHT reports, which is the one that counts)."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.CLAIM
     shard: int
     peer_id: str
     public_key: str
@@ -184,6 +207,7 @@ class Claim(_Record):
 class CheckpointRecord(_Record):
     """A published expert checkpoint: manifest ids are sha256 hex of the manifest bytes."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.CKPT
     shard: int
     step: int
     expert_manifest: str
@@ -211,6 +235,7 @@ class CheckpointRecord(_Record):
 class ReplicaRecord(_Record):
     """A mirror holding (and serving) a copy of someone's checkpoint."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.REPLICA
     shard: int
     step: int
     expert_manifest: str
@@ -240,6 +265,7 @@ class ReplicaRecord(_Record):
 class StatsRecord(_Record):
     """A shard's cluster statistics artifact (manifest id) and where to fetch it."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.STATS
     shard: int
     manifest: str
     grpc: str
@@ -259,6 +285,7 @@ class StatsRecord(_Record):
 class RouterRecord(_Record):
     """A trained learned-router artifact."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.ROUTER
     manifest: str
     step: int
     grpc: str
@@ -280,6 +307,7 @@ class RouterRecord(_Record):
 class PlanRecord(_Record):
     """A peer that serves the plan file whose sha256 is `run_id`."""
 
+    KIND: ClassVar[RecordKind] = RecordKind.PLAN
     run_id: str
     grpc: str
 

@@ -123,7 +123,7 @@ def test_island_ignores_unlisted_publishers(world, tmp_path, caplog):
     island = Island(IslandOptions(identity=Identity.generate(), work_dir=tmp_path / "island",
                                   plan_path=world.plan_dir, initial_peers=world.maddrs, device="cpu"))
     try:
-        island._start_services()
+        island.start()
         assert island.cfg.trusted_keys == [world.honest.public_hex]
         assert not island.shard_done(0)  # E's final step 6 does not count
         # E squats shard 0 with a back-dated claim: it would win anywhere (see test_evil_peer), but a run
@@ -133,7 +133,7 @@ def test_island_ignores_unlisted_publishers(world, tmp_path, caplog):
         assert ClaimManager(island.swarm).owner(0).public_key == world.evil.key  # what an untrusting peer sees
         assert island.claims.owner(0) is None and island.claims.try_claim(0)
         island.mirror.sweep()
-        island._resume_from_swarm(0)
+        island.job.resume_from_swarm(0)
         sd = ckpt.shard_dir(island.work_dir, 0)
         assert sorted(p.name for p in sd.iterdir()) == ["stats", "step_00000004"]
         expert, state = ckpt.verify_checkpoint(sd / "step_00000004", trusted_keys=[world.honest.public_hex])

@@ -1,0 +1,107 @@
+"""The lease keeper: renews the claim on the shard being trained, heartbeats, re-announces, and rejoins
+peers lost from the DHT routing table (a healed partition). The island's timing policy lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+from ddm_node.core.config import SwarmConfig
+from ddm_node.core.events import EventKind, EventLog
+from ddm_node.exchange.announcer import Announcer
+from ddm_node.node.state import NodeState
+from ddm_node.swarm.claims import ClaimManager
+from ddm_node.swarm.dht import Swarm
+from ddm_node.swarm.records import PeerRecord
+
+log = logging.getLogger(__name__)
+REJOIN_PERIOD = 5.0  # seconds between looks for peers missing from the DHT routing table (a healed partition)
+MADDR_MEMORY = 600.0  # seconds a peer's multiaddrs are kept for rejoining after it was last seen
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every period and TTL an island uses, derived from the run's swarm settings in one place."""
+
+    cfg: SwarmConfig
+
+    @property
+    def keeper_period(self) -> float:
+        """Renew the lease three times per TTL (one lost renewal is not fatal), and heartbeat on time."""
+        return min(self.cfg.lease_ttl / 3, self.cfg.heartbeat)
+
+    @property
+    def heartbeat_ttl(self) -> float:
+        return max(3 * self.cfg.heartbeat, 10.0)
+
+    @property
+    def reannounce_period(self) -> float:
+        return self.cfg.announce_ttl / 3
+
+    @property
+    def claim_retry(self) -> float:
+        """How long an island with nothing claimable waits before looking again."""
+        return min(2.0, self.cfg.lease_ttl / 4)
+
+
+class LeaseKeeper:
+    """The keeper thread's loop (`run`); `heartbeat_record` describes this node at each beat."""
+
+    def __init__(self, swarm: Swarm, claims: ClaimManager, announcer: Announcer, timing: Timing, state: NodeState,
+                 events: EventLog, me: str, heartbeat_record: Callable[[], PeerRecord], initial_peers: list[str]):
+        self.swarm, self.claims, self.announcer = swarm, claims, announcer
+        self.timing, self.state, self.events = timing, state, events
+        self.me, self.heartbeat_record = me, heartbeat_record
+        self.initial_peers = list(initial_peers)
+        self._peer_maddrs: dict[str, tuple[float, list[str]]] = {}  # peer id -> (last seen, maddrs)
+        self._rejoining: Future | None = None
+        self._last_announce = self._last_rejoin = time.monotonic()
+
+    def run(self) -> None:
+        while not self.state.stop.wait(self.timing.keeper_period):
+            try:
+                self.tick()
+            except Exception as exc:  # keep the keeper alive through transient DHT errors
+                log.warning("keeper: %s", exc)
+
+    def tick(self) -> None:
+        self._renew()
+        self.swarm.heartbeat(self.heartbeat_record(), ttl=self.timing.heartbeat_ttl)
+        self._collect_rejoin()
+        if time.monotonic() - self._last_announce > self.timing.reannounce_period:
+            self.announcer.reannounce()
+            self._last_announce = time.monotonic()
+        if self._rejoining is None and time.monotonic() - self._last_rejoin > REJOIN_PERIOD:
+            self._rejoining, self._last_rejoin = self.swarm.rejoin(self._known_maddrs()), time.monotonic()
+
+    def _renew(self) -> None:
+        shard = self.state.active
+        if shard is not None and shard in self.claims.held() and not self.claims.renew(shard):
+            log.warning("lost the lease on shard %d; stopping its training", shard)
+            self.events.record(EventKind.LEASE_LOST, shard=shard)
+            self.state.lease_lost.set()
+
+    def _collect_rejoin(self) -> None:
+        job = self._rejoining
+        if job is None or not job.done():
+            return
+        self._rejoining = None
+        if job.exception() is not None:
+            log.warning("rejoining the DHT failed: %s", job.exception())
+        elif job.result():
+            log.info("rejoined %d DHT peers missing from the routing table", job.result())
+            self.events.record(EventKind.REJOINED, peers=job.result())
+            self._last_announce = 0.0  # hand the peers we found our records now
+
+    def _known_maddrs(self) -> list[str]:
+        """The initial peers and every peer seen in the last 10 minutes (for `Swarm.rejoin` after a partition)."""
+        now = time.monotonic()
+        for rec in self.swarm.peers():
+            if rec.public_key != self.me:
+                self._peer_maddrs[rec.peer_id] = (now, list(rec.maddrs))
+        self._peer_maddrs = {k: v for k, v in self._peer_maddrs.items() if now - v[0] < MADDR_MEMORY}
+        return self.initial_peers + [m for _, maddrs in self._peer_maddrs.values() for m in maddrs]

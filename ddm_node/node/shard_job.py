@@ -1,0 +1,149 @@
+"""Training one claimed shard: resume from the newest verified checkpoint anywhere in the swarm, train
+(one process, or a supervised DDP worker group), publish every checkpoint, and handle the two ways a
+shard's training can end badly without ending the island: a full disk, and a peer's checkpoint that
+verified but does not load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddm_node.core.errors import DDMError
+from ddm_node.core.events import EventKind, EventLog
+from ddm_node.core.identity import Identity
+from ddm_node.core.workdir import WorkDir, step_of
+from ddm_node.data.plan import Plan
+from ddm_node.exchange.candidates import checkpoint_candidates
+from ddm_node.exchange.fetch import RejectedArtifact, RejectList, fetch_checkpoint, signed_publisher
+from ddm_node.node.mirror import Mirror
+from ddm_node.node.publisher import Publisher
+from ddm_node.node.state import NodeState
+from ddm_node.swarm.dht import Swarm
+from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.expert import DiskFull, is_disk_full, train_shard
+from ddm_node.train.supervisor import train_shard_distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How this island trains: device, processes, and the key file its DDP workers sign with."""
+
+    device: str | None
+    nproc: int
+    identity: Identity
+    identity_path: Path | None
+
+
+class ShardJob:
+    """Trains claimed shards of one plan (`run(shard)`)."""
+
+    def __init__(self, plan: Plan, work: WorkDir, swarm: Swarm, settings: TrainSettings, state: NodeState,
+                 publisher: Publisher, mirror: Mirror, rejects: RejectList, events: EventLog,
+                 trusted: list[str] | None):
+        self.plan, self.work, self.swarm, self.settings, self.state = plan, work, swarm, settings, state
+        self.publisher, self.mirror, self.rejects, self.events, self.trusted = (publisher, mirror, rejects, events,
+                                                                                trusted)
+
+    def run(self, shard: int) -> None:
+        """Train `shard` (already claimed) until its budget, a stop, a lost lease or a full disk."""
+        self.resume_from_swarm(shard)
+        if self.state.should_stop_training():
+            return
+        resumed = ckpt.latest_checkpoint(self.work.root, shard)
+        try:
+            self._train(shard)
+        except (DiskFull, OSError) as exc:
+            if not isinstance(exc, DiskFull) and not is_disk_full(exc):
+                raise
+            self._on_disk_full(shard, exc)
+            return
+        except DDMError as exc:
+            if not self._discard_unloadable(shard, resumed, exc):
+                raise
+            return
+        self.publisher.stats(shard)
+        if step_of(ckpt.latest_checkpoint(self.work.root, shard)) >= self.plan.cfg.train.steps:
+            self.events.record(EventKind.DONE, shard=shard, step=self.plan.cfg.train.steps)
+
+    def _train(self, shard: int) -> None:
+        s = self.settings
+        hooks = dict(device=s.device, on_checkpoint=lambda d: self.publisher.checkpoint(d, shard),
+                     should_stop=self.state.should_stop_training,
+                     on_start=lambda step: self.events.record(EventKind.TRAIN, shard=shard, step=step))
+        if s.nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
+            train_shard_distributed(self.plan, shard, self.work.root, s.nproc, identity_path=s.identity_path,
+                                    on_event=lambda kind, fields: self.events.record(kind, shard=shard, **fields),
+                                    **hooks)
+        else:
+            train_shard(self.plan, shard, self.work.root, identity=s.identity, **hooks)
+
+    def resume_from_swarm(self, shard: int) -> None:
+        """Fetch the newest verified checkpoint of the shard from the swarm when it is newer than ours."""
+        local = ckpt.latest_checkpoint(self.work.root, shard)
+        local_step = step_of(local)
+        for c in checkpoint_candidates(self.swarm.checkpoints(shard), self.swarm.replicas(shard)):
+            if c.step <= local_step:
+                break
+            if c.key in self.rejects:
+                continue
+            try:
+                step_dir = fetch_checkpoint(self.work.root, shard, c, self.plan.run_id, self.trusted)
+                publisher = signed_publisher(step_dir)
+                log.info("shard %d: resuming from step %d fetched from %s", shard, c.step, c.holders)
+                self.events.record(EventKind.RESUME, shard=shard, step=c.step, source="swarm",
+                                   publisher=publisher[:12], holders=tuple(c.holders))
+                mine = publisher == self.publisher.me
+                self.publisher.checkpoint(step_dir, shard, mirrored_from=None if mine else publisher)
+                return
+            except DDMError as exc:
+                if isinstance(exc, RejectedArtifact):
+                    self.rejects.add(c.key, str(exc))
+                log.warning("shard %d: checkpoint at step %d unusable: %s", shard, c.step, exc)
+        if local:
+            log.info("shard %d: resuming from local step %d", shard, local_step)
+            publisher = ckpt.verify_checkpoint(local)[0].publisher
+            source = "local mirror" if publisher != self.publisher.me else "local"
+            self.events.record(EventKind.RESUME, shard=shard, step=local_step, source=source, publisher=publisher[:12])
+
+    def _on_disk_full(self, shard: int, exc: BaseException) -> None:
+        """A checkpoint did not fit even after pruning: stop training and mirroring, give the shard back (another
+        island resumes it from our newest checkpoint, which stays intact and served), keep serving. A restart
+        after space was freed resumes normal work."""
+        newest = ckpt.latest_checkpoint(self.work.root, shard)
+        step = step_of(newest) if newest else None
+        log.error("DISK FULL in %s: %s; shard %d goes back to the swarm, newest checkpoint (step %s) is still "
+                  "served; this island stops training and mirroring until restarted with more space",
+                  self.work.root, exc, shard, step)
+        self.state.disk_full = True
+        for s in range(len(self.plan.shards)):
+            self.mirror.pause(s)
+        self.events.record(EventKind.DISK_FULL, shard=shard, step=step, error=str(exc)[:200])
+
+    def _discard_unloadable(self, shard: int, resumed: Path | None, exc: DDMError) -> bool:
+        """A peer's checkpoint that verified but does not load (a valid signer's garbage) must not end the
+        island: remember it, stop serving it, delete it and give the shard back (the next claim resumes
+        from something else). False when the failure is not about such a checkpoint."""
+        if resumed is None or ckpt.latest_checkpoint(self.work.root, shard) != resumed:
+            return False  # training wrote a checkpoint of ours after resuming: the failure is elsewhere
+        try:
+            expert, state = ckpt.verify_checkpoint(resumed)
+        except DDMError:
+            return False
+        if expert.publisher == self.publisher.me:
+            return False
+        self.rejects.add(((expert.id, state.id), expert.step), str(exc))
+        log.warning("shard %d: checkpoint step %d by %s verified but does not load (%s); discarding it",
+                    shard, expert.step, expert.publisher[:12], exc)
+        self.events.record(EventKind.REJECTED, shard=shard, step=expert.step, publisher=expert.publisher[:12],
+                           reason=str(exc))
+        self.publisher.withdraw(shard, expert.id, state.id)
+        doomed = resumed.with_name(f".{resumed.name}.rejected-{os.getpid()}")
+        os.rename(resumed, doomed)  # first, so a half-deleted directory never looks like a checkpoint
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
