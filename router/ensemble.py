@@ -17,10 +17,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ddm_node.core.config import Routing
 from ddm_node.core.errors import DDMError
+from router.base import Router
 from router.centroid import broadcast_t
 
-ROUTINGS = ("full", "top1", "top2", "topk")
+# routing -> experts per sample, from (experts present, top_k). "full" weights all of them (a sum, not a pick).
+ROUTINGS: dict[str, Callable[[int, int], int]] = {
+    "full": lambda n, top_k: n,
+    "top1": lambda n, top_k: 1,
+    "top2": lambda n, top_k: 2,
+    "topk": lambda n, top_k: top_k,
+}
 
 
 class Expert:
@@ -75,7 +83,7 @@ class EnsembleVelocity:
     experts, before any CFG doubling, which `Expert.forward_samples` counts), router_calls (router passes).
     """
 
-    def __init__(self, experts: dict[int, Callable], router, routing: str = "top1", top_k: int = 2):
+    def __init__(self, experts: dict[int, Callable], router: Router, routing: Routing = "top1", top_k: int = 2):
         if not experts:
             raise DDMError("ensemble needs at least one expert")
         if routing not in ROUTINGS:
@@ -88,17 +96,9 @@ class EnsembleVelocity:
         self.experts = {k: experts[k] for k in ids}
         self.ids = ids
         self.routing = routing
-        if routing == "top1":
-            self.k = 1
-        elif routing == "top2":
-            self.k = 2
-        elif routing == "topk":
-            if top_k < 1:
-                raise DDMError(f"top_k must be >= 1, got {top_k}")
-            self.k = top_k
-        else:
-            self.k = len(ids)
-        self.k = min(self.k, len(ids))
+        if top_k < 1:
+            raise DDMError(f"top_k must be >= 1, got {top_k}")
+        self.k = min(ROUTINGS[routing](len(ids), top_k), len(ids))
         self.reset_counters()
 
     def reset_counters(self) -> None:

@@ -68,3 +68,12 @@ def test_config_hash_changes_with_values():
     a, b = Config(), Config()
     b.train.steps += 1
     assert config_hash(a) == config_hash(Config()) != config_hash(b)
+
+
+def test_every_routing_and_router_choice_has_an_implementation():
+    from ddm_node.core.config import RouterChoice, Routing, choices
+    from ddm_node.ensemble.bundle import ROUTER_KINDS
+    from router.ensemble import ROUTINGS
+
+    assert set(ROUTINGS) == set(choices(Routing))
+    assert set(ROUTER_KINDS) | {"auto"} == set(choices(RouterChoice))

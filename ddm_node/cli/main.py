@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ddm_node import __version__
+from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
 log = logging.getLogger("ddm_node")
@@ -141,9 +142,9 @@ def cmd_bundle(args) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
+    from ddm_node.core.manifest import write_atomic
     from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.ensemble.generate import generate, save_grid
-    from ddm_node.core.manifest import write_atomic
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
@@ -167,8 +168,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.data.datasets import load_dataset
+    from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.ensemble.generate import generate, score
 
     bundle = load_bundle(args.ensemble)
@@ -275,10 +276,10 @@ def cmd_demo(args) -> int:
 
 def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive("--steps"), help="ODE steps (default: the plan's sample.steps)")
-    p.add_argument("--routing", choices=["top1", "top2", "topk", "full"])
+    p.add_argument("--routing", choices=choices(Routing))
     p.add_argument("--top-k", dest="top_k", type=positive("--top-k"))
-    p.add_argument("--router", choices=["auto", "learned", "centroid"])
-    p.add_argument("--solver", choices=["euler", "heun"])
+    p.add_argument("--router", choices=choices(RouterChoice))
+    p.add_argument("--solver", choices=choices(Solver))
     p.add_argument("--cfg-scale", dest="cfg_scale", type=float)
     p.add_argument("--seed", type=int, default=0)
 

@@ -13,9 +13,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ddm_node.core.errors import DDMError
+
+# Choices: the CLI derives its flags' choices from these, and `_coerce` checks them in every config.
+Features = Literal["pca", "dataset"]  # clustering features: PCA of pixels, or the dataset's own `features`
+TSampling = Literal["uniform", "logit_normal"]
+Solver = Literal["euler", "heun"]
+Routing = Literal["top1", "top2", "topk", "full"]  # router/ensemble.py ROUTINGS implements each
+RouterChoice = Literal["auto", "learned", "centroid"]  # "auto": the learned router when the bundle has one
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values of a Literal choice type, for argparse."""
+    return typing.get_args(tp)
+
 
 # name -> (hidden, depth, heads, patch). router/tiny/small run on a CPU; S/B/XL follow DiT for 32x32x4 latents.
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -44,7 +57,7 @@ class PartitionConfig:
     """Features -> k-means -> K shards."""
 
     experts: int = 4
-    features: str = "pca"  # "pca" or "dataset" (the dataset's own `features` array)
+    features: Features = "pca"
     pca_dim: int = 32
     fine_clusters: int = 0  # 0: auto (consolidate fine clusters only when the data is large)
     sub_centroids: int = 4  # per-shard sub-centroids published for the centroid router
@@ -92,7 +105,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     warmup_steps: int = 50
-    t_sampling: str = "uniform"  # "uniform" or "logit_normal" (uniform learned 8x8 digits faster here)
+    t_sampling: TSampling = "uniform"  # uniform learned 8x8 digits faster here
     seed: int = 0
     checkpoint_every: int = 250
     bf16: bool = True  # autocast on CUDA only
@@ -118,11 +131,11 @@ class SampleConfig:
     """ODE sampling of the ensemble."""
 
     steps: int = 32
-    solver: str = "heun"  # "euler" or "heun"
-    routing: str = "top1"  # "top1", "top2", "topk", "full"
+    solver: Solver = "heun"
+    routing: Routing = "top1"
     top_k: int = 2
     cfg_scale: float = 1.0
-    router: str = "auto"  # "auto" (learned when present), "learned", "centroid"
+    router: RouterChoice = "auto"
 
 
 @dataclass
@@ -158,7 +171,6 @@ class Config:
         checks = [
             (0.0 <= self.data.holdout_fraction < 1.0, "data.holdout_fraction must be in [0, 1)"),
             (self.partition.experts >= 1, "partition.experts must be >= 1"),
-            (self.partition.features in ("pca", "dataset"), "partition.features must be 'pca' or 'dataset'"),
             (self.partition.pca_dim >= 1, "partition.pca_dim must be >= 1"),
             (self.partition.sub_centroids >= 1, "partition.sub_centroids must be >= 1"),
             (self.model.num_classes >= 0, "model.num_classes must be >= 0"),
@@ -170,12 +182,8 @@ class Config:
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
             (self.train.nproc_per_node >= 1, "train.nproc_per_node must be >= 1"),
-            (self.train.t_sampling in ("uniform", "logit_normal"), "train.t_sampling must be 'uniform' or 'logit_normal'"),
             (self.router.steps >= 0, "router.steps must be >= 0"),
             (self.sample.steps >= 1, "sample.steps must be >= 1"),
-            (self.sample.solver in ("euler", "heun"), "sample.solver must be 'euler' or 'heun'"),
-            (self.sample.routing in ("top1", "top2", "topk", "full"), "sample.routing must be top1, top2, topk or full"),
-            (self.sample.router in ("auto", "learned", "centroid"), "sample.router must be auto, learned or centroid"),
             (self.sample.top_k >= 1, "sample.top_k must be >= 1"),
             (self.swarm.lease_ttl > 0, "swarm.lease_ttl must be > 0"),
             (0 <= self.swarm.settle < self.swarm.lease_ttl, "swarm.settle must be in [0, lease_ttl)"),
@@ -189,6 +197,11 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise DDMError(msg)
+        for section in dataclasses.fields(self):  # choices set in code (not parsed) are checked too
+            part = getattr(self, section.name)
+            for name, tp in typing.get_type_hints(type(part)).items():
+                if typing.get_origin(tp) is Literal:
+                    _coerce(getattr(part, name), tp, f"{section.name}.{name}")
         self.model.resolved()
         return self
 
@@ -223,6 +236,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise DDMError(f"{where} must be a list, got {type(value).__name__}")
         return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            quoted = [f"'{a}'" for a in allowed]
+            raise DDMError(f"{where} must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
+        return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DDMError(f"{where} must be a number, got {type(value).__name__} {value!r}")

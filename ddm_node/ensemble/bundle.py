@@ -16,16 +16,26 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from ddm_node.core.config import SampleConfig
-from ddm_node.data.plan import Plan
+from ddm_node.core.config import RouterChoice, SampleConfig
 from ddm_node.core.errors import DDMError, IntegrityError
-from ddm_node.core.manifest import MANIFEST, commit_dir, copy_artifact, read_manifest, staging_dir, verify_artifact, write_atomic
+from ddm_node.core.manifest import (
+    MANIFEST,
+    commit_dir,
+    copy_artifact,
+    read_manifest,
+    staging_dir,
+    verify_artifact,
+    write_atomic,
+)
+from ddm_node.core.workdir import step_of
+from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.router_job import load_router
+from router.base import Router
 from router.centroid import CentroidRouter, ClusterStats
 from router.ensemble import EnsembleVelocity, Expert
 
@@ -52,21 +62,33 @@ class Bundle:
     index: dict
     models: dict[int, torch.nn.Module]
     stats: dict[int, ClusterStats]
-    learned: object | None = None  # LearnedRouter
+    learned: Router | None = None  # a LearnedRouter when the bundle has one
     missing: list[int] = field(default_factory=list)
 
-    def router(self, kind: str = "auto"):
+    def router(self, kind: RouterChoice = "auto") -> Router:
         """The router over the experts present: learned when present (or asked), else centroid."""
-        present = sorted(self.models)
-        if kind == "learned" or (kind == "auto" and self.learned is not None):
-            if self.learned is None:
-                raise DDMError(f"{self.path}: bundle has no learned router")
-            return self.learned.subset(present)
+        if kind == "auto":
+            kind = "learned" if self.learned is not None else "centroid"
+        return ROUTER_KINDS[kind](self, sorted(self.models))
+
+    def _learned(self, present: list[int]) -> Router:
+        if self.learned is None:
+            raise DDMError(f"{self.path}: bundle has no learned router")
+        return self.learned.subset(present)
+
+    def _centroid(self, present: list[int]) -> Router:
         return CentroidRouter({k: self.stats[k] for k in present})
 
     def velocity(self, sample: SampleConfig) -> EnsembleVelocity:
         experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale) for k, m in self.models.items()}
         return EnsembleVelocity(experts, self.router(sample.router), routing=sample.routing, top_k=sample.top_k)
+
+
+# router kind -> how a bundle builds it over the experts present ("auto" picks one of these)
+ROUTER_KINDS: dict[str, Callable[[Bundle, list[int]], Router]] = {
+    "learned": Bundle._learned,
+    "centroid": Bundle._centroid,
+}
 
 
 def sources_from_work_dirs(dirs: Iterable[str | Path], shards: Iterable[int]) -> dict[int, ExpertSource]:
@@ -81,7 +103,7 @@ def sources_from_work_dirs(dirs: Iterable[str | Path], shards: Iterable[int]) ->
             stats = ckpt.stats_dir(d, k)
             if step_dir is None or not stats.is_dir():
                 continue
-            step = int(step_dir.name.split("_")[1])
+            step = step_of(step_dir)
             if k not in found or step > found[k][0]:
                 found[k] = (step, ExpertSource(k, step_dir / ckpt.EXPERT, stats))
     return {k: src for k, (_, src) in found.items()}

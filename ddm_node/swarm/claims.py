@@ -21,7 +21,7 @@ from typing import Iterable
 
 from ddm_node.core.errors import DDMError
 from ddm_node.swarm.dht import Swarm, dht_time
-from ddm_node.swarm.records import Claim
+from ddm_node.swarm.records import Claim, RecordKind
 
 logger = logging.getLogger(__name__)
 
@@ -183,5 +183,5 @@ class ClaimManager:
         )
         with self._lock:
             self._last_expiration[shard] = max(expiration, self._last_expiration.get(shard, 0.0))
-        stored = self.swarm.put("claim", shard, claim, expiration=expiration)
+        stored = self.swarm.put(RecordKind.CLAIM, shard, claim, expiration=expiration)
         return claim, stored

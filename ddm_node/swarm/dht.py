@@ -38,6 +38,7 @@ from ddm_node.swarm.records import (
     Claim,
     PeerRecord,
     PlanRecord,
+    RecordKind,
     ReplicaRecord,
     RouterRecord,
     StatsRecord,
@@ -54,19 +55,22 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 @dataclass(frozen=True)
 class _Kind:
     record: type
-    per_shard: bool
     owner_field: str | None  # the record field that must equal the subkey's owner
 
+    @property
+    def per_shard(self) -> bool:
+        return self.record.KIND.per_shard
 
-KINDS: dict[str, _Kind] = {
-    "peers": _Kind(PeerRecord, False, "public_key"),
-    "claim": _Kind(Claim, True, "public_key"),
-    "ckpt": _Kind(CheckpointRecord, True, "publisher"),
-    "replica": _Kind(ReplicaRecord, True, "holder_key"),
-    "stats": _Kind(StatsRecord, True, None),
-    "router": _Kind(RouterRecord, False, "publisher"),
-    "plan": _Kind(PlanRecord, False, None),
-}
+
+KINDS: dict[RecordKind, _Kind] = {k.record.KIND: k for k in (
+    _Kind(PeerRecord, "public_key"),
+    _Kind(Claim, "public_key"),
+    _Kind(CheckpointRecord, "publisher"),
+    _Kind(ReplicaRecord, "holder_key"),
+    _Kind(StatsRecord, None),
+    _Kind(RouterRecord, "publisher"),
+    _Kind(PlanRecord, None),
+)}
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def dht_key(run_id: str, kind: str, shard: int | None = None) -> str:
         return f"ddm/{run_id}/{kind}/{shard}"
     if shard is not None:
         raise DDMError(f"DHT kind {kind!r} takes no shard, got {shard!r}")
-    if kind == "plan":
+    if kind == RecordKind.PLAN:
         return f"ddm/plan/{run_id}"
     return f"ddm/{run_id}/{kind}"
 
@@ -269,46 +273,46 @@ class Swarm:
     # -- typed readers --------------------------------------------------------------------------
 
     def peers(self) -> list[PeerRecord]:
-        return [e.record for e in self.read("peers")]
+        return [e.record for e in self.read(RecordKind.PEERS)]
 
     def claims(self, shard: int) -> list[Claim]:
         """Every valid claim record on `shard`, live or released (expires_at = DHT expiration)."""
-        return [e.record for e in self.read("claim", shard)]
+        return [e.record for e in self.read(RecordKind.CLAIM, shard)]
 
     def checkpoints(self, shard: int) -> list[CheckpointRecord]:
-        return [e.record for e in self.read("ckpt", shard)]
+        return [e.record for e in self.read(RecordKind.CKPT, shard)]
 
     def replicas(self, shard: int) -> list[ReplicaRecord]:
-        return [e.record for e in self.read("replica", shard)]
+        return [e.record for e in self.read(RecordKind.REPLICA, shard)]
 
     def stats(self, shard: int) -> list[StatsRecord]:
-        return [e.record for e in self.read("stats", shard)]
+        return [e.record for e in self.read(RecordKind.STATS, shard)]
 
     def routers(self) -> list[RouterRecord]:
-        return [e.record for e in self.read("router")]
+        return [e.record for e in self.read(RecordKind.ROUTER)]
 
     def plan_holders(self, run_id: str | None = None) -> list[PlanRecord]:
-        return [e.record for e in self.read("plan", run_id=run_id or self.run_id)]
+        return [e.record for e in self.read(RecordKind.PLAN, run_id=run_id or self.run_id)]
 
     # -- typed writers --------------------------------------------------------------------------
 
     def heartbeat(self, record: PeerRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put("peers", None, record, ttl)
+        return self.put(RecordKind.PEERS, None, record, ttl)
 
     def announce_checkpoint(self, record: CheckpointRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put("ckpt", record.shard, record, ttl)
+        return self.put(RecordKind.CKPT, record.shard, record, ttl)
 
     def announce_replica(self, record: ReplicaRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put("replica", record.shard, record, ttl)
+        return self.put(RecordKind.REPLICA, record.shard, record, ttl)
 
     def announce_stats(self, record: StatsRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put("stats", record.shard, record, ttl)
+        return self.put(RecordKind.STATS, record.shard, record, ttl)
 
     def announce_router(self, record: RouterRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put("router", None, record, ttl)
+        return self.put(RecordKind.ROUTER, None, record, ttl)
 
     def announce_plan(self, record: PlanRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put("plan", None, record, ttl)
+        return self.put(RecordKind.PLAN, None, record, ttl)
 
     # -- reconnecting ---------------------------------------------------------------------------
 
@@ -356,7 +360,7 @@ def _encode(kind: str, shard: int | None, record: Any, run_id: str, owner: str) 
         raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
     if not isinstance(record, spec.record):
         raise DDMError(f"DHT kind {kind!r} takes a {spec.record.__name__}, got {type(record).__name__}")
-    run_id = record.run_id if kind == "plan" else run_id
+    run_id = record.run_id if kind == RecordKind.PLAN else run_id
     key = dht_key(run_id, kind, shard)
     if spec.per_shard and record.shard != shard:
         raise DDMError(f"{kind} record for shard {record.shard} written under shard {shard}")
@@ -386,7 +390,7 @@ def _parse_entry(kind: str, spec: _Kind, key: str, shard: int | None, subkey: An
     if spec.owner_field and getattr(record, spec.owner_field) != owner:
         logger.warning("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
         return None
-    if kind == "plan" and key != dht_key(record.run_id, "plan"):
+    if kind == RecordKind.PLAN and key != dht_key(record.run_id, RecordKind.PLAN):
         logger.warning("skipping a plan record of %s for another run under %s", owner[:12], key)
         return None
     if isinstance(record, Claim):
