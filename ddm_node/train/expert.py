@@ -78,8 +78,8 @@ def _resume(trainer: Trainer, work_dir: Path, shard: int, resume_from: Path | No
             dist: DistContext | None) -> Path | None:
     """Load the state rank 0 picked (`resume_from`, else the newest valid local checkpoint's) on every rank.
 
-    Rank 0 alone looks at the work dir, so that every rank resumes from the same step even while a
-    checkpoint is being verified or pruned. Returns the newest valid local step dir (None if there is none).
+    Rank 0 alone looks at the work dir and broadcasts its pick, so that every rank resumes from the same
+    step dir. Returns the newest valid local step dir (None if there is none).
     """
     picked = None
     if _is_main(dist):
@@ -151,6 +151,6 @@ def train_shard(
                           should_stop=_stop_check(should_stop, dist))
     if main and saver.newest_step != reached:
         checkpoint(reached)  # a stop between periodic checkpoints, or a budget off the checkpoint grid
-    # Also the other ranks' wait for rank 0's final checkpoint before they leave.
+    # Every rank returns rank 0's newest step dir; waiting for it also holds the others until that is written.
     newest = broadcast_object(dist, str(saver.newest) if saver.newest is not None else None)
     return Path(newest) if newest is not None else latest
