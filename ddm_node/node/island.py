@@ -22,22 +22,22 @@ from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.manifest import write_atomic
 from ddm_node.core.placement import rendezvous
-from ddm_node.core.workdir import WorkDir, step_of
+from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.exchange.announcer import Announcer
-from ddm_node.exchange.fetch import AnnouncementCheck, Expected, RejectList
+from ddm_node.exchange.fetch import AnnouncementCheck, RejectList
 from ddm_node.exchange.peers import fetch_plan
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
+from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
 from ddm_node.node.state import NodeState, Phase
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import PeerRecord, PlanRecord
-from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.router_job import train_plan_router
 from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
@@ -70,7 +70,7 @@ class Island:
         self.job: ShardJob | None = None
         self.timing: Timing | None = None
         self.keeper: LeaseKeeper | None = None
-        self._checks: AnnouncementCheck | None = None
+        self.progress: Progress | None = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -135,7 +135,7 @@ class Island:
         trusted = list(self.cfg.trusted_keys) or None
         self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc,
                                    trusted_keys=self.cfg.trusted_keys)
-        self._checks = AnnouncementCheck(trusted)
+        self.progress = Progress(self.plan, self.work, self.swarm, AnnouncementCheck(trusted), self.cfg.router_job)
         self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc, self.budget, trusted,
                                    self.events)
         self.mirror = Mirror(self.swarm, self.me, len(self.plan.shards), self.plan.run_id, self.cfg, self.work,
@@ -216,28 +216,12 @@ class Island:
 
     # ------------------------------------------------------------------------------ the work
 
-    def shard_done(self, shard: int) -> bool:
-        """True when we hold a final checkpoint of the shard, or a peer announces one whose signed manifest
-        says so (a DHT record alone proves nothing: any peer can write one)."""
-        if step_of(ckpt.latest_checkpoint(self.work.root, shard)) >= self.budget:
-            return True
-        return any(r.final and r.step >= self.budget
-                   and self._checks.holds(r.expert_manifest, r.grpc, Expected(ckpt.EXPERT, self.plan.run_id, shard,
-                                                                               r.step))
-                   for r in self.swarm.checkpoints(shard))
-
-    def router_done(self) -> bool:
-        return (not self.cfg.router_job or self.work.router.is_dir()
-                or any(self._checks.holds(r.manifest, r.grpc, Expected("router", self.plan.run_id, -1, r.step))
-                       for r in self.swarm.routers()))
-
     def work_loop(self) -> None:
         """Claim and train shards until none is left, then the router job."""
-        k = len(self.plan.shards)
         while not self.stop.is_set() and not self.state.disk_full:
-            pending = [s for s in range(k) if not self.shard_done(s)]
+            pending = self.progress.pending()
             if not pending:
-                if self.router_done() or self._router_job():
+                if self.progress.router_done() or self._router_job():
                     return
                 continue
             for shard in rendezvous(self.me, pending):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
 
 from ddm_node.core.config import SwarmConfig
 from ddm_node.core.events import EventKind, EventLog

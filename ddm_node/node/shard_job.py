@@ -24,7 +24,8 @@ from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.train.expert import DiskFull, is_disk_full, train_shard
+from ddm_node.train.checkpointer import DiskFull, is_disk_full
+from ddm_node.train.expert import train_shard
 from ddm_node.train.supervisor import train_shard_distributed
 
 log = logging.getLogger(__name__)

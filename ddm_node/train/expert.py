@@ -23,7 +23,7 @@ from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.train.checkpointer import Checkpointer, DiskFull, is_disk_full  # noqa: F401 (re-exported for node.island)
+from ddm_node.train.checkpointer import Checkpointer
 from ddm_node.train.distributed import DistContext, any_rank, broadcast_object
 from ddm_node.train.trainer import Trainer
 from router.centroid import ClusterStats

@@ -125,7 +125,7 @@ def test_island_ignores_unlisted_publishers(world, tmp_path, caplog):
     try:
         island.start()
         assert island.cfg.trusted_keys == [world.honest.public_hex]
-        assert not island.shard_done(0)  # E's final step 6 does not count
+        assert not island.progress.shard_done(0)  # E's final step 6 does not count
         # E squats shard 0 with a back-dated claim: it would win anywhere (see test_evil_peer), but a run
         # with trusted keys ignores claims by unlisted keys, so E cannot keep the listed islands off it
         squat = Claim(0, world.evil.swarm.peer_id, world.evil.key, world.evil.address, dht_time() - 3600)
