@@ -4,9 +4,9 @@ The network (module fixture `world`): three peers A, B, C, each with its own ide
 DHT (`Swarm`) and a real gRPC `TransferServer` on 127.0.0.1 serving real artifacts made by the trainer
 and the checkpoint writer. A trains shard 0 and a learned router, B trains shard 1, C mirrors shard 0
 (a replica record; its stats copy is served but not announced) and also lies: it announces shard 0's
-expert as a step-99 checkpoint of shard 1. No daemon is involved. Tests run in file order and some
-stop servers (A, then B) for good, so later tests see a degraded network; each one asks for the state
-it needs through `world.stop`, which is idempotent.
+expert as a step-99 checkpoint of shard 1. No daemon is involved. Tests run in any order (the suite
+shuffles them): a test that needs a dead publisher takes its servers down with `world.down(...)`, which
+serves them again on the same addresses when the test ends, so every test starts from the whole network.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,6 @@ class Node:
     server: object = None
     swarm: object = None
     address: str = ""
-    stopped: bool = False
 
 
 @dataclass
@@ -120,11 +120,18 @@ class World:
     def maddrs(self) -> list[str]:
         return self.nodes["C"].swarm.visible_maddrs()  # C never stops serving
 
-    def stop(self, name: str) -> None:
-        node = self.nodes[name]
-        if not node.stopped:
-            node.server.stop(0)
-            node.stopped = True
+    @contextmanager
+    def down(self, *names: str):
+        """These nodes' gRPC servers are gone for the block (their DHT records stay, like a dead node's), then
+        serve again on the same addresses."""
+        for name in names:
+            self.nodes[name].server.stop(0)
+        try:
+            yield
+        finally:
+            for name in names:
+                node = self.nodes[name]
+                assert node.server.start() == node.address, f"{name} could not serve again on {node.address}"
 
 
 def _tiny_config():
@@ -281,7 +288,6 @@ def test_assemble_verifies_skips_lie_and_verify_catches_a_flipped_byte(world, tm
 def test_assemble_drops_a_tampered_copy(world, tmp_path, caplog):
     """A (tried first: publisher) serves shard 0's weights with one flipped byte; C's copy is good."""
     caplog.set_level(logging.WARNING, logger="ddm_node.transfer.client")
-    assert not world.nodes["A"].stopped
     _flip(world.expert_file[0])
     try:
         out = tmp_path / "bundle"
@@ -297,11 +303,11 @@ def test_assemble_drops_a_tampered_copy(world, tmp_path, caplog):
 @pytest.mark.multiproc
 def test_assemble_survives_a_dead_publisher(world, tmp_path):
     """A's gRPC server is gone: shard 0 and its (unannounced) stats come from C's mirror; no learned router."""
-    world.stop("A")
     out = tmp_path / "bundle"
     t0 = time.monotonic()
     # The plan wants a router and none verifies: passes repeat until --wait runs out, then centroid.
-    assert _assemble(world, out, "--min-experts", "2", "--wait", "3") == 0
+    with world.down("A"):
+        assert _assemble(world, out, "--min-experts", "2", "--wait", "3") == 0
     assert time.monotonic() - t0 >= 3
     index = _index(out)
     assert {e["shard"]: e["manifest_id"] for e in index["experts"]} == world.expert
@@ -312,15 +318,14 @@ def test_assemble_survives_a_dead_publisher(world, tmp_path):
 @pytest.mark.multiproc
 def test_assemble_missing_shard_and_min_experts(world, tmp_path, capsys):
     """A and B are gone: shard 1 has no live holder (only the liar); shard 0 comes from C."""
-    world.stop("A")
-    world.stop("B")
     out = tmp_path / "bundle"
-    assert _assemble(world, out, "--min-experts", "2") == 2
-    err = capsys.readouterr().err
-    assert "only 1 of 2 experts" in err and "shard 1: missing" in err
-    assert not out.exists()
-    _no_leftovers(tmp_path, set())
-    assert _assemble(world, out, "--min-experts", "1") == 0
+    with world.down("A", "B"):
+        assert _assemble(world, out, "--min-experts", "2") == 2
+        err = capsys.readouterr().err
+        assert "only 1 of 2 experts" in err and "shard 1: missing" in err
+        assert not out.exists()
+        _no_leftovers(tmp_path, set())
+        assert _assemble(world, out, "--min-experts", "1") == 0
     index = _index(out)
     assert index["missing"] == [1] and [e["shard"] for e in index["experts"]] == [0]
     assert main(["verify", str(out)]) == 0

@@ -22,7 +22,9 @@ the other mode).
 - G (raw hivemind DHT, no validator) stores unsigned records under H's owner marker, a huge record,
   a plain value over a dictionary key, a bytes subkey, and a release of H's claim.
 
-Tests run in file order (assembly before the island trains past step 4).
+Tests run in any order (the suite shuffles them): every world is built whole, G's and the signed garbage
+included, and the island test gets a world of its own (`island_world`), since its island announces a plan,
+checkpoints, replicas, stats and a router that would change what the other tests read from the DHT.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class World:
     ids: dict = field(default_factory=dict)  # (shard, step) -> (expert id, state id) of H's checkpoints
     stats: dict = field(default_factory=dict)  # shard -> H's stats manifest id
     h_claim: object = None
+    stored: dict = field(default_factory=dict)  # what each signed garbage write returned (see _arm_garbage)
 
     @property
     def run_id(self) -> str:
@@ -85,6 +88,17 @@ def _config():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """The network of the module docstring, shared by the tests that only read from it."""
+    yield from _make_world(tmp_path_factory.mktemp("evil"))
+
+
+@pytest.fixture
+def island_world(tmp_path_factory):
+    """The same network, for the island test alone (its island's records would be read by the others)."""
+    yield from _make_world(tmp_path_factory.mktemp("evil-island"))
+
+
+def _make_world(root: Path):
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import make_plan
     from ddm_node.swarm.claims import ClaimManager
@@ -93,7 +107,6 @@ def world(tmp_path_factory):
     from ddm_node.transfer.server import TransferServer
     from ddm_node.transfer.store import ArtifactStore, NodeInfoData
 
-    root = tmp_path_factory.mktemp("evil")
     # Record validation happens in each DHT's forked child process; a file handler installed before
     # the forks records the validators' reasons where the test can read them.
     vlog = root / "validator.log"
@@ -145,6 +158,7 @@ def world(tmp_path_factory):
                   ids, stats, h_claim)
         _arm_e1(w)
         _arm_e2(w)
+        _arm_garbage(w)
         yield w
     finally:
         for p in reversed(peers):
@@ -230,6 +244,34 @@ def _arm_e2(w: World) -> None:
         e2.swarm.announce_checkpoint(CheckpointRecord(shard, 4, e, s, key, e2.address, False), ttl=TTL)
 
 
+def _arm_garbage(w: World) -> None:
+    from ddm_node.swarm.dht import dht_key
+    from ddm_node.swarm.validator import owner_marker
+
+    run, g = w.run_id, w.garbage
+    h_marker = owner_marker(w.honest.public_hex)
+    ck0, claim7 = dht_key(run, "ckpt", 0), dht_key(run, "claim", 7)
+    # unsigned: a false record "by H", a 12 KiB record under an invented owner, a plain value over the
+    # dictionary, a bytes subkey, H's claim "released", a plan record nobody signed
+    g.store(ck0, CheckpointRecord(0, 10**6, "ab" * 32, "cd" * 32, w.honest.public_hex, "127.0.0.1:1", True).to_value(),
+            subkey=h_marker)
+    g.store(ck0, {"junk": "x" * BIG_RECORD}, subkey=owner_marker("e" * 64))
+    g.store(ck0, "a plain value replacing the whole dictionary", ttl=7200.0)
+    g.store(ck0, {"junk": 1}, subkey=b"bytes subkey")
+    g.store(claim7, replace(w.h_claim, released=True).to_value(), subkey=h_marker, ttl=7200.0)
+    g.store(dht_key(run, "plan"), PlanRecord(run, "127.0.0.1:1").to_value(), subkey=owner_marker("f" * 64))
+    # signed by their owners but wrong: wrong types, over the size cap, a claim "by H" under E2's key,
+    # and E1 writing under H's subkey (its validator will not sign that: every peer refuses it)
+    e1, e2 = w.e1, w.e2
+    w.stored["e1 peers"] = e1.store_owned("peers", None, {
+        "peer_id": 12345, "public_key": e1.key, "grpc": ["x"], "maddrs": "no", "version": 1,
+        "heartbeat": "yesterday", "state": None, "shard": "0"})
+    e1.store_owned("stats", 1, {"shard": 1, "manifest": "ab" * 32, "grpc": e1.address, "pad": "z" * BIG_RECORD})
+    w.stored["e2 claim as H"] = e2.store_owned("claim", 7, replace(w.h_claim, claimed_at=1.0).to_value())
+    w.stored["e1 under H's subkey"] = e1.store_as("claim", 7, Claim(7, e1.swarm.peer_id, e1.key, e1.address,
+                                                                    1.0).to_value(), subkey=h_marker)
+
+
 def _messages(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records]
 
@@ -243,32 +285,12 @@ def _has(messages: list[str], *needles: str) -> bool:
 
 def test_dht_garbage_forgeries_and_overwrites_are_rejected(world, caplog):
     from ddm_node.swarm.claims import ClaimManager
-    from ddm_node.swarm.dht import Swarm, dht_key
-    from ddm_node.swarm.validator import owner_marker
+    from ddm_node.swarm.dht import Swarm
 
-    w, run = world, world.run_id
+    # the garbage is stored by the world (_arm_garbage), so every test reads a DHT holding it
+    w, run, e1, e2 = world, world.run_id, world.e1, world.e2
     caplog.set_level(logging.WARNING, logger="ddm_node.swarm.dht")
-    h_marker = owner_marker(w.honest.public_hex)
-    ck0, claim7 = dht_key(run, "ckpt", 0), dht_key(run, "claim", 7)
-    g = w.garbage
-    # unsigned: a false record "by H", a 12 KiB record under an invented owner, a plain value over the
-    # dictionary, a bytes subkey, H's claim "released", a plan record nobody signed
-    g.store(ck0, CheckpointRecord(0, 10**6, "ab" * 32, "cd" * 32, w.honest.public_hex, "127.0.0.1:1", True).to_value(),
-            subkey=h_marker)
-    g.store(ck0, {"junk": "x" * BIG_RECORD}, subkey=owner_marker("e" * 64))
-    g.store(ck0, "a plain value replacing the whole dictionary", ttl=7200.0)
-    g.store(ck0, {"junk": 1}, subkey=b"bytes subkey")
-    g.store(claim7, replace(w.h_claim, released=True).to_value(), subkey=h_marker, ttl=7200.0)
-    g.store(dht_key(run, "plan"), PlanRecord(run, "127.0.0.1:1").to_value(), subkey=owner_marker("f" * 64))
-    # signed by their owners but wrong: wrong types, over the size cap, a claim "by H" under E2's key,
-    # and E1 writing under H's subkey (its validator will not sign that: every peer refuses it)
-    e1, e2 = w.e1, w.e2
-    assert e1.store_owned("peers", None, {"peer_id": 12345, "public_key": e1.key, "grpc": ["x"], "maddrs": "no",
-                                          "version": 1, "heartbeat": "yesterday", "state": None, "shard": "0"})
-    e1.store_owned("stats", 1, {"shard": 1, "manifest": "ab" * 32, "grpc": e1.address, "pad": "z" * BIG_RECORD})
-    assert e2.store_owned("claim", 7, replace(w.h_claim, claimed_at=1.0).to_value())
-    assert e1.store_as("claim", 7, Claim(7, e1.swarm.peer_id, e1.key, e1.address, 1.0).to_value(),
-                       subkey=h_marker) is False
+    assert w.stored == {"e1 peers": True, "e2 claim as H": True, "e1 under H's subkey": False}
 
     with Swarm(Identity.generate(), run, initial_peers=w.maddrs) as reader:
         for r in (w.h_swarm, reader):
@@ -348,10 +370,10 @@ def test_assemble_takes_every_honest_copy_past_the_lies(world, tmp_path, caplog,
 # ------------------------------------------------------------------------------------------ an island
 
 
-def test_island_mirrors_resumes_and_finishes_past_the_lies(world, tmp_path, caplog):
+def test_island_mirrors_resumes_and_finishes_past_the_lies(island_world, tmp_path, caplog):
     from ddm_node.node.island import Island, IslandOptions
 
-    w, e1, e2 = world, world.e1, world.e2
+    w, e1, e2 = island_world, island_world.e1, island_world.e2
     caplog.set_level(logging.INFO, logger="ddm_node")
     me = Identity.generate()
     island = Island(IslandOptions(identity=me, work_dir=tmp_path / "island", run_id=w.run_id,
@@ -361,7 +383,7 @@ def test_island_mirrors_resumes_and_finishes_past_the_lies(world, tmp_path, capl
         assert island.plan.run_id == w.run_id
         assert _has(_messages(caplog), "plan from " + e1.address, "rejected")
         # Final "done" records whose manifests say otherwise do not end the work
-        assert not island.shard_done(0) and not island.shard_done(1) and not island.router_done()
+        assert not island.progress.shard_done(0) and not island.progress.shard_done(1) and not island.progress.router_done()
 
         island.mirror.sweep()  # the mirror path: newest verified copy of each shard
         shard1 = ckpt.latest_checkpoint(island.work_dir, 1, require_signature=True)
