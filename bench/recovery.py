@@ -41,6 +41,7 @@ from pathlib import Path
 from bench.common import (BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header,
                           write_section)
 from ddm_node.core.errors import DDMError
+from ddm_node.core.events import Event, EventKind
 from ddm_node.cli.localnet import IslandProc, LocalNet
 
 NAME = "bench.recovery"
@@ -93,33 +94,33 @@ class Kill:
         return max(0.0, self.victim_step_est - self.resumed_step)
 
 
-def current_trainers(net: LocalNet, events: list[dict]) -> dict[int, str]:
+def current_trainers(net: LocalNet, events: list[Event]) -> dict[int, str]:
     """shard -> the island whose latest claim it is, when that island is alive."""
     owner: dict[int, str] = {}
     for e in events:
-        if e["event"] == "claim":
-            owner[e["shard"]] = e["name"]
+        if e.kind is EventKind.CLAIM:
+            owner[e.shard] = e.name
     alive = {p.name for p in net.procs if p.alive}
     return {s: n for s, n in owner.items() if n in alive}
 
 
-def claim_time(events: list[dict], name: str, shard: int) -> float:
+def claim_time(events: list[Event], name: str, shard: int) -> float:
     """When `name` last claimed `shard`."""
-    return max(e["t"] for e in events if e["event"] == "claim" and e["name"] == name and e["shard"] == shard)
+    return max(e.t for e in events if e.kind is EventKind.CLAIM and e.name == name and e.shard == shard)
 
 
-def checkpoints_since_claim(events: list[dict], name: str, shard: int) -> list[dict]:
+def checkpoints_since_claim(events: list[Event], name: str, shard: int) -> list[Event]:
     claim_t = claim_time(events, name, shard)
-    return [e for e in events if e["event"] == "checkpoint" and e["name"] == name and e["shard"] == shard
-            and e["t"] >= claim_t]
+    return [e for e in events if e.kind is EventKind.CHECKPOINT and e.name == name and e.shard == shard
+            and e.t >= claim_t]
 
 
-def mirrored_since_claim(events: list[dict], name: str, shard: int) -> bool:
+def mirrored_since_claim(events: list[Event], name: str, shard: int) -> bool:
     """Whether any other island mirrored `shard` after `name` claimed it: only then can a kill of
     `name` be survived (a kill before any replica exists loses the shard's progress, which this bench does
     not measure)."""
     claim_t = claim_time(events, name, shard)
-    return any(e["event"] == "mirror" and e["shard"] == shard and e["name"] != name and e["t"] >= claim_t
+    return any(e.kind is EventKind.MIRROR and e.shard == shard and e.name != name and e.t >= claim_t
                for e in events)
 
 
@@ -127,7 +128,7 @@ def pick_victim(net: LocalNet, min_ckpts: int = 2):
     """Predicate: a live trainer with >= min_ckpts checkpoints of its shard since its claim, mirrored by another
     island since then, and a live idle island."""
 
-    def check(events: list[dict]):
+    def check(events: list[Event]):
         trainers = current_trainers(net, events)
         busy = set(trainers.values())
         if not any(p.alive and p.name not in busy for p in net.procs):
@@ -141,11 +142,11 @@ def pick_victim(net: LocalNet, min_ckpts: int = 2):
     return check
 
 
-def estimate_step(cps: list[dict], t: float) -> float:
+def estimate_step(cps: list[Event], t: float) -> float:
     """The victim's step at time t from its last two checkpoint events (constant rate in between)."""
     a, b = cps[-2], cps[-1]
-    rate = (b["step"] - a["step"]) / max(b["t"] - a["t"], 1e-6)
-    return b["step"] + rate * max(0.0, t - b["t"])
+    rate = (b.step - a.step) / max(b.t - a.t, 1e-6)
+    return b.step + rate * max(0.0, t - b.t)
 
 
 def one_run(s: Settings, ttl: float, root: Path, rng: random.Random, log) -> list[Kill]:
@@ -164,7 +165,7 @@ def one_run(s: Settings, ttl: float, root: Path, rng: random.Random, log) -> lis
         for n in range(1, s.kills + 1):
             name, shard, cps = net.wait_for(pick_victim(net), 240,
                                             "a training island with two checkpoints and a mirror")
-            interval = max(cps[-1]["t"] - cps[-2]["t"], 0.1)
+            interval = max(cps[-1].t - cps[-2].t, 0.1)
             time.sleep(rng.uniform(0.0, interval))
             victim = next(p for p in net.procs if p.name == name)
             kills.append(kill_and_measure(net, s, ttl, n, victim, shard))
@@ -183,29 +184,30 @@ def kill_and_measure(net: LocalNet, s: Settings, ttl: float, n: int, victim: Isl
     events = net.events()
     cps = checkpoints_since_claim(events, victim.name, shard)
     step_est = estimate_step(cps, t_kill)
-    claim = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "claim" and e["shard"] == shard
-                                          and e["name"] != victim.name and e["t"] > t_kill), None),
+    claim = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.CLAIM and e.shard == shard
+                                          and e.name != victim.name and e.t > t_kill), None),
                          6 * ttl + 60, f"another island to claim shard {shard}")
-    resume = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "resume" and e["shard"] == shard
-                                           and e["name"] == claim["name"] and e["t"] >= claim["t"]), None),
-                          120, f"{claim['name']} to resume shard {shard}")
+    resume = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.RESUME and e.shard == shard
+                                           and e.name == claim.name and e.t >= claim.t), None),
+                          120, f"{claim.name} to resume shard {shard}")
     try:
-        train = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "train" and e["shard"] == shard
-                                              and e["name"] == claim["name"] and e["t"] >= resume["t"]), None),
-                             120, f"{claim['name']} to train shard {shard}")
+        train = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.TRAIN and e.shard == shard
+                                              and e.name == claim.name and e.t >= resume.t), None),
+                             120, f"{claim.name} to train shard {shard}")
     except DDMError:
         train = resume  # an island without `train` events
     # its first checkpoint after resuming (also: the next victim needs checkpoints anyway)
     try:
-        ck = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "checkpoint" and e["shard"] == shard
-                                           and e["name"] == claim["name"] and e["t"] > resume["t"]), None),
-                          120, f"{claim['name']} to checkpoint shard {shard}")
-        first_ckpt = ck["t"] - t_kill
+        ck = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.CHECKPOINT and e.shard == shard
+                                           and e.name == claim.name and e.t > resume.t), None),
+                          120, f"{claim.name} to checkpoint shard {shard}")
+        first_ckpt = ck.t - t_kill
     except DDMError:
         first_ckpt = None
-    return Kill(ttl=ttl, n=n, shard=shard, victim=victim.name, takeover=claim["name"], claim_s=claim["t"] - t_kill,
-                resume_s=resume["t"] - t_kill, recovery_s=train["t"] - t_kill, first_ckpt_s=first_ckpt, victim_last_ckpt=cps[-1]["step"],
-                victim_step_est=step_est, resumed_step=int(resume["step"]), source=str(resume.get("source", "?")),
+    return Kill(ttl=ttl, n=n, shard=shard, victim=victim.name, takeover=claim.name, claim_s=claim.t - t_kill,
+                resume_s=resume.t - t_kill, recovery_s=train.t - t_kill, first_ckpt_s=first_ckpt,
+                victim_last_ckpt=cps[-1].step, victim_step_est=step_est, resumed_step=int(resume.step),
+                source="?" if resume.source is None else resume.source,
                 load=load, settle=s.settle)
 
 

@@ -41,6 +41,7 @@ import psutil
 from bench.common import (BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header,
                           write_section)
 from ddm_node.cli.localnet import LocalNet
+from ddm_node.core.events import Event, EventKind
 
 NAME = "bench.scale"
 GIB = float(1 << 30)
@@ -127,14 +128,14 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def first(events: list[dict], name: str, kind: str) -> dict | None:
-    return next((e for e in events if e["name"] == name and e["event"] == kind), None)
+def first(events: list[Event], name: str, kind: EventKind) -> Event | None:
+    return next((e for e in events if e.name == name and e.kind is kind), None)
 
 
 def every_shard_checkpointed(k: int):
-    def check(events: list[dict]):
-        shards = {e["shard"] for e in events if e["event"] == "checkpoint"}
-        trainers = {e["name"] for e in events if e["event"] == "train"}
+    def check(events: list[Event]):
+        shards = {e.shard for e in events if e.kind is EventKind.CHECKPOINT}
+        trainers = {e.name for e in events if e.kind is EventKind.TRAIN}
         return events if len(shards) >= k and len(trainers) >= k else None
 
     return check
@@ -170,13 +171,13 @@ def run_size(n: int, every: int, settle: float, root: Path, cpu: CpuSampler, log
         log(f"n={n}: every shard checkpointed after {res.all_training_s:.0f}s")
         res.rss_gib = sum(tree_rss(p.popen.pid) for p in net.procs) / GIB
         for p in net.procs:
-            start = first(events, p.name, "start")
+            start = first(events, p.name, EventKind.START)
             if start is None:
                 continue
-            rel = lambda kind: (lambda e: None if e is None else e["t"] - start["t"])(first(events, p.name, kind))
+            rel = lambda kind: (lambda e: None if e is None else e.t - start.t)(first(events, p.name, kind))
             lost = p.log.read_text(errors="replace").count("lost the race") if p.log.exists() else 0
-            res.islands.append(IslandTimes(p.name, start["t"] - launched[p.name], rel("claim"), rel("train"),
-                                           rel("checkpoint"), lost))
+            res.islands.append(IslandTimes(p.name, start.t - launched[p.name], rel(EventKind.CLAIM),
+                                           rel(EventKind.TRAIN), rel(EventKind.CHECKPOINT), lost))
         cpu.phase = f"{n}:assemble"
         res.load = load_str().split(" (")[0]
         measure_assembly(res, net, maddr, run_id, n)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from bench.common import (BENCHMARKS_MD, Timer, markdown_table, median, print_ratio, section_header,
                           write_section)
+from ddm_node.core.events import Event, EventKind
+from ddm_node.core.workdir import step_of
 
 NAME = "bench.train_overhead"
 GOAL = 0.97
@@ -128,14 +130,14 @@ class GroupCPU:
         self._thread.join()
 
 
-def daemon_series(events: list[dict], cpu: GroupCPU) -> Series:
+def daemon_series(events: list[Event], cpu: GroupCPU) -> Series:
     """The island's checkpoint events as a series; CPU interpolated from the group samples at each event."""
     ct = Series()
     for t, c in cpu.samples:
         ct.add(t, 0.0, c)
     s = Series()
     for e in events:
-        s.add(e["t"], float(e["step"]), ct._at(ct.cpu, e["t"]))
+        s.add(e.t, float(e.step), ct._at(ct.cpu, e.t))
     return s
 
 
@@ -271,26 +273,26 @@ class Bench:
             maddr = net.wait_ready(a)["maddrs"][0]
             b = net.start(name_b, "--run", self.run_id, "--initial-peers", maddr)
             net.wait_ready(b)
-            done = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "done"
-                                                 and e["name"] in (name_a, name_b)), None),
+            done = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.DONE
+                                                 and e.name in (name_a, name_b)), None),
                                 120 + 2 * s.steps, "the island to finish its shard")
             time.sleep(1.0)  # a last CPU sample and worker line after the final event
             cpu.stop()
             for w in workers:
                 w.stop()
-            if done["name"] != name_a:
+            if done.name != name_a:
                 raise RuntimeError("the mirroring island trained the shard instead; rerun")
-            events = [e for e in net.events() if e["event"] == "checkpoint" and e["name"] == name_a]
+            events = [e for e in net.events() if e.kind is EventKind.CHECKPOINT and e.name == name_a]
             self._intervals(rep, events, cpu, {w.kind: w.series() for w in workers})
             mirrored = -1
             deadline = time.time() + 15  # let the mirror copy the final checkpoint (not timed)
             while time.time() < deadline:
                 got = ckpt.latest_checkpoint(b.work, 0)
-                mirrored = int(got.name.split("_")[1]) if got else -1
+                mirrored = step_of(got)
                 if mirrored >= s.steps:
                     break
                 time.sleep(0.5)
-            self.reps.append(RepInfo(events[0]["t"] - t_start, mirrored))
+            self.reps.append(RepInfo(events[0].t - t_start, mirrored))
         finally:
             if cpu is not None:
                 cpu.stop()
@@ -298,15 +300,15 @@ class Bench:
                 w.stop()
             net.stop_all()
 
-    def _intervals(self, rep: int, events: list[dict], cpu: GroupCPU, series: dict[str, Series]) -> None:
+    def _intervals(self, rep: int, events: list[Event], cpu: GroupCPU, series: dict[str, Series]) -> None:
         d = daemon_series(events, cpu)
         for i in range(1, len(events)):  # the interval ending at the first checkpoint holds start-up
-            a, b = events[i - 1]["t"], events[i]["t"]
+            a, b = events[i - 1].t, events[i].t
             wall, per_cpu = {}, {}
             wall["daemon"], per_cpu["daemon"] = d.rates(a, b, self.s.batch)
             for kind, ser in series.items():
                 wall[kind], per_cpu[kind] = ser.rates(a, b, self.s.batch)
-            self.intervals.append(Interval(rep, (events[i - 1]["step"], events[i]["step"]), wall, per_cpu))
+            self.intervals.append(Interval(rep, (events[i - 1].step, events[i].step), wall, per_cpu))
 
     def checkpoint_cost(self, work: Path, n: int = 3) -> tuple[float, float]:
         """Median seconds to write + prune one checkpoint (expert + state, sealed and signed), and median

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddm_node.core.errors import DDMError
+from ddm_node.core.events import Event, EventKind
 from ddm_node.cli.localnet import IslandProc, LocalNet, all_done
 
 DEMO_CONFIG = """\
@@ -92,34 +93,35 @@ class Demo:
         print(report)
         return 0
 
-    def victim(self, events: list[dict], min_step: int) -> tuple[IslandProc, int, int] | None:
+    def victim(self, events: list[Event], min_step: int) -> tuple[IslandProc, int, int] | None:
         """The first live island to announce a checkpoint at >= min_step of a shard not yet done."""
-        done = {e["shard"] for e in events if e["event"] == "done"}
+        done = {e.shard for e in events if e.kind is EventKind.DONE}
         for e in events:
-            if e["event"] == "checkpoint" and e["step"] >= min_step and e["shard"] not in done:
-                proc = next(p for p in self.net.procs if p.name == e["name"])
+            if e.kind is EventKind.CHECKPOINT and e.step >= min_step and e.shard not in done:
+                proc = next(p for p in self.net.procs if p.name == e.name)
                 if proc.alive:
-                    return proc, e["shard"], e["step"]
+                    return proc, e.shard, e.step
         return None
 
     def write_report(self, run_id: str, victim: IslandProc, killed_shard: int, scores: dict, steps: int) -> Path:
         ev = self.net.events()
-        lines = [f"# ddm-node demo report", "", f"Run `{run_id}`: digits, K=4, {steps} steps per expert, "
+        lines = ["# ddm-node demo report", "", f"Run `{run_id}`: digits, K=4, {steps} steps per expert, "
                  f"{len(self.net.procs)} islands on 127.0.0.1, total {time.time() - self.t0:.0f} s.", "",
                  f"**{victim.name} was killed** (SIGKILL of its process group) while training shard {killed_shard}.", "",
                  "| shard | islands that trained it | checkpoints (step by island) | resumed from | final step |",
                  "|---|---|---|---|---|"]
         for k in range(4):
-            trained = list(dict.fromkeys(e["name"] for e in ev if e.get("shard") == k and e["event"] == "claim"))
-            cps = ", ".join(f"{e['step']} ({e['name']})" for e in ev if e.get("shard") == k and e["event"] == "checkpoint")
-            res = [f"step {e['step']} via {e['source']} (published by {e.get('publisher', '?')}) on {e['name']}"
-                   for e in ev if e.get("shard") == k and e["event"] == "resume"]
-            final = max((e["step"] for e in ev if e.get("shard") == k and e["event"] == "done"), default="-")
+            of_k = [e for e in ev if e.shard == k]
+            trained = list(dict.fromkeys(e.name for e in of_k if e.kind is EventKind.CLAIM))
+            cps = ", ".join(f"{e.step} ({e.name})" for e in of_k if e.kind is EventKind.CHECKPOINT)
+            res = [f"step {e.step} via {e.source} (published by {'?' if e.publisher is None else e.publisher}) "
+                   f"on {e.name}" for e in of_k if e.kind is EventKind.RESUME]
+            final = max((e.step for e in of_k if e.kind is EventKind.DONE), default="-")
             lines.append(f"| {k} | {', '.join(trained)} | {cps} | {'; '.join(res) or 'fresh start'} | {final} |")
-        killed_cps = [e["step"] for e in ev if e["event"] == "checkpoint" and e["name"] == victim.name
-                      and e["shard"] == killed_shard]
-        resumed = [e["step"] for e in ev if e["event"] == "resume" and e.get("shard") == killed_shard
-                   and e["name"] != victim.name]
+        killed_cps = [e.step for e in ev if e.kind is EventKind.CHECKPOINT and e.name == victim.name
+                      and e.shard == killed_shard]
+        resumed = [e.step for e in ev if e.kind is EventKind.RESUME and e.shard == killed_shard
+                   and e.name != victim.name]
         lines += ["", f"Shard {killed_shard}: the killed island's last published checkpoint was step "
                   f"{max(killed_cps, default='-')}; the takeover resumed at step {max(resumed, default='-')}.", "",
                   "## Samples (top-1 routing, learned router)", "", "![samples](samples.png)", "",

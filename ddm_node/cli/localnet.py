@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ddm_node.core.errors import DDMError
+from ddm_node.core.events import Event, EventKind, read_events
+from ddm_node.core.workdir import WorkDir
 
 
 @dataclass
@@ -134,21 +136,15 @@ class LocalNet:
                 pass
         return {p.name: p.popen.returncode for p in self.procs}
 
-    def events(self) -> list[dict]:
-        """Every island's events.jsonl merged by time, each with the island's name."""
-        out = []
+    def events(self) -> list[Event]:
+        """Every island's events.jsonl merged by time, each event named after its island (lines cut by SIGKILL
+        are skipped)."""
+        out: list[Event] = []
         for p in {p.name: p for p in self.procs}.values():
-            path = p.work / "events.jsonl"
-            if not path.exists():
-                continue
-            for line in path.read_text().splitlines():
-                try:
-                    out.append({**json.loads(line), "name": p.name})
-                except ValueError:
-                    pass  # a line cut by SIGKILL
-        return sorted(out, key=lambda e: e["t"])
+            out += read_events(WorkDir(p.work).events, name=p.name)
+        return sorted(out, key=lambda e: e.t)
 
-    def wait_for(self, predicate: Callable[[list[dict]], object], timeout: float, what: str):
+    def wait_for(self, predicate: Callable[[list[Event]], object], timeout: float, what: str):
         """Poll the event timeline until `predicate(events)` is truthy; returns its value."""
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -161,12 +157,12 @@ class LocalNet:
         raise DDMError(f"timed out after {timeout:.0f}s waiting for {what}; logs under {self.root}/islands")
 
 
-def all_done(k: int, router: bool = True) -> Callable[[list[dict]], list[dict] | None]:
+def all_done(k: int, router: bool = True) -> Callable[[list[Event]], list[Event] | None]:
     """Predicate: every shard has a `done` event (and the router one, when asked); returns the events."""
 
-    def check(events: list[dict]) -> list[dict] | None:
-        done = {e["shard"] for e in events if e["event"] == "done"}
-        finished = len(done) >= k and (not router or any(e["event"] == "router" for e in events))
+    def check(events: list[Event]) -> list[Event] | None:
+        done = {e.shard for e in events if e.kind is EventKind.DONE}
+        finished = len(done) >= k and (not router or any(e.kind is EventKind.ROUTER for e in events))
         return events if finished else None
 
     return check
