@@ -9,7 +9,6 @@ crash never leaves a directory that looks complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -22,13 +21,22 @@ from typing import Iterable
 from ddm_node.core.config import canonical_json
 from ddm_node.core.errors import IntegrityError
 from ddm_node.core.identity import PUBLIC_HEX_LEN, Identity, verify_signature
+from ddm_node.core.jsonsafe import loads as load_json
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 KINDS = ("expert", "state", "stats", "router", "plan")
 MAX_MANIFEST_BYTES = 64 * 1024
+MAX_MANIFEST_DEPTH = 8  # a manifest nests 3 levels (files -> entry); `extra` is small flat metadata
+MAX_SHARD = 2**31 - 1
+MAX_INT = 2**62  # steps and file sizes: far beyond any real one, still exact in every integer type we pass them to
+MAX_CREATED = 1e11  # seconds since 1970 (year 5138)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class MalformedManifest(IntegrityError):
+    """Manifest bytes that do not parse into a valid manifest: whoever serves bytes with that id serves these."""
 
 
 @dataclass(frozen=True)
@@ -63,20 +71,24 @@ class Manifest:
     def from_bytes(cls, raw: bytes, source: str = "manifest") -> "Manifest":
         """Parse and validate untrusted manifest bytes; any defect is a one-line IntegrityError."""
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise IntegrityError(f"{source}: manifest too large ({len(raw)} bytes)")
+            raise MalformedManifest(f"{source}: manifest too large ({len(raw)} bytes)")
+        data = load_json(raw, source, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH,
+                         error=MalformedManifest)
+        if not isinstance(data, dict):
+            raise MalformedManifest(f"{source}: manifest must be a JSON object")
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise IntegrityError(f"{source}: manifest is not valid JSON") from None
-        try:
-            files = {
-                str(name): FileEntry(sha256=str(e["sha256"]), size=int(e["size"]))
-                for name, e in dict(data.pop("files")).items()
-            }
+            files = {}
+            for name, e in dict(data.pop("files")).items():
+                if not isinstance(e.get("size"), int) or isinstance(e.get("size"), bool):
+                    raise ValueError(f"size of {str(name)[:40]!r} is not an integer")
+                files[str(name)] = FileEntry(sha256=str(e["sha256"]), size=e["size"])
             m = cls(files=files, **data)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise IntegrityError(f"{source}: malformed manifest ({exc})") from None
-        m.check(source)
+            raise MalformedManifest(f"{source}: malformed manifest ({str(exc)[:200]})") from None
+        try:
+            m.check(source)
+        except IntegrityError as exc:
+            raise MalformedManifest(str(exc)) from None
         return m
 
     def check(self, source: str = "manifest") -> None:
@@ -84,13 +96,14 @@ class Manifest:
         problems = [
             (self.kind in KINDS, f"unknown kind {self.kind!r}"),
             (isinstance(self.run_id, str) and bool(_HEX64.match(self.run_id)), "run_id must be 64 hex chars"),
-            (isinstance(self.shard, int) and not isinstance(self.shard, bool) and self.shard >= -1, "bad shard"),
-            (isinstance(self.step, int) and not isinstance(self.step, bool) and self.step >= 0, "bad step"),
+            (_int_in(self.shard, -1, MAX_SHARD), "bad shard"),
+            (_int_in(self.step, 0, MAX_INT), "bad step"),
             (isinstance(self.config_hash, str) and len(self.config_hash) <= 128, "bad config_hash"),
             (self.publisher == "" or (isinstance(self.publisher, str) and len(self.publisher) == PUBLIC_HEX_LEN
                                       and bool(_HEX64.match(self.publisher))), "bad publisher key"),
             (isinstance(self.extra, dict), "extra must be a mapping"),
-            (isinstance(self.created, (int, float)), "bad created time"),
+            (isinstance(self.created, (int, float)) and not isinstance(self.created, bool)
+             and 0 <= self.created <= MAX_CREATED, "bad created time"),  # NaN and inf fail the comparison
         ]
         for ok, what in problems:
             if not ok:
@@ -98,8 +111,13 @@ class Manifest:
         for name, entry in self.files.items():
             if not _NAME_RE.match(name) or name in (MANIFEST, SIGNATURE):
                 raise IntegrityError(f"{source}: illegal file name {name!r}")
-            if not _HEX64.match(entry.sha256) or entry.size < 0:
+            if not _HEX64.match(entry.sha256) or not _int_in(entry.size, 0, MAX_INT):
                 raise IntegrityError(f"{source}: bad hash or size for {name}")
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    """An int (not a bool) within [low, high]: numbers from peers are checked before anything uses them."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def hash_file(path: str | Path) -> tuple["hashlib._Hash", int]:

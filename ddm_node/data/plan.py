@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import re
@@ -23,6 +22,7 @@ from ddm_node.core.config import Config, canonical_json, from_dict, to_dict
 from ddm_node.data.datasets import Dataset, split_indices
 from ddm_node.data.partition import cluster, compute_features
 from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import write_atomic
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ class Plan:
         """Parse and validate untrusted plan bytes; any defect is a one-line DDMError naming `source`."""
         if len(raw) > MAX_PLAN_BYTES:
             raise DDMError(f"{source}: plan too large ({len(raw)} bytes)")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise DDMError(f"{source}: plan is not valid JSON") from None
+        data = load_json(raw, f"{source}: plan", max_bytes=MAX_PLAN_BYTES, error=DDMError)
         if not isinstance(data, dict):
             raise DDMError(f"{source}: plan must be a JSON object")
         try:

@@ -22,6 +22,7 @@ import torch
 
 from ddm_node.core.config import RouterChoice, SampleConfig
 from ddm_node.core.errors import DDMError, IntegrityError
+from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import (
     MANIFEST,
     commit_dir,
@@ -159,7 +160,7 @@ def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], 
 def read_index(path: str | Path) -> dict:
     p = Path(path) / INDEX
     try:
-        index = json.loads(p.read_bytes())
+        index = load_json(p.read_bytes(), str(p), max_bytes=16 << 20)  # bounded: depth, size, finite numbers
     except OSError as exc:
         raise DDMError(f"{p}: cannot read ({exc.strerror or exc}); is {path} an ensemble bundle?") from None
     except ValueError:

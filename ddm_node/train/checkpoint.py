@@ -13,7 +13,6 @@ only: nothing is ever unpickled.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -28,9 +27,11 @@ from safetensors.torch import load_file, save_file
 from ddm_node.core.config import ModelConfig, TrainConfig, canonical_json, from_dict, to_dict
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
+from ddm_node.core.jsonsafe import load_file as load_json_file
 from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, seal, staging_dir, verify_artifact
 from ddm_node.core.model import DiT
 from ddm_node.core.workdir import STEP_RE, WorkDir, step_of
+from ddm_node.train.state import check_extra
 from ddm_node.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 EXPERT, STATE, STATS = "expert", "state", "stats"
 MODEL_FILE, STATE_FILE, STATS_FILE = "model.safetensors", "state.safetensors", "stats.safetensors"
 CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 1 << 20  # a config.json inside an artifact (a few hundred bytes when we write it)
 STALE_STAGING_S = 3600.0  # staging directories older than this are leftovers of a crash
 
 
@@ -92,13 +94,9 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise DDMError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise DDMError(f"{path}: not valid JSON") from None
+def read_json(path: Path) -> dict:
+    """A JSON object from an artifact's file (peer data: bounded in size and depth, numbers finite)."""
+    data = load_json_file(path, max_bytes=MAX_CONFIG_BYTES, error=DDMError)
     if not isinstance(data, dict):
         raise DDMError(f"{path}: top level must be a mapping")
     return data
@@ -207,23 +205,36 @@ def load_state(state_dir: str | Path, trainer: Trainer, require_signature: bool 
     state_dir = Path(state_dir)
     manifest = verify_artifact(state_dir, require_signature=require_signature or bool(trusted_keys),
                                trusted_keys=trusted_keys)
-    if manifest.kind != STATE:
-        raise DDMError(f"{state_dir}: artifact kind is {manifest.kind!r}, expected 'state'")
-    cfg_path = state_dir / CONFIG_FILE
-    cfg = _read_json(cfg_path)
-    saved_model = _parse_model_cfg(cfg.get("model"), f"{cfg_path} (model)")
+    saved_model, saved_train = check_state(state_dir, manifest)
     if saved_model != trainer.model_cfg:
-        raise DDMError(f"{cfg_path}: model config differs from this trainer's ({saved_model} vs {trainer.model_cfg})")
-    if isinstance(cfg.get("train"), dict):
-        saved_train = from_dict(cfg["train"], TrainConfig, source=f"{cfg_path} (train)")
-        if saved_train != trainer.train_cfg:
-            logger.info("resuming with a training config that differs from the checkpoint's")
-    else:
-        raise DDMError(f"{cfg_path}: 'train' must be a mapping")
-    if manifest.extra.get("step") != manifest.step:
-        raise DDMError(f"{state_dir}: state step {manifest.extra.get('step')!r} != manifest step {manifest.step}")
+        raise DDMError(f"{state_dir / CONFIG_FILE}: model config differs from this trainer's ({saved_model} vs "
+                       f"{trainer.model_cfg})")
+    if saved_train != trainer.train_cfg:
+        logger.info("resuming with a training config that differs from the checkpoint's")
     trainer.load_state(_load_tensors(state_dir / STATE_FILE), manifest.extra)
     return trainer.step
+
+
+def check_state(state_dir: str | Path, manifest: Manifest) -> tuple[ModelConfig, TrainConfig]:
+    """A state artifact's metadata without its tensors: kind, step, every number of `extra` (type and range) and
+    config.json; DDMError if any is bad, else the saved model and training configs. What a mirror can check
+    before it keeps (and serves) a peer's state, and the first half of `load_state`."""
+    state_dir = Path(state_dir)
+    if manifest.kind != STATE:
+        raise DDMError(f"{state_dir}: artifact kind is {manifest.kind!r}, expected 'state'")
+    if manifest.extra.get("step") != manifest.step:
+        raise DDMError(f"{state_dir}: state step {str(manifest.extra.get('step'))[:24]!r} != manifest step "
+                       f"{manifest.step}")
+    try:
+        check_extra(manifest.extra, None)
+    except DDMError as exc:
+        raise DDMError(f"{state_dir}: {exc}") from None
+    cfg_path = state_dir / CONFIG_FILE
+    cfg = read_json(cfg_path)
+    saved_model = _parse_model_cfg(cfg.get("model"), f"{cfg_path} (model)")
+    if not isinstance(cfg.get("train"), dict):
+        raise DDMError(f"{cfg_path}: 'train' must be a mapping")
+    return saved_model, from_dict(cfg["train"], TrainConfig, source=f"{cfg_path} (train)")
 
 
 def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: bool = False,
@@ -236,7 +247,7 @@ def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: 
         if manifest.kind != EXPERT:
             raise DDMError(f"{expert_dir}: artifact kind is {manifest.kind!r}, expected 'expert'")
     cfg_path = expert_dir / CONFIG_FILE
-    cfg = _parse_model_cfg(_read_json(cfg_path), str(cfg_path))
+    cfg = _parse_model_cfg(read_json(cfg_path), str(cfg_path))
     try:
         model = DiT(cfg)
     except ValueError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ddm_node.core.config import RouterConfig, canonical_json, from_dict, to_dict
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
+from ddm_node.core.jsonsafe import load_file as load_json_file
 from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
@@ -75,7 +75,7 @@ def load_router(router_dir: str | Path, require_signature: bool = False, trusted
     router_dir = Path(router_dir)
     verify_artifact(router_dir, require_signature=require_signature, trusted_keys=trusted_keys)
     try:
-        config = json.loads((router_dir / CONFIG_FILE).read_bytes())
+        config = load_json_file(router_dir / CONFIG_FILE, max_bytes=1 << 20, error=DDMError)  # peer data: bounded
         experts = [int(e) for e in config["experts"]]
         cfg = from_dict(config["router"], RouterConfig, source=str(router_dir / CONFIG_FILE))
         model_cfg = router_model_config(cfg, int(config["image_size"]), int(config["channels"]),

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 # Optimizer state AdamW keeps per parameter (without amsgrad); "step" is a 0-dim float32 tensor.
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 EXTRA_INT_KEYS = ("step", "epoch", "position", "num_samples", "seed")
+MAX_EXTRA_INT = 2**62  # integers a state brings: exact in every type they reach (torch, numpy, protobuf)
+MAX_HYPER = 1e6  # weight decay, eps, learning rates: far above any real value, far below float overflow
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -28,25 +30,49 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def check_extra(extra: dict, num_samples: int) -> None:
-    """DDMError unless `extra` holds the scalar fields of a state made on `num_samples` samples."""
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(text)} characters)"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_extra(extra: dict, num_samples: int | None) -> None:
+    """DDMError unless `extra` holds the scalar fields of a state made on `num_samples` samples (any number of
+    samples when None: the check a mirror can make without the shard's data).
+
+    Every number is checked for type and range before anything converts it: a peer's `"eps": 10**400` is a
+    valid JSON integer that `float()` cannot convert (OverflowError), and NaN or inf would poison training.
+    Comparisons of Python ints with floats are exact, so the range checks themselves cannot overflow.
+    """
     if not isinstance(extra, dict):
         raise DDMError(f"training state: extra must be a mapping, got {type(extra).__name__}")
     for key in EXTRA_INT_KEYS:
         value = extra.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise DDMError(f"training state: '{key}' must be a non-negative integer, got {value!r}")
-    if extra["num_samples"] != num_samples:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXTRA_INT:
+            raise DDMError(f"training state: '{key}' must be an integer in [0, 2^62], got {_shown(value)}")
+    if num_samples is not None and extra["num_samples"] != num_samples:
         raise DDMError(f"training state was made on {extra['num_samples']} samples, this shard has "
                        f"{num_samples}: wrong shard or data")
-    if extra["position"] >= num_samples:
-        raise DDMError(f"training state: position {extra['position']} is past the {num_samples} samples")
+    if extra["position"] >= extra["num_samples"]:
+        raise DDMError(f"training state: position {extra['position']} is past the {extra['num_samples']} samples")
     betas = extra.get("betas")
-    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas)):
-        raise DDMError(f"training state: 'betas' must be a list of 2 numbers, got {betas!r}")
-    for key in ("weight_decay", "eps"):
-        if not isinstance(extra.get(key), (int, float)) or isinstance(extra.get(key), bool):
-            raise DDMError(f"training state: '{key}' must be a number, got {extra.get(key)!r}")
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise DDMError(f"training state: 'betas' must be a list of 2 numbers in [0, 1), got {_shown(betas)}")
+    required = ("weight_decay", "eps")
+    for key in (*required, "lr", "base_lr"):  # the learning rates are informational; checked when present
+        value = extra.get(key)
+        if value is None and key not in required:
+            continue
+        if not _is_number(value) or not 0 <= value <= MAX_HYPER:  # NaN fails the comparison
+            raise DDMError(f"training state: '{key}' must be a number in [0, {MAX_HYPER:g}], got {_shown(value)}")
+    for key in ("warmup_steps", "lr_position"):
+        value = extra.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value <= MAX_EXTRA_INT):
+            raise DDMError(f"training state: '{key}' must be an integer in [0, 2^62], got {_shown(value)}")
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: Expected) -> None:
