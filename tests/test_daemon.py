@@ -13,6 +13,7 @@ import pytest
 
 from ddm_node.ensemble.bundle import load_bundle, read_index
 from ddm_node.cli import main
+from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.cli.localnet import LocalNet, all_done
 from ddm_node.swarm.dht import Swarm, dht_time
@@ -58,8 +59,8 @@ def test_three_islands_train_assemble_verify_and_survive_a_dead_publisher(net, t
     run_id = net.partition(BASE.format(k=3, steps=60, every=20, ttl=6))
     islands, maddr = start_swarm(net, run_id, 3)
     ev = net.wait_for(all_done(3), 240, "3 shards and the router")
-    done = {e["shard"]: e for e in ev if e["event"] == "done"}
-    assert sorted(done) == [0, 1, 2] and all(e["step"] == 60 for e in done.values())
+    done = {e.shard: e for e in ev if e.kind is EventKind.DONE}
+    assert sorted(done) == [0, 1, 2] and all(e.step == 60 for e in done.values())
 
     assert main(["assemble", "--initial-peers", maddr, "--run", run_id, "--out", str(tmp_path / "b1"),
                  "--min-experts", "3"]) == 0
@@ -74,7 +75,7 @@ def test_three_islands_train_assemble_verify_and_survive_a_dead_publisher(net, t
     assert "expert_1/model.safetensors" in capsys.readouterr().err
 
     # The publisher of shard 0 dies after its mirrors caught up: assembly still gets it from a mirror.
-    publisher = next(p for p in islands if p.name == done[0]["name"])
+    publisher = next(p for p in islands if p.name == done[0].name)
     net.wait_for(lambda _ev: mirrored(net, publisher.name, 0, 60), 60, "a mirror of shard 0 at step 60")
     net.kill(publisher)
     assert main(["assemble", "--initial-peers", net.wait_ready(next(p for p in islands if p.alive))["maddrs"][0],
@@ -106,7 +107,7 @@ def test_tampered_copy_is_rejected_and_the_good_one_fetched(net, tmp_path, caplo
     run_id = net.partition(BASE.format(k=2, steps=40, every=20, ttl=6))
     islands, maddr = start_swarm(net, run_id, 2)
     ev = net.wait_for(all_done(2), 240, "2 shards and the router")
-    publisher = next(e["name"] for e in ev if e["event"] == "done" and e["shard"] == 0)
+    publisher = next(e.name for e in ev if e.kind is EventKind.DONE and e.shard == 0)
     net.wait_for(lambda _ev: mirrored(net, publisher, 0, 40), 60, "a mirror of shard 0")
     served = ckpt.checkpoint_dir(net.root / "islands" / publisher, 0, 40) / "expert" / "model.safetensors"
     flip_byte(served)  # the publisher now serves altered bytes under the registered hash
@@ -124,7 +125,7 @@ def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
     rest = [net.start(f"island{i}", "--run", run_id, "--initial-peers", maddr) for i in (2, 3, 4)]
     for p in rest:
         net.wait_ready(p)
-    ev = net.wait_for(lambda ev: len({e["shard"] for e in ev if e["event"] == "claim"}) == 2 and ev, 120,
+    ev = net.wait_for(lambda ev: len({e.shard for e in ev if e.kind is EventKind.CLAIM}) == 2 and ev, 120,
                       "both shards claimed")
     time.sleep(4)  # > settle: any loser has retreated by now
     with Swarm(Identity.generate(), run_id, initial_peers=[maddr]) as reader:
@@ -133,9 +134,9 @@ def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
             assert len(live) == 1, f"shard {shard} has {len(live)} live claims"
     ev = net.events()
     for shard in (0, 1):
-        owners = {e["name"] for e in ev if e["event"] == "claim" and e["shard"] == shard}
+        owners = {e.name for e in ev if e.kind is EventKind.CLAIM and e.shard == shard}
         assert len(owners) == 1, f"shard {shard} claimed by {owners}"
-    trainers = {e["name"] for e in ev if e["event"] == "claim"}
+    trainers = {e.name for e in ev if e.kind is EventKind.CLAIM}
     idle = [p for p in net.procs if p.name not in trainers]
     assert len(idle) == 2
     # idle islands mirror: each holds a verified copy of a shard it never trained
@@ -150,28 +151,28 @@ def test_node_loss_waiting_island_reclaims_within_two_ttl_and_resumes_from_mirro
     # Wait for a trainer whose newest published checkpoint (>= 120) is already held by a mirror.
     def ready(ev):
         for e in reversed(ev):
-            if e["event"] == "checkpoint" and e["step"] >= 120:
-                newest = max(x["step"] for x in ev if x["event"] == "checkpoint" and x["name"] == e["name"]
-                             and x["shard"] == e["shard"])
-                if mirrored(net, e["name"], e["shard"], newest):
-                    return e["name"], e["shard"]
+            if e.kind is EventKind.CHECKPOINT and e.step >= 120:
+                newest = max(x.step for x in ev if x.kind is EventKind.CHECKPOINT and x.name == e.name
+                             and x.shard == e.shard)
+                if mirrored(net, e.name, e.shard, newest):
+                    return e.name, e.shard
         return None
 
     name, shard = net.wait_for(ready, 240, "a mirrored checkpoint at >= 120 steps")
     victim = next(p for p in islands if p.name == name)
     t_kill = time.time()
     net.kill(victim)
-    last = max(e["step"] for e in net.events() if e["event"] == "checkpoint" and e["name"] == name
-               and e["shard"] == shard)
-    takeover = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "claim" and e["shard"] == shard
-                                             and e["name"] != name and e["t"] > t_kill), None), 4 * ttl,
+    last = max(e.step for e in net.events() if e.kind is EventKind.CHECKPOINT and e.name == name
+               and e.shard == shard)
+    takeover = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.CLAIM and e.shard == shard
+                                             and e.name != name and e.t > t_kill), None), 4 * ttl,
                             "another island to claim the orphaned shard")
-    assert takeover["t"] - t_kill <= 2 * ttl, f"reclaimed after {takeover['t'] - t_kill:.1f}s (ttl {ttl})"
-    resume = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "resume" and e["shard"] == shard
-                                           and e["name"] == takeover["name"] and e["t"] >= takeover["t"]), None),
+    assert takeover.t - t_kill <= 2 * ttl, f"reclaimed after {takeover.t - t_kill:.1f}s (ttl {ttl})"
+    resume = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.RESUME and e.shard == shard
+                                           and e.name == takeover.name and e.t >= takeover.t), None),
                           30, "the takeover to resume")
-    assert resume["step"] >= last, f"resumed at {resume['step']}, killed island had published {last}"
+    assert resume.step >= last, f"resumed at {resume.step}, killed island had published {last}"
     # steps lost = steps the victim trained past its last checkpoint < the checkpoint interval
-    assert resume["step"] - last == 0 and every > 0
-    net.wait_for(lambda ev: any(e["event"] == "done" and e["shard"] == shard for e in ev), 300, "the shard to finish")
+    assert resume.step - last == 0 and every > 0
+    net.wait_for(lambda ev: any(e.kind is EventKind.DONE and e.shard == shard for e in ev), 300, "the shard to finish")
     assert not victim.alive and victim.killed

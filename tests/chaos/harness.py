@@ -7,7 +7,6 @@ call in `finally` blocks; nothing is left behind even when a test fails.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ddm_node.cli.localnet import IslandProc, LocalNet
+from ddm_node.core.events import Event, EventKind
+from ddm_node.core.workdir import WorkDir
 from ddm_node.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,21 +236,24 @@ def live_maddr(net: LocalNet, exclude: tuple[str, ...] = (), timeout: float = 90
     raise AssertionError("no live island to join through")
 
 
-def training_now(events: list[dict], alive: set[str]) -> dict[str, int]:
+ENDS_TRAINING = (EventKind.DONE, EventKind.LEASE_LOST, EventKind.START, EventKind.DISK_FULL)
+
+
+def training_now(events: list[Event], alive: set[str]) -> dict[str, int]:
     """island name -> shard it trains now (last claim not followed by done/lease_lost/start), live islands only."""
     current: dict[str, int | None] = {}
     for e in events:
-        if e["event"] == "claim":
-            current[e["name"]] = e["shard"]
-        elif e["event"] in ("done", "lease_lost", "start", "disk_full") and e["name"] in current:
-            if e["event"] == "start" or e.get("shard") == current[e["name"]]:
-                current[e["name"]] = None
+        if e.kind is EventKind.CLAIM:
+            current[e.name] = e.shard
+        elif e.kind in ENDS_TRAINING and e.name in current:
+            if e.kind is EventKind.START or e.shard == current[e.name]:
+                current[e.name] = None
     return {n: s for n, s in current.items() if s is not None and n in alive}
 
 
-def checkpoint_steps(events: list[dict], name: str, shard: int, before: float | None = None) -> list[tuple[float, int]]:
-    return [(e["t"], e["step"]) for e in events if e["event"] == "checkpoint" and e["name"] == name
-            and e["shard"] == shard and (before is None or e["t"] <= before)]
+def checkpoint_steps(events: list[Event], name: str, shard: int, before: float | None = None) -> list[tuple[float, int]]:
+    return [(e.t, e.step) for e in events if e.kind is EventKind.CHECKPOINT and e.name == name
+            and e.shard == shard and (before is None or e.t <= before)]
 
 
 def verified_copy(work: Path, shard: int, step: int) -> bool:
@@ -275,7 +279,8 @@ def scan_work_dirs(works: list[Path]) -> ScanResult:
     """Every step dir in every work dir must verify; count staging leftovers and .part files."""
     res = ScanResult()
     for work in works:
-        for shard_dir in sorted(work.glob("shard_*")):
+        for shard in WorkDir(work).shards():
+            shard_dir = WorkDir(work).shard(shard)
             for p in shard_dir.iterdir():
                 if p.name.startswith("."):
                     res.staging_left += 1
@@ -288,7 +293,6 @@ def scan_work_dirs(works: list[Path]) -> ScanResult:
                     ckpt.verify_checkpoint(p, require_signature=True)
                 except Exception as exc:
                     res.bad.append(f"{p}: {exc}")
-            shard = int(shard_dir.name.split("_")[1])
             steps = ckpt.list_checkpoints(work, shard)
             if steps and ckpt.latest_checkpoint(work, shard, require_signature=True) != steps[0]:
                 res.bad.append(f"{shard_dir}: newest step dir {steps[0].name} is not the newest valid one")
@@ -341,5 +345,5 @@ def island_log_tail(proc: IslandProc, n: int = 30) -> str:
         return ""
 
 
-def events_json(events: list[dict]) -> str:
-    return "\n".join(json.dumps(e) for e in events)
+def events_json(events: list[Event]) -> str:
+    return "\n".join(e.to_json() for e in events)

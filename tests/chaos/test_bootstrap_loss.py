@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht import Swarm
 
@@ -34,13 +35,13 @@ def test_swarm_survives_its_bootstrap_peer_and_a_newcomer_joins_through_another(
     # The bootstrap peer trains a shard and has checkpointed it; the others are up.
     def boot_checkpointed(ev):
         shard = training_now(ev, {"boot"}).get("boot")
-        return shard is not None and any(e["event"] == "checkpoint" and e["name"] == "boot" for e in ev)
+        return shard is not None and any(e.kind is EventKind.CHECKPOINT and e.name == "boot" for e in ev)
 
     net.wait_for(boot_checkpointed, 120, "boot to train and checkpoint")
     time.sleep(rng.uniform(0, 2))
     ev = net.events()
     boot_shard = training_now(ev, {"boot"})["boot"]
-    before = {s: max((e["step"] for e in ev if e["event"] == "checkpoint" and e["shard"] == s), default=0)
+    before = {s: max((e.step for e in ev if e.kind is EventKind.CHECKPOINT and e.shard == s), default=0)
               for s in (0, 1)}
     t_kill = time.time()
     net.kill(boot)
@@ -49,10 +50,10 @@ def test_swarm_survives_its_bootstrap_peer_and_a_newcomer_joins_through_another(
     newcomer = net.start("newcomer", "--run", run_id, "--initial-peers", others[-1].announce()["maddrs"][0])
 
     # The orphaned shard is taken over and both shards keep checkpointing after the kill.
-    takeover = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "claim" and e["shard"] == boot_shard
-                                             and e["t"] > t_kill), None), 6 * TTL, "a takeover of boot's shard")
-    net.wait_for(lambda ev: all(any(e["event"] == "checkpoint" and e["shard"] == s and e["t"] > t_kill
-                                    and e["step"] > before[s] for e in ev) for s in (0, 1)), 90,
+    takeover = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.CLAIM and e.shard == boot_shard
+                                             and e.t > t_kill), None), 6 * TTL, "a takeover of boot's shard")
+    net.wait_for(lambda ev: all(any(e.kind is EventKind.CHECKPOINT and e.shard == s and e.t > t_kill
+                                    and e.step > before[s] for e in ev) for s in (0, 1)), 90,
                  "new checkpoints of both shards after the kill")
 
     # A reader joining through a surviving peer sees the new checkpoints announced.
@@ -68,18 +69,18 @@ def test_swarm_survives_its_bootstrap_peer_and_a_newcomer_joins_through_another(
     ready_s = time.time() - t_kill
 
     def working_or_mirroring(ev):
-        if any(e["event"] == "claim" and e["name"] == "newcomer" for e in ev):
+        if any(e.kind is EventKind.CLAIM and e.name == "newcomer" for e in ev):
             return "claimed a shard"
         for s in (0, 1):
-            if any(verified_copy(newcomer.work, s, e["step"]) for e in ev if e["event"] == "checkpoint"
-                   and e["shard"] == s):
+            if any(verified_copy(newcomer.work, s, e.step) for e in ev if e.kind is EventKind.CHECKPOINT
+                   and e.shard == s):
                 return f"mirrors shard {s}"
         return None
 
     what = net.wait_for(working_or_mirroring, 60, "the newcomer to get work or mirror")
-    report.note(f"takeover of shard {boot_shard} by {takeover['name']} {takeover['t'] - t_kill:.1f} s after the kill; "
+    report.note(f"takeover of shard {boot_shard} by {takeover.name} {takeover.t - t_kill:.1f} s after the kill; "
                 f"newcomer ready {ready_s:.1f} s after the kill and {what}")
-    report.add(kills=1, takeover_s=round(takeover["t"] - t_kill, 1), steps_before=before, announced_after=announced,
+    report.add(kills=1, takeover_s=round(takeover.t - t_kill, 1), steps_before=before, announced_after=announced,
                newcomer=what)
     for p in [*others, newcomer]:
         assert p.alive, island_log_tail(p)

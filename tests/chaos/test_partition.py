@@ -20,6 +20,7 @@ from rich.console import Console
 from ddm_node.clients.assemble import assemble
 from ddm_node.ensemble.bundle import read_index
 from ddm_node.data.plan import Plan
+from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.swarm.claims import winner
 from ddm_node.swarm.dht import Swarm, dht_time
@@ -51,7 +52,7 @@ def test_partitioned_island_trains_alone_and_wins_the_double_claim_after_heal(ne
         boot = maddr(p_info, p_node.ip)
         majority = {n: net.start(n, "--run", run_id, "--initial-peers", boot, "--host", lab.gateway) for n in "AC"}
         claims = net.wait_for(lambda ev: (lambda c: c if len(c) == 2 else None)(
-            {e["shard"]: e["name"] for e in ev if e["event"] == "claim"}), 120, "both shards claimed")
+            {e.shard: e.name for e in ev if e.kind is EventKind.CLAIM}), 120, "both shards claimed")
         shard = next(s for s, n in claims.items() if n == "P")
         for proc in majority.values():
             net.wait_ready(proc)
@@ -72,27 +73,27 @@ def test_partitioned_island_trains_alone_and_wins_the_double_claim_after_heal(ne
                     f"cut at P's step {step_at_cut}")
 
         # Majority side: B (the idle island) claims the orphaned shard after the ttl and trains it (a double claim).
-        claim_b = net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "claim" and e["shard"] == shard
-                                                and e["name"] == b_name and e["t"] > t_cut), 3 * TTL,
+        claim_b = net.wait_for(lambda ev: first(ev, lambda e: e.kind is EventKind.CLAIM and e.shard == shard
+                                                and e.name == b_name and e.t > t_cut), 3 * TTL,
                                f"{b_name} to claim P's shard during the partition")
-        net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "checkpoint" and e["name"] == b_name
-                                      and e["shard"] == shard and e["t"] > claim_b["t"]), 60,
+        net.wait_for(lambda ev: first(ev, lambda e: e.kind is EventKind.CHECKPOINT and e.name == b_name
+                                      and e.shard == shard and e.t > claim_b.t), 60,
                      f"{b_name} to checkpoint P's shard")
         time.sleep(rng.uniform(0, 2))  # seeded jitter of the partition's length
         # Meanwhile P trained alone: new checkpoints, and it never lost its lease.
         ev = net.events()
         alone = [s for t, s in checkpoint_steps(ev, "P", shard) if t > t_cut]
         assert alone and max(alone) > step_at_cut, "P stopped checkpointing while partitioned"
-        assert not first(ev, lambda e: e["event"] == "lease_lost" and e["name"] == "P"), "P lost its lease alone"
+        assert not first(ev, lambda e: e.kind is EventKind.LEASE_LOST and e.name == "P"), "P lost its lease alone"
         t_heal = time.time()
         lab.heal("P")
-        report.note(f"{b_name} claimed shard {shard} {claim_b['t'] - t_cut:.1f} s after the cut; healed after "
+        report.note(f"{b_name} claimed shard {shard} {claim_b.t - t_cut:.1f} s after the cut; healed after "
                     f"{t_heal - t_cut:.1f} s; P checkpointed {len(alone)} times alone (up to step {max(alone)})")
 
         # After the heal: B retreats (its keeper's renew sees P's older claim), P keeps the shard.
-        lost = net.wait_for(lambda ev: first(ev, lambda e: e["event"] == "lease_lost" and e["name"] == b_name
-                                             and e["shard"] == shard), 60, f"{b_name} to retreat after the heal")
-        assert lost["t"] >= t_heal
+        lost = net.wait_for(lambda ev: first(ev, lambda e: e.kind is EventKind.LEASE_LOST and e.name == b_name
+                                             and e.shard == shard), 60, f"{b_name} to retreat after the heal")
+        assert lost.t >= t_heal
         via = maddr(majority["A" if b_name != "A" else "C"].announce(), lab.gateway)
         with Swarm(Identity.generate(), run_id, initial_peers=[via], host=lab.gateway, client_mode=True) as reader:
             deadline = time.time() + 30
@@ -106,7 +107,7 @@ def test_partitioned_island_trains_alone_and_wins_the_double_claim_after_heal(ne
                 time.sleep(0.5)
             owner = winner(claims_now, dht_time())
             assert owner is not None and owner.public_key == p_info["public_key"]
-            report.note(f"after heal: {b_name} retreated {lost['t'] - t_heal:.1f} s after the heal; one live claim "
+            report.note(f"after heal: {b_name} retreated {lost.t - t_heal:.1f} s after the heal; one live claim "
                         f"(P's); P's checkpoint record at step {ckpts[0].step} visible on the majority side")
 
             # Assembly uses P's checkpoints once P's newest step passes B's last one.
@@ -120,12 +121,12 @@ def test_partitioned_island_trains_alone_and_wins_the_double_claim_after_heal(ne
         assert expert["step"] > b_last
         ev = net.events()
         b_ckpts = checkpoint_steps(ev, b_name, shard)
-        resume_b = first(ev, lambda e: e["event"] in ("train", "resume") and e["name"] == b_name
-                         and e["shard"] == shard and e["t"] >= claim_b["t"])
-        b_from = resume_b["step"] if resume_b else 0
-        rejoined = [e for e in ev if e["event"] == "rejoined" and e["t"] >= t_heal]
+        resume_b = first(ev, lambda e: e.kind in (EventKind.TRAIN, EventKind.RESUME) and e.name == b_name
+                         and e.shard == shard and e.t >= claim_b.t)
+        b_from = resume_b.step if resume_b else 0
+        rejoined = [e for e in ev if e.kind is EventKind.REJOINED and e.t >= t_heal]
         report.add(partition_s=round(t_heal - t_cut, 1), ttl=TTL, p_alone_checkpoints=len(alone),
-                   b_double_claim_checkpoints=len(b_ckpts), b_retreat_s=round(lost["t"] - t_heal, 1),
+                   b_double_claim_checkpoints=len(b_ckpts), b_retreat_s=round(lost.t - t_heal, 1),
                    b_resumed_from=b_from, b_last_step=b_last, wasted_steps_by_b=b_last - b_from,
                    rejoin_events=len(rejoined), assembled_step=expert["step"], assembled_publisher="P")
         assert len(checkpoint_steps(ev, "P", shard)) > len(alone)

@@ -22,7 +22,9 @@ from ddm_node.clients.assemble import assemble
 from ddm_node.ensemble.bundle import read_index
 from ddm_node.cli import main
 from ddm_node.data.plan import Plan
+from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
+from ddm_node.core.workdir import WorkDir
 from ddm_node.swarm.dht import Swarm
 
 from .harness import maddr, netlab, verified_copy
@@ -44,13 +46,13 @@ def test_assembly_over_slow_links_resumes_a_cut_transfer_at_its_offset(net, repo
         p_node, m_node = lab.add("P"), lab.add("M")
         p = net.start("P", "--plan", str(net.root / "plan"), "--host", p_node.ip, wrap=p_node.wrap)
         p_info = net.wait_ready(p)
-        net.wait_for(lambda ev: any(e["event"] == "claim" and e["name"] == "P" for e in ev), 60, "P's claim")
+        net.wait_for(lambda ev: any(e.kind is EventKind.CLAIM and e.name == "P" for e in ev), 60, "P's claim")
         m = net.start("M", "--run", run_id, "--initial-peers", maddr(p_info), "--host", m_node.ip, wrap=m_node.wrap)
         net.wait_ready(m)
-        done = net.wait_for(lambda ev: next((e for e in ev if e["event"] == "done"), None), 120, "the shard")
-        step = done["step"]
+        done = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.DONE), None), 120, "the shard")
+        step = done.step
         net.wait_for(lambda ev: verified_copy(m.work, 0, step), 60, "M to mirror the final checkpoint")
-        expert = next((p.work / "shard_000" / f"step_{step:08d}" / "expert").glob("model.safetensors"))
+        expert = next((WorkDir(p.work).step(0, step) / "expert").glob("model.safetensors"))
         size = expert.stat().st_size
         cut_at = rng.uniform(0.25, 0.6)  # .part grows by whole 1 MiB chunks: the cut lands on the next boundary
 
