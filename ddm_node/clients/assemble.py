@@ -27,6 +27,7 @@ import logging
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,18 +37,26 @@ from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import Manifest
 from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import INDEX, ExpertSource, write_bundle
-from ddm_node.exchange.candidates import Candidate, expert_candidates, router_candidates, stats_candidates
-from ddm_node.exchange.fetch import (MANIFEST_TIMEOUT, Expected, RejectedArtifact, RejectList, check_announced,
-                                     download)
+from ddm_node.exchange.candidates import (
+    Candidate,
+    cap_listed,
+    expert_candidates,
+    publisher_first,
+    router_candidates,
+    stats_candidates,
+)
+from ddm_node.exchange.fetch import Expected, RejectedArtifact, RejectList, check_announced, describe, download
 from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train.expert import run_config_hash
+from ddm_node.transfer.budget import SLOW, Budget
 from ddm_node.transfer.client import NodeClient
 
 log = logging.getLogger(__name__)
 
 POLL = 2.0  # seconds between passes while waiting for unfinished shards
 PLAN_TIMEOUT = 20.0  # seconds to wait for the plan at least (even with --wait 0)
+LIST_HOLDERS = 8  # holders asked for a listing of a shard's statistics, at most
 
 
 @dataclass
@@ -144,17 +153,31 @@ class Assembler:
                 return
 
     def _listed_stats(self, k: int, holders: list[str]) -> list[tuple[str, str]]:
-        """Stats artifacts the expert's holders list (a mirror holds them too), as (manifest, holder)."""
-        found = []
-        for h in holders:
+        """Stats artifacts the expert's holders list (a mirror holds them too), as (manifest, holder).
+
+        A listing is a claim: at most LIST_HOLDERS holders are asked, all at once and for a connect timeout,
+        the expert's publisher's addresses first and none remembered as slow; `cap_listed` then keeps a few
+        entries per holder and none that failed before, so one lister cannot make assembly try thousands of
+        fakes (each costs a manifest call)."""
+        expert = self.shards[k].expert
+        order = publisher_first(holders, expert.manifest.publisher) if expert is not None else list(holders)
+        order = [h for h in order if h not in SLOW][:LIST_HOLDERS]
+
+        def listing(h: str) -> list[tuple[str, str]]:
             try:
-                with NodeClient(h, timeout=MANIFEST_TIMEOUT) as client:
+                with NodeClient(h, timeout=Budget.default().connect) as client:
                     refs = client.list_artifacts(self.run_id, "stats", k)
             except DDMError as exc:
                 log.info("listing stats of shard %d at %s: %s", k, h, exc)
-                continue
-            found += [(ref.manifest_id, h) for ref in refs]
-        return found
+                return []
+            wanted = (self.run_id, "stats", k)
+            return [(ref.manifest_id, h) for ref in refs if (ref.run_id, ref.kind, ref.shard) == wanted]
+
+        if not order:
+            return []
+        with ThreadPoolExecutor(max_workers=len(order), thread_name_prefix="ddm-list") as pool:
+            listed = list(pool.map(listing, order))
+        return cap_listed(pair for pairs in listed for pair in pairs)
 
     # -- one artifact -------------------------------------------------------------------------
 
@@ -168,15 +191,18 @@ class Assembler:
             task = self._task(label, sum(e.size for e in m.files.values()))
             got = download(c.holders, c.manifest, dest, expect, self.trusted, content="load",
                            progress=None if task is None else lambda n: self.progress.advance(task, n))
-        except DDMError as exc:
+        except Exception as exc:  # one candidate's boundary: whatever its data does, assembly goes on
             if isinstance(exc, RejectedArtifact):  # a lie, a stale record, or a valid signer's garbage
                 self.lies.add(c.key, str(exc))
+            if not isinstance(exc, DDMError) or isinstance(exc, RejectedArtifact):
                 shutil.rmtree(dest, ignore_errors=True)
+            why = describe(exc)
             who = ", ".join(sorted({k[:12] for k in c.announced_by if k})) or "a peer"
-            log.warning("%s: %s announced manifest %s: %s", label, who, c.manifest[:16], exc)
+            log.warning("%s: %s announced manifest %s: %s", label, who, c.manifest[:16], why,
+                        exc_info=None if isinstance(exc, DDMError) else exc)
             if task is not None:
                 self.progress.update(task, description=f"{label} [red]failed[/]")
-            return None, str(exc)
+            return None, why
         if task is not None:
             self.progress.update(task, completed=sum(e.size for e in got.files.values()))
         return Fetched(dest, got, c.holders), ""

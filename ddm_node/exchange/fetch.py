@@ -9,28 +9,51 @@ Used by the mirror, by resume before training, and by assembly. A failure is eit
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Literal
 
 from ddm_node.core.errors import DDMError, IntegrityError
-from ddm_node.core.manifest import Manifest, commit_dir, read_manifest, staging_dir
-from ddm_node.exchange.candidates import Candidate
+from ddm_node.core.jsonsafe import load_file as load_json_file
+from ddm_node.core.manifest import (
+    MAX_INT,
+    MalformedManifest,
+    Manifest,
+    commit_dir,
+    read_manifest,
+    staging_dir,
+    write_atomic,
+)
+from ddm_node.exchange.candidates import FAILED_LISTINGS, Candidate, publisher_first
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.transfer.client import NodeClient, PeerError
-from ddm_node.transfer.download import fetch_artifact
+from ddm_node.transfer.client import PeerError
+from ddm_node.transfer.download import fetch_artifact, race_manifest
+from ddm_node.transfer.store import parse_signed_manifest
 
 log = logging.getLogger(__name__)
 MANIFEST_TIMEOUT = 10.0  # seconds for one GetManifest call
 UNREACHABLE_RETRY = 30.0  # seconds before asking an unreachable holder about the same record again
 Content = Literal["tensors", "load"]  # what to check in a verified artifact: safetensors headers, or a full load
+MAX_REJECTS = 2000  # entries a reject list keeps (its file stays under about 3 MB)
+REASON_CHARS = 200  # of each reason, kept for the logs
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class RejectedArtifact(IntegrityError):
     """The announced artifact itself is bad, whoever serves it: never fetch it again."""
+
+
+def describe(exc: BaseException) -> str:
+    """For a log: our own errors as they are, anything else as its type and first line (it may be a bug of ours)."""
+    if isinstance(exc, DDMError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
 @dataclass(frozen=True)
@@ -54,35 +77,117 @@ class Expected:
 
 
 class RejectList:
-    """Candidates found bad in themselves (see `RejectedArtifact`), never tried again."""
+    """Candidates found bad in themselves (see `RejectedArtifact`), never tried again; thread-safe.
 
-    def __init__(self) -> None:
+    With `path` (an island's WORK/rejects.json) the list outlives the process: loaded here, rewritten
+    atomically at every addition, so a checkpoint that failed once is not fetched or loaded again at the
+    next start. It holds at most `limit` entries, the oldest forgotten first (a forgotten one costs one more
+    check). Persisted are candidate keys (manifest ids, step); other keys live in memory only. An unreadable
+    or damaged file is logged and ignored (the list starts empty); failing to write it is logged too.
+    """
+
+    def __init__(self, path: Path | None = None, limit: int = MAX_REJECTS) -> None:
+        self.path, self.limit = (Path(path) if path is not None else None), limit
         self._reasons: dict[Hashable, str] = {}
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.exists():
+            self._load()
 
     def add(self, key: Hashable, reason: str = "") -> None:
-        self._reasons[key] = reason
+        with self._lock:
+            self._reasons.pop(key, None)
+            self._reasons[key] = reason[:REASON_CHARS]
+            while len(self._reasons) > self.limit:
+                del self._reasons[next(iter(self._reasons))]
+            if self.path is not None and _persistable(key):
+                self._save()
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._reasons
+        with self._lock:
+            return key in self._reasons
 
     def __len__(self) -> int:
-        return len(self._reasons)
+        with self._lock:
+            return len(self._reasons)
+
+    def _save(self) -> None:
+        entries = [{"manifests": list(k[0]), "step": k[1], "reason": r}
+                   for k, r in self._reasons.items() if _persistable(k)]
+        try:
+            write_atomic(self.path, json.dumps({"rejects": entries}, indent=0).encode())
+        except OSError as exc:  # a full disk must not stop the caller; the list still holds in memory
+            log.warning("could not save the reject list %s: %s", self.path, exc.strerror or exc)
+
+    def _load(self) -> None:
+        try:
+            data = load_json_file(self.path, max_bytes=self.limit * (REASON_CHARS * 6 + 1024), error=DDMError)
+            entries = data["rejects"] if isinstance(data, dict) and isinstance(data.get("rejects"), list) else None
+            if entries is None:
+                raise DDMError(f"{self.path}: not a reject list")
+        except DDMError as exc:
+            log.warning("ignoring the reject list: %s", exc)
+            return
+        for e in entries[-self.limit:]:
+            key = (tuple(e["manifests"]), e["step"]) if isinstance(e, dict) and isinstance(e.get("manifests"),
+                                                                                          list) else None
+            if key is not None and _persistable(key) and isinstance(e.get("reason", ""), str):
+                self._reasons[key] = e.get("reason", "")[:REASON_CHARS]
+        log.info("reject list %s: %d checkpoint(s) found bad earlier", self.path, len(self._reasons))
+
+
+def _persistable(key: Hashable) -> bool:
+    """A candidate key: (1 to 4 manifest ids, a step)."""
+    return (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], tuple) and 1 <= len(key[0]) <= 4
+            and all(isinstance(m, str) and _HEX64.match(m) for m in key[0])
+            and isinstance(key[1], int) and not isinstance(key[1], bool) and 0 <= key[1] <= MAX_INT)
+
+
+_NOT_THERE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})  # gRPC codes of a holder that does not have an id
+
+
+class _SignedManifests:
+    """The last few verified manifests' bytes and signatures by id, so that `download` right after
+    `check_announced` does not ask the holders again. Thread-safe; checked again (trust) at every use."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[bytes, bytes]] = {}
+        self._size = size
+
+    def put(self, manifest_id: str, raw: bytes, signature: bytes) -> None:
+        with self._lock:
+            self._items.pop(manifest_id, None)
+            self._items[manifest_id] = (raw, signature)
+            while len(self._items) > self._size:
+                del self._items[next(iter(self._items))]
+
+    def get(self, manifest_id: str) -> tuple[bytes, bytes] | None:
+        with self._lock:
+            return self._items.get(manifest_id)
+
+
+_SIGNED = _SignedManifests()
 
 
 def fetch_manifest(holders: Iterable[str], manifest_id: str, trusted: list[str] | None) -> Manifest:
     """The signed manifest from the first holder giving a verified one (id, signature, trusted keys).
 
+    Holders are raced (`transfer.download.race_manifest`): one at a time while they answer, all of them once
+    those asked were silent for a connect timeout. A holder that could not give the manifest (bad, forged or
+    unknown to it) is remembered in FAILED_LISTINGS. The verified bytes are kept for `download` (`_SIGNED`).
     Raises PeerError when every holder was unreachable, IntegrityError when any gave a bad one, else DDMError.
     """
-    reasons, errors = [], []
-    for holder in dict.fromkeys(holders):
-        try:
-            with NodeClient(holder, timeout=MANIFEST_TIMEOUT) as client:
-                return client.get_manifest(manifest_id, trusted)[0]
-        except DDMError as exc:
-            reasons.append(str(exc))
-            errors.append(exc)
+    answer, failed = race_manifest(holders, manifest_id, trusted, timeout=MANIFEST_TIMEOUT)
+    for holder, exc in failed:
+        if isinstance(exc, IntegrityError) or getattr(getattr(exc, "code", None), "name", None) in _NOT_THERE:
+            FAILED_LISTINGS.add(manifest_id, holder)
+    if answer is not None:
+        _SIGNED.put(manifest_id, answer.raw, answer.signature)
+        return answer.manifest
+    reasons, errors = [str(exc) for _, exc in failed], [exc for _, exc in failed]
     message = f"no verified manifest {manifest_id[:16]}: " + ("; ".join(reasons) or "no holders")
+    if any(isinstance(e, MalformedManifest) for e in errors):  # the bytes that hash to this id: bad for good
+        raise RejectedArtifact(message)
     if any(isinstance(e, IntegrityError) for e in errors):
         raise IntegrityError(message)
     if errors and all(isinstance(e, PeerError) for e in errors):
@@ -102,8 +207,10 @@ def check_announced(holders: Iterable[str], manifest_id: str, expected: Expected
 
 
 def content_problem(kind: str, directory: Path, m: Manifest, content: Content) -> str | None:
-    """Why a verified artifact is unusable, or None. "tensors" reads safetensors headers only; "load" loads it
-    the way a bundle does. Nothing is ever unpickled."""
+    """Why a verified artifact is unusable, or None. "tensors" reads safetensors headers only (and a training
+    state's metadata: its numbers and config, so that no island keeps or serves a state that cannot load);
+    "load" loads it the way a bundle does. Nothing is ever unpickled. Any exception a loader raises on the
+    artifact's contents means it does not load (named by type when it is not one of ours)."""
     from ddm_node.train.router_job import load_router
     from router.centroid import ClusterStats
 
@@ -114,6 +221,8 @@ def content_problem(kind: str, directory: Path, m: Manifest, content: Content) -
                     ckpt.check_tensor_file(directory / name)
                 except IntegrityError as exc:
                     return f"{name} is not a safetensors file ({exc})"
+        if kind == ckpt.STATE:
+            ckpt.check_state(directory, m)
         if content == "load":
             if kind == ckpt.EXPERT:
                 ckpt.load_expert(directory, verify=False)
@@ -123,13 +232,25 @@ def content_problem(kind: str, directory: Path, m: Manifest, content: Content) -
                 load_router(directory)
     except DDMError as exc:
         return str(exc)
+    except Exception as exc:  # the load check's boundary: a loader failing on a peer's artifact in its own way
+        return describe(exc)
     return None
 
 
 def download(holders: list[str], manifest_id: str, dest: Path, expected: Expected, trusted: list[str] | None,
              content: Content = "tensors", progress: Callable[[int], None] | None = None) -> Manifest:
-    """Download an artifact whose announcement was checked, verify every byte, then its manifest and contents."""
-    m = fetch_artifact(holders, manifest_id, dest, trusted_keys=trusted, progress=progress)
+    """Download an artifact whose announcement was checked, verify every byte, then its manifest and contents.
+
+    Files come first from the addresses announced under the signed manifest's publisher key (`publisher_first`;
+    a record announcing someone else's manifest under its own key does not count), then from the others."""
+    signed = _SIGNED.get(manifest_id)
+    if signed is not None:
+        publisher = parse_signed_manifest(*signed, trusted, f"manifest {manifest_id[:16]}", manifest_id).publisher
+    else:
+        publisher = fetch_manifest(holders, manifest_id, trusted).publisher
+        signed = _SIGNED.get(manifest_id)  # None only if other downloads pushed it out meanwhile: asked again
+    m = fetch_artifact(publisher_first(holders, publisher), manifest_id, dest, trusted_keys=trusted,
+                       progress=progress, signed=signed)
     problem = expected.mismatch(m)
     if problem is None:
         problem = content_problem(expected.kind, dest, m, content)
@@ -215,6 +336,9 @@ class AnnouncementCheck:
             why, verdict = str(exc), (False, time.monotonic() + UNREACHABLE_RETRY)
         except DDMError as exc:  # bad signature, untrusted publisher, malformed, or not what was announced
             why, verdict = str(exc), (False, None)
+        except Exception as exc:  # the done check's boundary: one peer's record never stops the island
+            why, verdict = describe(exc), (False, time.monotonic() + UNREACHABLE_RETRY)
+            log.debug("announcement check of %s", manifest_id[:12], exc_info=exc)
         if not verdict[0]:
             log.warning("not counting %s %s announced as shard %d step %s: %s", expected.kind, manifest_id[:12],
                         expected.shard, expected.step, why)

@@ -16,6 +16,7 @@ import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing str
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
 from ddm_node.data.plan import Plan
+from ddm_node.exchange.fetch import describe
 from ddm_node.swarm.dht import Swarm
 from ddm_node.transfer.client import NodeClient
 
@@ -58,9 +59,10 @@ def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0, stop: threading
                 plan = Plan.from_bytes(raw, f"plan of run {run_id[:16]} from {address}")
                 log.info("plan of run %s from %s", run_id[:16], address)
                 return plan
-            except DDMError as exc:
-                reasons[address] = str(exc)
-                log.warning("plan from %s rejected: %s", address, exc)
+            except Exception as exc:  # one peer's boundary: whatever its plan bytes do, the next peer is asked
+                reasons[address] = describe(exc)
+                log.warning("plan from %s rejected: %s", address, reasons[address],
+                            exc_info=None if isinstance(exc, DDMError) else exc)
         if time.monotonic() >= deadline or stop.wait(min(PLAN_POLL, max(0.0, deadline - time.monotonic()))):
             break
     if not reasons:

@@ -43,6 +43,7 @@ from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
 
 log = logging.getLogger(__name__)
+REJECTS_FILE = "rejects.json"  # WORK/rejects.json: the island's persisted reject list
 
 
 class Island:
@@ -56,7 +57,8 @@ class Island:
         self.state = NodeState()
         self.events = EventLog(self.work.events, self.me[:12])
         self.store = ArtifactStore()
-        self.rejects = RejectList()  # checkpoints found bad in themselves: never fetched again
+        # checkpoints found bad in themselves: never fetched or loaded again, in this process or after a restart
+        self.rejects = RejectList(self.work.root / REJECTS_FILE)
         self.swarm: Swarm | None = None
         self.server: TransferServer | None = None
         self.claims: ClaimManager | None = None

@@ -17,7 +17,7 @@ from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir, step_of
 from ddm_node.exchange.candidates import checkpoint_candidates
-from ddm_node.exchange.fetch import RejectedArtifact, RejectList, fetch_checkpoint, signed_publisher
+from ddm_node.exchange.fetch import RejectedArtifact, RejectList, describe, fetch_checkpoint, signed_publisher
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState
 from ddm_node.swarm.dht import Swarm
@@ -85,8 +85,13 @@ class Mirror:
         for shard, checkpoints in self.targets().items():
             if self.state.stop.is_set():
                 return
-            if not self.paused(shard):
+            if self.paused(shard):
+                continue
+            try:
                 self._mirror(shard, checkpoints)
+            except Exception as exc:  # the shard's boundary: one shard's peer data never ends the sweep
+                log.warning("mirror of shard %d failed: %s", shard, describe(exc),
+                            exc_info=None if isinstance(exc, DDMError) else exc)
 
     def _mirror(self, shard: int, checkpoints: list[CheckpointRecord]) -> None:
         """Fetch the newest verified checkpoint of a shard newer than ours, if any."""
@@ -106,7 +111,8 @@ class Mirror:
                 log.info("mirrored shard %d step %d", shard, c.step)
                 self.events.record(EventKind.MIRROR, shard=shard, step=c.step, publisher=publisher[:12])
                 return
-            except DDMError as exc:
+            except Exception as exc:  # one candidate's boundary: whatever its data does, the next one is tried
                 if isinstance(exc, RejectedArtifact):
                     self.rejects.add(c.key, str(exc))
-                log.warning("mirror of shard %d step %d failed: %s", shard, c.step, exc)
+                log.warning("mirror of shard %d step %d failed: %s", shard, c.step, describe(exc),
+                            exc_info=None if isinstance(exc, DDMError) else exc)

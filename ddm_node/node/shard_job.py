@@ -1,7 +1,9 @@
 """Training one claimed shard: resume from the newest verified checkpoint anywhere in the swarm, train
 (one process, or a supervised DDP worker group), publish every checkpoint, and handle the two ways a
 shard's training can end badly without ending the island: a full disk, and a peer's checkpoint that
-verified but does not load.
+verified but does not load (for any reason). Such a checkpoint is quarantined: moved to
+WORK/quarantine/ (the newest `QUARANTINE_KEEP` are kept there for a post-mortem) and put on the island's
+persisted reject list, so neither this run nor the next start loads or fetches it again.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from ddm_node.core.identity import Identity
 from ddm_node.core.workdir import WorkDir, step_of
 from ddm_node.data.plan import Plan
 from ddm_node.exchange.candidates import checkpoint_candidates
-from ddm_node.exchange.fetch import RejectedArtifact, RejectList, fetch_checkpoint, signed_publisher
+from ddm_node.exchange.fetch import RejectedArtifact, RejectList, describe, fetch_checkpoint, signed_publisher
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState
@@ -29,6 +33,8 @@ from ddm_node.train.expert import train_shard
 from ddm_node.train.supervisor import train_shard_distributed
 
 log = logging.getLogger(__name__)
+QUARANTINE = "quarantine"  # WORK/quarantine/: peers' checkpoints that verified but did not load
+QUARANTINE_KEEP = 4  # quarantined checkpoints kept (older ones are deleted: a peer could send many)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class ShardJob:
         self.plan, self.work, self.swarm, self.settings, self.state = plan, work, swarm, settings, state
         self.publisher, self.mirror, self.rejects, self.events, self.trusted = (publisher, mirror, rejects, events,
                                                                                 trusted)
+        self._loaded = threading.Event()  # set once the trainer resumed (one process: the state loaded)
 
     def run(self, shard: int) -> None:
         """Train `shard` (already claimed) until its budget, a stop, a lost lease or a full disk."""
@@ -57,6 +64,7 @@ class ShardJob:
         if self.state.should_stop_training():
             return
         resumed = ckpt.latest_checkpoint(self.work.root, shard)
+        self._loaded.clear()
         try:
             self._train(shard)
         except (DiskFull, OSError) as exc:
@@ -64,8 +72,8 @@ class ShardJob:
                 raise
             self._on_disk_full(shard, exc)
             return
-        except DDMError as exc:
-            if not self._discard_unloadable(shard, resumed, exc):
+        except Exception as exc:  # the shard's boundary: a peer's checkpoint that does not load never ends the island
+            if not self._quarantine_unloadable(shard, resumed, exc):
                 raise
             return
         self.publisher.stats(shard)
@@ -74,9 +82,14 @@ class ShardJob:
 
     def _train(self, shard: int) -> None:
         s = self.settings
+
+        def on_start(step: int) -> None:
+            if s.nproc <= 1:  # one process: the state is loaded by now (a DDP group loads it after this call)
+                self._loaded.set()
+            self.events.record(EventKind.TRAIN, shard=shard, step=step)
+
         hooks = dict(device=s.device, on_checkpoint=lambda d: self.publisher.checkpoint(d, shard),
-                     should_stop=self.state.should_stop_training,
-                     on_start=lambda step: self.events.record(EventKind.TRAIN, shard=shard, step=step))
+                     should_stop=self.state.should_stop_training, on_start=on_start)
         if s.nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
             train_shard_distributed(self.plan, shard, self.work.root, s.nproc, identity_path=s.identity_path,
                                     on_event=lambda kind, fields: self.events.record(kind, shard=shard, **fields),
@@ -102,10 +115,11 @@ class ShardJob:
                 mine = publisher == self.publisher.me
                 self.publisher.checkpoint(step_dir, shard, mirrored_from=None if mine else publisher)
                 return
-            except DDMError as exc:
+            except Exception as exc:  # one candidate's boundary: whatever its data does, the next one is tried
                 if isinstance(exc, RejectedArtifact):
                     self.rejects.add(c.key, str(exc))
-                log.warning("shard %d: checkpoint at step %d unusable: %s", shard, c.step, exc)
+                log.warning("shard %d: checkpoint at step %d unusable: %s", shard, c.step, describe(exc),
+                            exc_info=None if isinstance(exc, DDMError) else exc)
         if local:
             log.info("shard %d: resuming from local step %d", shard, local_step)
             publisher = ckpt.verify_checkpoint(local)[0].publisher
@@ -126,25 +140,44 @@ class ShardJob:
             self.mirror.pause(s)
         self.events.record(EventKind.DISK_FULL, shard=shard, step=step, error=str(exc)[:200])
 
-    def _discard_unloadable(self, shard: int, resumed: Path | None, exc: DDMError) -> bool:
-        """A peer's checkpoint that verified but does not load (a valid signer's garbage) must not end the
-        island: remember it, stop serving it, delete it and give the shard back (the next claim resumes
-        from something else). False when the failure is not about such a checkpoint."""
-        if resumed is None or ckpt.latest_checkpoint(self.work.root, shard) != resumed:
-            return False  # training wrote a checkpoint of ours after resuming: the failure is elsewhere
+    def _quarantine_unloadable(self, shard: int, resumed: Path | None, exc: Exception) -> bool:
+        """A peer's checkpoint that verified but does not load, for any reason (a valid signer's garbage, a number
+        out of range, an exception of a kind nobody expected), must not end the island, now or at any later
+        start: remember it in the persisted reject list, stop serving it, move it to WORK/quarantine/ and give
+        the shard back (the next claim resumes from something else). False when the failure is not about such
+        a checkpoint: the state had loaded (one process), training wrote a checkpoint of ours since, or the
+        checkpoint is our own (then it is our bug, and it is raised)."""
+        if resumed is None or self._loaded.is_set() or ckpt.latest_checkpoint(self.work.root, shard) != resumed:
+            return False
         try:
             expert, state = ckpt.verify_checkpoint(resumed)
         except DDMError:
             return False
         if expert.publisher == self.publisher.me:
             return False
-        self.rejects.add(((expert.id, state.id), expert.step), str(exc))
-        log.warning("shard %d: checkpoint step %d by %s verified but does not load (%s); discarding it",
-                    shard, expert.step, expert.publisher[:12], exc)
+        why = describe(exc)
+        self.rejects.add(((expert.id, state.id), expert.step), why)
+        where = self._quarantine(shard, resumed)
+        log.warning("shard %d: checkpoint step %d by %s verified but does not load (%s); quarantined in %s",
+                    shard, expert.step, expert.publisher[:12], why, where,
+                    exc_info=None if isinstance(exc, DDMError) else exc)
         self.events.record(EventKind.REJECTED, shard=shard, step=expert.step, publisher=expert.publisher[:12],
-                           reason=str(exc))
+                           reason=why[:500])
         self.publisher.withdraw(shard, expert.id, state.id)
-        doomed = resumed.with_name(f".{resumed.name}.rejected-{os.getpid()}")
-        os.rename(resumed, doomed)  # first, so a half-deleted directory never looks like a checkpoint
-        shutil.rmtree(doomed, ignore_errors=True)
         return True
+
+    def _quarantine(self, shard: int, step_dir: Path) -> Path:
+        """Move a step dir to WORK/quarantine/ (one rename: it never looks like a checkpoint again); keep the
+        newest QUARANTINE_KEEP there."""
+        root = self.work.root / QUARANTINE
+        root.mkdir(exist_ok=True)
+        dest = root / f"shard_{shard:03d}-{step_dir.name}-{time.time_ns()}"
+        os.rename(step_dir, dest)
+        def moved_at(p: Path) -> int:
+            suffix = p.name.rsplit("-", 1)[-1]
+            return int(suffix) if suffix.isdigit() else 0
+
+        kept = sorted((p for p in root.iterdir() if p.is_dir()), key=moved_at, reverse=True)
+        for old in kept[QUARANTINE_KEEP:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
