@@ -29,7 +29,6 @@ import pytest
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
-from ddm_node.core.jsonsafe import loads, nesting_depth
 from ddm_node.core.manifest import MAX_MANIFEST_BYTES, Manifest, read_manifest
 from ddm_node.train import checkpoint as ckpt
 
@@ -37,6 +36,8 @@ from ddm_node.train import checkpoint as ckpt
 
 
 def test_bounded_loader_refuses_depth_size_and_non_finite_numbers():
+    from ddm_node.core.jsonsafe import loads, nesting_depth
+
     ok = b'{"a": [1, 2.5, {"b": "[[[[{{{{ \\" ]]]"}], "c": -3}'
     assert loads(ok, "t", max_bytes=100) == {"a": [1, 2.5, {"b": '[[[[{{{{ " ]]]'}], "c": -3}
     assert nesting_depth(ok, 32) == 3  # brackets inside strings do not count
@@ -82,7 +83,7 @@ def test_every_peer_json_reader_uses_the_bounded_loader(tmp_path):
         Plan.from_bytes(nested, "p")
     (tmp_path / "config.json").write_bytes(nested)
     with pytest.raises(DDMError, match="nested"):
-        ckpt.read_json(tmp_path / "config.json")
+        ckpt.load_expert(tmp_path, verify=False)  # the expert's config.json (a state's is read the same way)
     (tmp_path / "model_index.json").write_bytes(nested)
     with pytest.raises(IntegrityError, match="nested"):
         read_index(tmp_path)
@@ -116,3 +117,269 @@ def test_training_state_numbers_are_checked_before_use():
 def _manifest_bytes() -> bytes:
     m = Manifest(kind="expert", run_id="ab" * 32, shard=0, step=1, config_hash="", files={}, created=1.0)
     return m.to_bytes()
+
+
+# ------------------------------------------------------------------------------------------ a real swarm
+
+TTL = 900.0
+
+
+def _config():
+    from ddm_node.core.config import load_config
+
+    return load_config(overrides={
+        "model.hidden": 32, "model.depth": 2, "model.heads": 2,
+        "train.steps": 6, "train.batch_size": 16, "train.checkpoint_every": 2, "train.warmup_steps": 1,
+        "router.steps": 2, "router.batch_size": 16, "partition.experts": 2,
+        "swarm.settle": 0.3, "swarm.mirror_interval": 3600.0, "swarm.replicas": 2, "swarm.heartbeat": 1.0,
+        "swarm.announce_ttl": 600.0,
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The plan, and H's checkpoints of shards 0 and 1 at steps 2 and 4 of a 6-step budget (made once)."""
+    from ddm_node.data.datasets import load_dataset
+    from ddm_node.data.plan import make_plan
+    from ddm_node.train.expert import train_shard
+
+    from .evil_peer import key_after
+
+    root = tmp_path_factory.mktemp("hostile")
+    ds = load_dataset("digits")
+    plan = make_plan(_config(), ds)
+    honest = key_after("c")
+    for shard in (0, 1):
+        train_shard(plan, shard, root / "H", steps=4, identity=honest, dataset=ds)
+    return plan, honest, root / "H"
+
+
+@dataclass
+class World:
+    plan: object
+    honest: Identity
+    work: Path  # H's work dir (a copy per world)
+    maddrs: list[str]
+    evil: object  # an EvilPeer: own valid key, real DHT records, serves whatever bytes it is given
+    ids: dict  # (shard, step) -> (expert id, state id) of H's checkpoints
+
+    @property
+    def run_id(self) -> str:
+        return self.plan.run_id
+
+
+@pytest.fixture
+def world(trained, tmp_path):
+    """H serves its step-4 checkpoints, stats and the plan on a fresh DHT; E (keys sorting first) joins it."""
+    from ddm_node.swarm.dht import Swarm
+    from ddm_node.swarm.records import CheckpointRecord, PlanRecord, StatsRecord
+    from ddm_node.transfer.server import TransferServer
+    from ddm_node.transfer.store import ArtifactStore, NodeInfoData
+
+    from .evil_peer import EvilPeer, keys_before
+
+    plan, honest, trained_work = trained
+    work = tmp_path / "H"
+    shutil.copytree(trained_work, work)
+    store = ArtifactStore()
+    store.register_plan(plan.to_bytes())
+    ids, stats = {}, {}
+    for shard in (0, 1):
+        for step in (2, 4):
+            d = ckpt.checkpoint_dir(work, shard, step)
+            ids[(shard, step)] = (store.register(d / ckpt.EXPERT).id, store.register(d / ckpt.STATE).id)
+        stats[shard] = store.register(ckpt.stats_dir(work, shard)).id
+    server = TransferServer(store, NodeInfoData("H", honest.public_hex))
+    h_swarm = evil = None
+    try:
+        address = server.start()
+        h_swarm = Swarm(honest, plan.run_id)
+        maddrs = h_swarm.visible_maddrs()
+        h_swarm.announce_plan(PlanRecord(plan.run_id, address), ttl=TTL)
+        for shard in (0, 1):
+            e, s = ids[(shard, 4)]
+            h_swarm.announce_checkpoint(CheckpointRecord(shard, 4, e, s, honest.public_hex, address, False), ttl=TTL)
+            h_swarm.announce_stats(StatsRecord(shard, stats[shard], address), ttl=TTL)
+        evil = EvilPeer(keys_before(1, "8")[0], plan.run_id, maddrs)
+        yield World(plan, honest, work, maddrs, evil, ids)
+    finally:
+        if evil is not None:
+            evil.close()
+        server.stop(0)
+        if h_swarm is not None:
+            h_swarm.shutdown()
+
+
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+def _has(messages: list[str], *needles: str) -> bool:
+    return any(all(n in m for n in needles) for m in messages)
+
+
+def _island(w: World, work_dir: Path, me: Identity):
+    from ddm_node.node.island import Island, IslandOptions
+
+    return Island(IslandOptions(identity=me, work_dir=work_dir, run_id=w.run_id, initial_peers=w.maddrs,
+                                device="cpu", plan_timeout=60))
+
+
+def _events(work_dir: Path):
+    from ddm_node.core.events import read_events
+    from ddm_node.core.workdir import WorkDir
+
+    return read_events(WorkDir(work_dir).events)
+
+
+@pytest.mark.multiproc
+def test_nested_json_kills_no_island_no_assembly_no_mirror(world, tmp_path, caplog, capsys):
+    """E announces ~60 KB of nested brackets (served under their own sha256) as shard 0's final checkpoint (step 8 of
+    6, so that every reader tries it first), a
+    replica of shard 1, stats and the router, and a checkpoint of shard 1 it signed whose config.json files are
+    the same brackets. Before the fix, the first done check raised RecursionError: the island died at start,
+    `assemble` at its first candidate, the mirror sweep at its first shard."""
+    from ddm_node.cli import main
+    from ddm_node.core.events import EventKind
+    from ddm_node.ensemble.bundle import read_index
+    from ddm_node.swarm.records import CheckpointRecord, ReplicaRecord, RouterRecord, StatsRecord
+
+    from .evil_peer import seal_copy
+
+    w, e = world, world.evil
+    key, sv = e.key, e.servicer
+    nested = b"[" * 30_000 + b"]" * 30_000
+    bad = hashlib.sha256(nested).hexdigest()
+    sv.manifests[bad] = (nested, b"")
+    e.swarm.announce_checkpoint(CheckpointRecord(0, 8, bad, bad, key, e.address, True), ttl=TTL)
+    e.swarm.announce_replica(ReplicaRecord(1, 5, bad, bad, key, key, e.address), ttl=TTL)
+    e.swarm.announce_stats(StatsRecord(0, bad, e.address), ttl=TTL)
+    e.swarm.announce_router(RouterRecord(bad, 2, e.address, key), ttl=TTL)
+    # a correctly signed checkpoint whose config.json files are the nested brackets
+    src = ckpt.checkpoint_dir(w.work, 1, 4)
+    signed = {}
+    for part in (ckpt.EXPERT, ckpt.STATE):
+        extra = dict(read_manifest(src / part).extra, step=7)
+        m = seal_copy(src / part, tmp_path / "E" / part, e.identity, {ckpt.CONFIG_FILE: nested}, step=7, extra=extra)
+        sv.hold(tmp_path / "E" / part)
+        signed[part] = m.id
+    e.swarm.announce_checkpoint(CheckpointRecord(1, 7, signed[ckpt.EXPERT], signed[ckpt.STATE], key, e.address,
+                                                 False), ttl=TTL)
+
+    caplog.set_level(logging.INFO, logger="ddm_node")
+    me = Identity.generate()
+    island = _island(w, tmp_path / "island", me)
+    try:
+        island.start()
+        assert not island.progress.shard_done(0) and not island.progress.router_done()  # the done checks
+
+        island.mirror.sweep()  # the sweep completes, with H's copies
+        for shard in (0, 1):
+            got = ckpt.latest_checkpoint(island.work_dir, shard)
+            assert got is not None and read_manifest(got / ckpt.EXPERT).id == w.ids[(shard, 4)][0]
+
+        island.work_loop()  # trains both shards to the budget and the router
+        ev = _events(island.work_dir)
+        kinds = {(x.kind, x.shard) for x in ev}
+        assert {(EventKind.DONE, 0), (EventKind.DONE, 1), (EventKind.ROUTER, None)} <= kinds
+
+        out = tmp_path / "bundle"  # `assemble` while the island serves
+        rc = main(["assemble", "--initial-peers", *w.maddrs, "--run", w.run_id, "--out", str(out),
+                   "--min-experts", "2", "--wait", "0"])
+        assert rc == 0, capsys.readouterr().err
+        index = read_index(out)
+        assert {(x["shard"], x["step"], x["publisher"]) for x in index["experts"]} == {
+            (0, 6, me.public_hex), (1, 6, me.public_hex)}
+        assert index["router"]["kind"] == "learned"
+    finally:
+        island.shutdown()
+    m = _messages(caplog)
+    assert _has(m, "not counting expert " + bad[:12], "nested deeper than")
+    assert _has(m, "not counting router " + bad[:12], "nested deeper than")
+    assert _has(m, "mirror of shard 0 step 8 failed", "nested deeper than")
+    assert _has(m, "mirror of shard 1 step 7 failed", "config.json", "nested deeper than")
+    assert _has(m, "shard 0 expert step 8", key[:12], "nested deeper than")  # assemble
+    assert _has(m, "shard 1 expert step 7", "config.json", "nested deeper than")
+    assert not any("RecursionError" in x for x in m)
+
+
+@pytest.mark.multiproc
+def test_out_of_range_state_is_quarantined_and_remembered_across_restarts(world, tmp_path, caplog):
+    """E signs training states of shards 0 and 1 at step 5 (H's step-4 tensors, E's key) whose `extra` says
+    `"eps": 10**400`, and announces them. The mirror does not take shard 1's. Shard 0's is already in the
+    island's work dir, as a mirror kept it before this fix; loading it fails, and the island quarantines it
+    (WORK/quarantine/, WORK/rejects.json) and goes on from H's step 4. Then the island is stopped and started
+    again: it neither loads nor asks for E's states, and finishes. Before the fix, float(10**400) raised
+    OverflowError out of the work loop at every start, and the mirror copied and served shard 1's."""
+    from ddm_node.core.events import EventKind
+    from ddm_node.swarm.records import CheckpointRecord
+
+    from .evil_peer import seal_copy
+
+    w, e = world, world.evil
+    poisoned = {}
+    for shard in (0, 1):
+        src = ckpt.checkpoint_dir(w.work, shard, 4)
+        dst = tmp_path / "E" / f"shard{shard}"
+        xm = seal_copy(src / ckpt.EXPERT, dst / ckpt.EXPERT, e.identity, step=5, extra={"step": 5})
+        extra = dict(read_manifest(src / ckpt.STATE).extra, step=5, eps=10**400)
+        sm = seal_copy(src / ckpt.STATE, dst / ckpt.STATE, e.identity, step=5, extra=extra)
+        assert b'"eps":1' + b"0" * 400 in (dst / ckpt.STATE / "manifest.json").read_bytes()
+        for part in (ckpt.EXPERT, ckpt.STATE):
+            e.servicer.hold(dst / part)
+        e.swarm.announce_checkpoint(CheckpointRecord(shard, 5, xm.id, sm.id, e.key, e.address, False), ttl=TTL)
+        poisoned[shard] = (xm.id, sm.id, dst)
+    work = tmp_path / "island"
+    shutil.copytree(poisoned[0][2], ckpt.checkpoint_dir(work, 0, 5))  # what a mirror before the fix kept
+
+    caplog.set_level(logging.INFO, logger="ddm_node")
+    me = Identity.generate()
+    # First life: stopped (as by a signal) right after the quarantine, before anything else is trained
+    island = _island(w, work, me)
+    try:
+        island.start()
+        island.mirror.sweep()
+        got = ckpt.latest_checkpoint(work, 1)  # shard 1: H's step 4, not E's step 5
+        assert got is not None and read_manifest(got / ckpt.EXPERT).id == w.ids[(1, 4)][0]
+        record = island.events.record
+
+        def stop_after_quarantine(kind, **fields):
+            if kind is EventKind.REJECTED:
+                island.stop.set()
+            return record(kind, **fields)
+
+        island.events.record = stop_after_quarantine
+        island.work_loop()
+    finally:
+        island.shutdown()
+    first = _events(work)
+    assert [(x.shard, x.step, x.publisher) for x in first if x.kind is EventKind.REJECTED] == [(0, 5, e.key[:12])]
+    quarantined = sorted((work / "quarantine").iterdir())
+    assert [p.name.rsplit("-", 1)[0] for p in quarantined] == ["shard_000-step_00000005"]
+    assert read_manifest(quarantined[0] / ckpt.STATE).id == poisoned[0][1]  # moved aside, not deleted
+    assert not ckpt.checkpoint_dir(work, 0, 5).exists()
+    remembered = json.loads((work / "rejects.json").read_text())["rejects"]
+    assert {(tuple(r["manifests"]), r["step"]) for r in remembered} == {
+        ((poisoned[s][0], poisoned[s][1]), 5) for s in (0, 1)}
+
+    # Second life: same key, same work dir; E's states are neither loaded nor asked for
+    asked_before = len(e.servicer.calls)
+    island = _island(w, work, me)
+    try:
+        island.start()
+        island.work_loop()
+    finally:
+        island.shutdown()
+    second = _events(work)[len(first):]
+    assert {(EventKind.DONE, 0), (EventKind.ROUTER, None)} <= {(x.kind, x.shard) for x in second}
+    assert (EventKind.DONE, 1) in {(x.kind, x.shard) for x in first + second}  # in either life (rendezvous order)
+    assert not any(x.kind is EventKind.REJECTED for x in second)
+    assert (0, 4, "swarm", w.honest.public_hex[:12]) in {(x.shard, x.step, x.source, x.publisher) for x in second
+                                                           if x.kind is EventKind.RESUME}
+    poisoned_ids = {i for shard in (0, 1) for i in poisoned[shard][:2]}
+    assert not [c for c in e.servicer.calls[asked_before:] if c[1] in poisoned_ids]
+    m = _messages(caplog)
+    assert _has(m, "mirror of shard 1 step 5 failed", "verifies but does not load", "'eps' must be a number")
+    assert _has(m, "shard 0: checkpoint step 5 by " + e.key[:12], "verified but does not load",
+                "'eps' must be a number", "quarantined in")
+    assert _has(m, "reject list", "2 checkpoint(s) found bad earlier")
