@@ -3,7 +3,8 @@ back through their own event logs and work dirs.
 
 - `net`: a LocalNet whose islands are always stopped (SIGTERM, then SIGKILL of each process group) when the
   test ends, pass or fail; the session fixture in conftest.py then checks that nothing tagged survived.
-- `start_swarm`: island1 from the plan file, the others joining it by run id.
+- `start_swarm`: island1 from the plan file, the others joining it by run id; `swarm_together`: all at once,
+  through a bootstrap DHT peer of the test process.
 - `timeline` / `wait_until`: every island's events.jsonl as typed `Event`s, merged by time.
 - `training_pair`: two islands, one run of one shard: the trainer is mid-shard (a periodic checkpoint
   published, training on past it) and the waiter idles and mirrors. Used by the stop tests and by any case
@@ -16,7 +17,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +28,9 @@ import pytest
 
 from ddm_node.cli.localnet import IslandProc, LocalNet
 from ddm_node.core.events import Event, EventKind, read_events
+from ddm_node.core.identity import Identity
 from ddm_node.core.workdir import WorkDir, step_of
+from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 
 T = TypeVar("T")
@@ -62,6 +66,20 @@ def start_swarm(net: LocalNet, run_id: str, count: int, first: str = "island1") 
     for p in rest:
         net.wait_ready(p)
     return [head, *rest]
+
+
+@contextmanager
+def swarm_together(net: LocalNet, run_id: str, count: int) -> Iterator[tuple[list[IslandProc], str]]:
+    """`count` islands started at once (island1 from the plan file, the others by run id), all joining through a
+    DHT peer of this process, so none waits for another to be up; yields the ready islands and the bootstrap
+    multiaddr (for readers). Use it when every island must be live before the first shard finishes."""
+    with Swarm(Identity.generate(), run_id) as boot:
+        maddr = boot.visible_maddrs()[0]
+        procs = [net.start("island1", "--plan", str(net.root / "plan"), "--initial-peers", maddr)]
+        procs += [net.start(f"island{i}", "--run", run_id, "--initial-peers", maddr) for i in range(2, count + 1)]
+        for p in procs:
+            net.wait_ready(p, timeout=180)
+        yield procs, maddr
 
 
 def timeline(net: LocalNet) -> list[Event]:

@@ -15,7 +15,7 @@ import json
 import time
 
 import pytest
-from live_swarm import config, holds, net, of, timeline, wait_until  # noqa: F401
+from live_swarm import config, holds, net, of, swarm_together, timeline, wait_until  # noqa: F401
 
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
@@ -30,11 +30,8 @@ COPY_BOUND = 30.0  # seconds from the last shard's final checkpoint to R copies 
 
 def test_every_shard_gets_exactly_r_live_copies_on_its_rendezvous_top_r(net):  # noqa: F811
     run_id = net.partition(config(k=K, steps=STEPS, every=EVERY, ttl=8.0, replicas=R))
-    with Swarm(Identity.generate(), run_id) as boot:  # a bootstrap peer, so no island waits for another to start
-        maddr = boot.visible_maddrs()[0]
-        procs = [net.start("island1", "--plan", str(net.root / "plan"), "--initial-peers", maddr)]
-        procs += [net.start(f"island{i}", "--run", run_id, "--initial-peers", maddr) for i in range(2, ISLANDS + 1)]
-        keys = {p.name: net.wait_ready(p, timeout=180)["public_key"] for p in procs}
+    with swarm_together(net, run_id, ISLANDS) as (procs, maddr):
+        keys = {p.name: p.announce()["public_key"] for p in procs}
         name_of = {v: k for k, v in keys.items()}
 
         ev = wait_until(net, lambda ev: len({e.shard for e in of(ev, EventKind.DONE)}) == K and ev, 300,
