@@ -293,8 +293,9 @@ def fetch_checkpoint(work_dir: Path, shard: int, c: Candidate, run_id: str, trus
             break
         try:
             fetch_stats(work_dir, shard, run_id, manifest_id, [holder], trusted)
-        except DDMError as exc:
-            log.warning("stats of shard %d from %s: %s", shard, holder, exc)
+        except Exception as exc:  # one holder's boundary: the checkpoint is here already, try the next stats
+            log.warning("stats of shard %d from %s: %s", shard, holder, describe(exc),
+                        exc_info=None if isinstance(exc, DDMError) else exc)
     return final
 
 
