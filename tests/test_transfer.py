@@ -531,3 +531,116 @@ def test_running_part_hash_follows_appends_truncation_and_deletion(tmp_path):
     assert ph.result() == FileEntry(hashlib.sha256(b"prefix").hexdigest(), 6)
     part.unlink()
     assert ph.result().size == 0
+
+
+# ---------------------------------------------------------------- the server cannot be pinned
+
+def _serve_big(tmp_path, **kw) -> tuple[TransferServer, str, str]:
+    """A TransferServer (its own settings `kw`) serving one 16 MiB file and a plan: (server, file sha, run id)."""
+    data = random_bytes(16 << 20)
+    make_artifact(tmp_path / "big", {"big.bin": data})
+    store = ArtifactStore()
+    store.register(tmp_path / "big")
+    run_id = store.register_plan(b"the plan")
+    server = TransferServer(store, NodeInfoData(peer_id="peer", public_key=KEY.public_hex), **kw)
+    server.start()
+    return server, entry_of(data).sha256, run_id
+
+
+def _until(condition, limit: float = 5.0) -> bool:
+    end = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_unread_streams_do_not_pin_the_server(tmp_path):
+    """Four Fetch streams held open and never read by one client: another client's GetPlan answers in under a
+    second (before, the four streams held all four workers and GetPlan waited for its deadline)."""
+    server, sha, run_id = _serve_big(tmp_path)  # the default settings
+    try:
+        with grpc.insecure_channel(server.address) as hog:
+            stub = ddm_pb2_grpc.DDMNodeStub(hog)
+            held = [stub.Fetch(ddm_pb2.FetchRequest(sha256=sha), timeout=60) for _ in range(4)]
+            time.sleep(0.5)  # the handlers have filled the flow-control windows and block in their sends
+            start = time.monotonic()
+            with NodeClient(server.address, timeout=1.0) as other:
+                assert other.get_plan(run_id) == b"the plan"
+                assert other.info().public_key == KEY.public_hex
+            assert time.monotonic() - start < 1.0
+            for call in held:
+                call.cancel()
+    finally:
+        server.stop(0)
+
+
+def test_streams_capped_per_peer_and_cancelled_when_unread_or_too_long(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ddm_node.transfer.server")
+    server, sha, _ = _serve_big(tmp_path, streams_per_peer=2, read_grace=0.3, min_read_rate=1 << 20)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = ddm_pb2_grpc.DDMNodeStub(channel)
+            held = [stub.Fetch(ddm_pb2.FetchRequest(sha256=sha), timeout=60) for _ in range(2)]
+            assert _until(lambda: server.streams.count() == 2)
+            with pytest.raises(grpc.RpcError) as info:
+                next(stub.Fetch(ddm_pb2.FetchRequest(sha256=sha), timeout=5))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many streams" in info.value.details()
+            # Unread past the grace: under the minimum read rate, cancelled by the server, workers back in the pool.
+            assert _until(lambda: server.streams.count() == 0, 3.0)
+            for call in held:
+                with pytest.raises(grpc.RpcError) as info:
+                    list(call)
+                assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert sum("cancelling a Fetch stream" in r.getMessage() and "nothing read" in r.getMessage()
+                   for r in caplog.records) == 2
+        # A reader that keeps up is never cut, and the peer may open streams again.
+        dest = fetch_file([server.address], FileEntry(sha, 16 << 20), tmp_path / "f")
+        assert sha256_of(dest) == sha
+    finally:
+        server.stop(0)
+    # A stream that outlives the server's deadline is cut however fast it is read; the client resumes it.
+    server, sha, _ = _serve_big(tmp_path / "b", stream_deadline=0.3, min_read_rate=0, chunk_size=64 * 1024)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            call = ddm_pb2_grpc.DDMNodeStub(channel).Fetch(ddm_pb2.FetchRequest(sha256=sha), timeout=60)
+            got = 0
+            with pytest.raises(grpc.RpcError) as info:
+                for chunk in call:
+                    got += len(chunk.data)
+                    time.sleep(0.01)  # about 6 MiB/s: read well, but for longer than the deadline
+            assert info.value.code() == grpc.StatusCode.CANCELLED and got < 16 << 20
+    finally:
+        server.stop(0)
+
+
+def test_idle_connections_are_closed(tmp_path, monkeypatch):
+    """The server sends idle connections away (max_connection_idle): the client's channel goes IDLE."""
+    from ddm_node.transfer import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_IDLE_MS", 300)
+    server, _, run_id = _serve_big(tmp_path)
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            channel.subscribe(states.append)
+            assert ddm_pb2_grpc.DDMNodeStub(channel).GetPlan(ddm_pb2.PlanRequest(run_id=run_id), timeout=5).plan
+            assert _until(lambda: states and states[-1] == grpc.ChannelConnectivity.READY)
+            assert _until(lambda: states[-1] == grpc.ChannelConnectivity.IDLE, 3.0), states
+    finally:
+        server.stop(0)
+
+
+def test_peer_host():
+    from ddm_node.transfer.server import peer_host
+
+    assert peer_host("ipv4:127.0.0.1:5555") == "127.0.0.1"
+    assert peer_host("ipv6:[::1]:5555") == "::1"
+    assert peer_host("ipv6:[::ffff:10.0.0.1]:1") == "::ffff:10.0.0.1"
+    assert peer_host("unix:/tmp/x") == "unix:/tmp/x"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

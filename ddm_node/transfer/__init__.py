@@ -9,8 +9,15 @@ See docs/TRANSFER.md for the wire format, limits and retry policy.
 from ddm_node.transfer.client import NodeClient, PeerError, check_address
 from ddm_node.transfer.download import fetch_artifact, fetch_file
 from ddm_node.transfer.server import TransferServer
-from ddm_node.transfer.store import (ANY_SHARD, DEFAULT_CHUNK, DEFAULT_MAX_MESSAGE, ArtifactRef, ArtifactStore,
-                                     NodeInfoData, StoredArtifact)
+from ddm_node.transfer.store import (
+                                     ANY_SHARD,
+                                     DEFAULT_CHUNK,
+                                     DEFAULT_MAX_MESSAGE,
+                                     ArtifactRef,
+                                     ArtifactStore,
+                                     NodeInfoData,
+                                     StoredArtifact,
+)
 
 __all__ = [
     "ANY_SHARD", "DEFAULT_CHUNK", "DEFAULT_MAX_MESSAGE", "ArtifactRef", "ArtifactStore", "NodeClient",

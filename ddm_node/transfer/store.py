@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ddm_node import __version__
 from ddm_node.core.errors import DDMError, IntegrityError
