@@ -156,23 +156,31 @@ class ShardJob:
         if expert.publisher == self.publisher.me:
             return False
         why = describe(exc)
-        self.rejects.add(((expert.id, state.id), expert.step), why)
+        self.rejects.add(((expert.id, state.id), expert.step), why)  # first: remembered even if the move fails
+        self.publisher.withdraw(shard, expert.id, state.id)
         where = self._quarantine(shard, resumed)
         log.warning("shard %d: checkpoint step %d by %s verified but does not load (%s); quarantined in %s",
                     shard, expert.step, expert.publisher[:12], why, where,
                     exc_info=None if isinstance(exc, DDMError) else exc)
         self.events.record(EventKind.REJECTED, shard=shard, step=expert.step, publisher=expert.publisher[:12],
                            reason=why[:500])
-        self.publisher.withdraw(shard, expert.id, state.id)
         return True
 
-    def _quarantine(self, shard: int, step_dir: Path) -> Path:
-        """Move a step dir to WORK/quarantine/ (one rename: it never looks like a checkpoint again); keep the
-        newest QUARANTINE_KEEP there."""
+    def _quarantine(self, shard: int, step_dir: Path) -> Path | None:
+        """Move a step dir to WORK/quarantine/ (one rename: it never looks like a checkpoint again) and keep the
+        newest QUARANTINE_KEEP there; None when it could not be moved (then it is deleted, as before)."""
         root = self.work.root / QUARANTINE
-        root.mkdir(exist_ok=True)
         dest = root / f"shard_{shard:03d}-{step_dir.name}-{time.time_ns()}"
-        os.rename(step_dir, dest)
+        try:
+            root.mkdir(exist_ok=True)
+            os.rename(step_dir, dest)
+        except OSError as exc:
+            log.warning("could not move %s to %s (%s); deleting it", step_dir, root, exc.strerror or exc)
+            doomed = step_dir.with_name(f".{step_dir.name}.rejected-{os.getpid()}")
+            os.rename(step_dir, doomed)  # first, so a half-deleted directory never looks like a checkpoint
+            shutil.rmtree(doomed, ignore_errors=True)
+            return None
+
         def moved_at(p: Path) -> int:
             suffix = p.name.rsplit("-", 1)[-1]
             return int(suffix) if suffix.isdigit() else 0
