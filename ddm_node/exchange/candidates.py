@@ -9,8 +9,9 @@ addresses announced under the manifest's publisher key first. Groups are per (ma
 record announcing genuine manifests under a false step forms its own candidate (rejected when
 fetched) and cannot hide the honest announcement of the same manifests.
 
-Listings (what a holder's `ListArtifacts` names) are claims too: `cap_listed` keeps a few per holder
-and drops (manifest, holder) pairs whose manifest that holder could not give (`FAILED_LISTINGS`).
+Listings (what a holder's `ListArtifacts` names) are claims too: `cap_listed` keeps a few per holder,
+drops (manifest, holder) pairs whose manifest that holder could not give (`FAILED_LISTINGS`), and
+ignores a holder whose listed manifests failed LISTED_PER_HOLDER times (for FAILED_FOR seconds).
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ class FailedListings:
                 until = None
             return until is not None
 
+    def failures(self, holder: str) -> int:
+        """How many remembered pairs name `holder`."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for (_, h), until in self._until.items() if h == holder and until > now)
+
     def clear(self) -> None:
         with self._lock:
             self._until.clear()
@@ -87,15 +94,18 @@ FAILED_LISTINGS = FailedListings()
 
 def cap_listed(listed: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """(manifest, holder) pairs from listings: no pair that failed before, at most LISTED_PER_HOLDER per
-    holder and LISTED_TOTAL in all (in the order given), so one lister cannot flood a caller with fakes."""
+    holder (fewer by its remembered failures) and LISTED_TOTAL in all (in the order given), so one lister
+    cannot flood a caller with fakes: LISTED_PER_HOLDER failed manifest calls per FAILED_FOR seconds at most."""
     out: list[tuple[str, str]] = []
     per_holder: dict[str, int] = {}
     for pair in dict.fromkeys(listed):
         if len(out) >= LISTED_TOTAL:
             break
-        if pair in FAILED_LISTINGS or per_holder.get(pair[1], 0) >= LISTED_PER_HOLDER:
+        if pair[1] not in per_holder:
+            per_holder[pair[1]] = FAILED_LISTINGS.failures(pair[1])
+        if pair in FAILED_LISTINGS or per_holder[pair[1]] >= LISTED_PER_HOLDER:
             continue
-        per_holder[pair[1]] = per_holder.get(pair[1], 0) + 1
+        per_holder[pair[1]] += 1
         out.append(pair)
     return out
 

@@ -375,9 +375,11 @@ class _FileRace:
                 self._hedge(now)
                 if not self.lanes:
                     break
+                # Wake at the next lane's end, at the first moment a lane can turn silent, or after TICK.
+                silent_at = min(lane.last_data for lane in self.lanes) + self.budget.connect
                 with self.cond:
                     if all(lane.outcome is None for lane in self.lanes):
-                        self.cond.wait(min(TICK, self.budget.connect / 5))
+                        self.cond.wait(min(TICK, max(0.005, silent_at - time.monotonic() + 0.001)))
         finally:
             self._stop_all("done", "the download ended")
         error = IntegrityError if self.integrity else DDMError
@@ -435,6 +437,10 @@ class _FileRace:
         lane.clock.stop(now)
         outcome = lane.outcome
         if outcome is True:
+            for other in self.lanes:  # raced and sent nothing at all while this holder sent the file: slow
+                if other.received == 0 and lane.received > 0 and not other.stopped:
+                    SLOW.add(other.holder, f"sent nothing in {now - other.started:.1f} s while {lane.holder} sent "
+                             f"the file", self.budget.remember)
             self._stop_all("done", f"{lane.holder} finished the file")
             path = _finish(lane.part, self.dest)
             if lane is not self.base_owner:
