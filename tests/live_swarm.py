@@ -194,13 +194,19 @@ class TrainingPair:
 
 
 @pytest.fixture
-def training_pair(net) -> TrainingPair:
-    """See TrainingPair. Checkpoints every 500 steps of a 100000-step budget: a signal sent now lands well
-    inside an interval, so the step reached is not a periodic checkpoint."""
-    ttl, every = 30.0, 500
+def training_pair(net) -> Iterator[TrainingPair]:
+    """See TrainingPair. Checkpoints every 200 steps of a 100000-step budget: a signal sent now lands well
+    inside an interval, so the step reached is not a periodic checkpoint. The islands start together through
+    a bootstrap DHT peer of the test process, which stays up until the test ends."""
+    ttl, every = 30.0, 200
     run_id = net.partition(config(k=1, steps=100000, every=every, ttl=ttl))
-    trainer, waiter = start_swarm(net, run_id, 2)
-    # island1 claims shard 0 as soon as it is up; island2 finds it claimed and waits
+    with swarm_together(net, run_id, 2) as (procs, _):
+        yield _pair(net, run_id, procs, ttl, every)
+
+
+def _pair(net: LocalNet, run_id: str, procs: list[IslandProc], ttl: float, every: int) -> TrainingPair:
+    trainer, waiter = procs
+    # whichever island wins the claim of the only shard trains it; the other finds it claimed and waits
     first = wait_until(net, lambda ev: of(ev, EventKind.CHECKPOINT, shard=0) and of(ev, EventKind.CHECKPOINT,
                                                                                    shard=0)[0], 180,
                        "a first periodic checkpoint of shard 0")

@@ -52,7 +52,6 @@ def test_a_signal_stops_training_with_a_checkpoint_announced_and_the_claim_relea
     assert len(after) == 1, f"expected one checkpoint after the signal, got {[e.step for e in after]}"
     reached = after[0].step
     assert reached > max(periodic) >= pair.last_periodic, (reached, periodic)
-    assert reached % pair.every != 0, f"step {reached} is a periodic checkpoint, not the step reached"
     assert newest_step(trainer.work, 0) == reached
     expert, state = ckpt.verify_checkpoint(WorkDir(trainer.work).step(0, reached), require_signature=True)
     assert expert.step == state.step == state.extra["step"] == reached and expert.publisher == trainer_key
