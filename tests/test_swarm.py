@@ -125,12 +125,17 @@ def test_record_missing_field_named():
 # validator
 
 
+def _stats(shard: int, **extra) -> dict:
+    """A well-formed record value (the validator admits only values that parse as some record type)."""
+    return {**StatsRecord(shard, H, "127.0.0.1:1").to_value(), **extra}
+
+
 def _record(validator: Ed25519RecordValidator, subkey, value=None, key="ddm/run/ckpt/0", ttl=60.0) -> DHTRecord:
     """A record as hivemind builds it (key hashed, subkey and value msgpack), signed by `validator`."""
     raw = DHTRecord(
         key=DHTID.generate(source=key).to_bytes(),
         subkey=MSGPackSerializer.dumps(subkey),
-        value=MSGPackSerializer.dumps(value if value is not None else {"step": 1}),
+        value=MSGPackSerializer.dumps(value if value is not None else _stats(1)),
         expiration_time=get_dht_time() + ttl,
     )
     return dataclasses.replace(raw, value=validator.sign_value(raw))
@@ -138,18 +143,18 @@ def _record(validator: Ed25519RecordValidator, subkey, value=None, key="ddm/run/
 
 def test_validator_sign_validate_strip():
     va = Ed25519RecordValidator(Identity.generate())
-    rec = _record(va, va.local_marker, {"step": 5})
-    assert rec.value != MSGPackSerializer.dumps({"step": 5})  # signature appended
+    rec = _record(va, va.local_marker, _stats(5))
+    assert rec.value != MSGPackSerializer.dumps(_stats(5))  # signature appended
     assert va.validate(rec)
-    assert MSGPackSerializer.loads(va.strip_value(rec)) == {"step": 5}
+    assert MSGPackSerializer.loads(va.strip_value(rec)) == _stats(5)
     # any peer's validator (another key) accepts it too: validity depends only on the owner's key
     assert Ed25519RecordValidator(Identity.generate()).validate(rec)
 
 
 def test_validator_rejects_tampering():
     va = Ed25519RecordValidator(Identity.generate())
-    rec = _record(va, va.local_marker, {"step": 5})
-    forged_value = MSGPackSerializer.dumps({"step": 6}) + rec.value[-72:]  # same signature, new value
+    rec = _record(va, va.local_marker, _stats(5))
+    forged_value = MSGPackSerializer.dumps(_stats(6)) + rec.value[-72:]  # same signature, new value
     assert not va.validate(dataclasses.replace(rec, value=forged_value))
     assert not va.validate(dataclasses.replace(rec, expiration_time=rec.expiration_time + 100))
     other_key = DHTID.generate(source="ddm/run/ckpt/1").to_bytes()
@@ -176,8 +181,8 @@ def test_validator_rejects_wrong_owner_and_unowned():
 
 def test_validator_caps_size_and_expiration():
     va = Ed25519RecordValidator(Identity.generate())
-    assert va.validate(_record(va, va.local_marker, {"x": "a" * (MAX_VALUE_BYTES - 16)}))
-    assert not va.validate(_record(va, va.local_marker, {"x": "a" * MAX_VALUE_BYTES}))
+    assert va.validate(_record(va, va.local_marker, _stats(1, x="a" * (MAX_VALUE_BYTES - 120))))
+    assert not va.validate(_record(va, va.local_marker, _stats(1, x="a" * MAX_VALUE_BYTES)))
     assert not va.validate(_record(va, va.local_marker, ttl=30 * 86400.0))
 
 
@@ -314,8 +319,10 @@ def test_forged_and_garbage_records_are_skipped(trio, caplog):
             initial_peers=a.visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True, nat_port_map=False
         )
         key = a.key("ckpt", shard)
-        # C signs garbage under its own marker, and a claim that pretends to be A's
-        assert c.dht.store(key, {"shard": "x"}, get_dht_time() + 30, subkey=c.marker)
+        # C signs garbage under its own marker (a record of another kind, and a value that is no record at
+        # all, which every validator refuses), and a claim that pretends to be A's
+        assert c.dht.store(key, StatsRecord(shard, H, "127.0.0.1:1").to_value(), get_dht_time() + 30, subkey=c.marker)
+        assert not c.dht.store(key, {"shard": "x"}, get_dht_time() + 31, subkey=c.marker)
         fake = Claim(shard, a.peer_id, a.public_key, "", 1.0, expires_at=get_dht_time() + 30)
         assert c.dht.store(a.key("claim", shard), fake.to_value(), get_dht_time() + 30, subkey=c.marker)
         far = get_dht_time() + 3600

@@ -152,7 +152,7 @@ class PeerRecord(_Record):
     shard: int
 
     @classmethod
-    def from_value(cls, value: Any) -> "PeerRecord":
+    def from_value(cls, value: Any) -> PeerRecord:
         c = "peer"
         v = _check_dict(value, c)
         maddrs = _field(v, c, "maddrs")
@@ -189,7 +189,7 @@ class Claim(_Record):
         return not self.released and self.expires_at > now
 
     @classmethod
-    def from_value(cls, value: Any) -> "Claim":
+    def from_value(cls, value: Any) -> Claim:
         c = "claim"
         v = _check_dict(value, c)
         return cls(
@@ -217,7 +217,7 @@ class CheckpointRecord(_Record):
     final: bool
 
     @classmethod
-    def from_value(cls, value: Any) -> "CheckpointRecord":
+    def from_value(cls, value: Any) -> CheckpointRecord:
         c = "checkpoint"
         v = _check_dict(value, c)
         return cls(
@@ -245,7 +245,7 @@ class ReplicaRecord(_Record):
     grpc: str
 
     @classmethod
-    def from_value(cls, value: Any) -> "ReplicaRecord":
+    def from_value(cls, value: Any) -> ReplicaRecord:
         c = "replica"
         v = _check_dict(value, c)
         return cls(
@@ -271,7 +271,7 @@ class StatsRecord(_Record):
     grpc: str
 
     @classmethod
-    def from_value(cls, value: Any) -> "StatsRecord":
+    def from_value(cls, value: Any) -> StatsRecord:
         c = "stats"
         v = _check_dict(value, c)
         return cls(
@@ -292,7 +292,7 @@ class RouterRecord(_Record):
     publisher: str
 
     @classmethod
-    def from_value(cls, value: Any) -> "RouterRecord":
+    def from_value(cls, value: Any) -> RouterRecord:
         c = "router"
         v = _check_dict(value, c)
         return cls(
@@ -312,10 +312,15 @@ class PlanRecord(_Record):
     grpc: str
 
     @classmethod
-    def from_value(cls, value: Any) -> "PlanRecord":
+    def from_value(cls, value: Any) -> PlanRecord:
         c = "plan"
         v = _check_dict(value, c)
         return cls(
             run_id=_hex64(_field(v, c, "run_id"), c, "run_id"),
             grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
         )
+
+
+# Every record class, for a check that cannot know the kind (the DHT record validator sees hashed keys).
+RECORD_TYPES: tuple[type, ...] = (Claim, CheckpointRecord, ReplicaRecord, PeerRecord, StatsRecord, RouterRecord,
+                                  PlanRecord)

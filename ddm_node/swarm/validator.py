@@ -13,6 +13,11 @@ Modeled on hivemind's `RSASignatureValidator`, with three differences:
   the storage heap raise TypeError on comparison.
 - A size cap (values over `MAX_VALUE_BYTES`) and an expiration cap (`MAX_TTL` seconds ahead, with
   slack for clock skew), so a peer cannot park large or near-permanent records on others.
+- The value must be a well-formed typed record: plain msgpack (no extension types) that one of the
+  record classes of records.py accepts (`from_value`). The key is hashed, so the validator cannot
+  know which kind belongs there; readers check the kind (dht.py). Without this check one signed
+  value that is not msgpack made hivemind fail to decode every value under its key: the key went
+  unreadable for everyone (a get hung until its timeout and returned nothing).
 
 Signature: Ed25519 over msgpack([DOMAIN, key, subkey, value-without-signature, expiration_time]),
 appended to the value as `SIG_MAGIC + 64 signature bytes` (fixed length, so stripping is a slice).
@@ -24,12 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 
+import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity, verify_signature
+from ddm_node.swarm.records import RECORD_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,9 @@ MAX_TTL = 24 * 3600.0  # longest expiration accepted, seconds ahead of now
 CLOCK_SLACK = 300.0  # tolerated clock skew between peers, seconds
 
 _OWNER_RE = re.compile(r"^\[owner:([0-9a-f]{64})\]$")
+# What hivemind's readers get when a stored value does not decode (see `strip_value`): msgpack nil,
+# which every record class rejects, so readers skip that one value and read the rest.
+UNREADABLE = MSGPackSerializer.dumps(None)
 
 
 def owner_marker(public_hex: str) -> str:
@@ -63,6 +75,33 @@ def _owner_of_subkey_bytes(subkey_bytes: bytes) -> str | None:
     except Exception:  # any malformed msgpack from the wire
         return None
     return owner_of_subkey(subkey)
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} in a record value")
+
+
+def decode_value(value: bytes) -> object:
+    """The msgpack object in a stored value (signature stripped); ValueError/TypeError-like errors when it is
+    not plain msgpack. Same options as hivemind's MSGPackSerializer.loads, minus extension types (hivemind
+    would run their decoders; ours never writes any), so a value this accepts decodes there too."""
+    return msgpack.loads(value, ext_hook=_no_ext, raw=False)
+
+
+def parse_any(value: bytes) -> object | None:
+    """The typed record a stored value holds, trying every record class; None when it is none of them."""
+    try:
+        obj = decode_value(value)
+    except Exception:  # any malformed msgpack: ExtraData, FormatError, UnicodeDecodeError, ValueError, ...
+        return None
+    if not isinstance(obj, dict):
+        return None
+    for cls in RECORD_TYPES:
+        try:
+            return cls.from_value(obj)
+        except DDMError:
+            continue
+    return None
 
 
 def _signed_bytes(record: DHTRecord) -> bytes:
@@ -119,20 +158,37 @@ class Ed25519RecordValidator(RecordValidatorBase):
         if len(value) - SUFFIX_LEN > MAX_VALUE_BYTES:
             logger.debug("rejecting an oversized DHT record of %s (%d bytes)", owner[:12], len(value))
             return False
+        if not math.isfinite(record.expiration_time):  # NaN passes every comparison below, and breaks storage heaps
+            logger.debug("rejecting a DHT record of %s with a non-finite expiration", owner[:12])
+            return False
         if record.expiration_time > get_dht_time() + MAX_TTL + CLOCK_SLACK:
             logger.debug("rejecting a DHT record of %s that expires too far ahead", owner[:12])
             return False
         stripped = dataclasses.replace(record, value=value[:-SUFFIX_LEN])
+        if parse_any(stripped.value) is None:
+            logger.debug("rejecting a DHT record of %s that is no known record type", owner[:12])
+            return False
         if not verify_signature(owner, _signed_bytes(stripped), value[-SIG_LEN:]):
             logger.debug("rejecting a DHT record with a bad signature for %s", owner[:12])
             return False
         return True
 
     def strip_value(self, record: DHTRecord) -> bytes:
-        """Remove our signature suffix (called by hivemind only after `validate` succeeded)."""
+        """Remove our signature suffix; a value that does not decode becomes `UNREADABLE` (msgpack nil).
+
+        hivemind calls this on every value of a key it returns, then decodes each; one value that does
+        not decode raised there and lost the whole key (the get never finished). `validate` keeps such
+        values out, but a node can still meet one (stored by an older version, or injected into its
+        storage): this turns it into a value that readers skip, and the rest of the key is read.
+        """
         value = bytes(record.value)
         if len(value) >= SUFFIX_LEN and value[-SUFFIX_LEN:-SIG_LEN] == SIG_MAGIC:
-            return value[:-SUFFIX_LEN]
+            value = value[:-SUFFIX_LEN]
+        try:
+            decode_value(value)
+        except Exception:  # any malformed msgpack
+            logger.debug("a stored DHT value does not decode; readers get nil instead")
+            return UNREADABLE
         return value
 
     @property
