@@ -15,6 +15,11 @@ by `Ed25519RecordValidator`. A node's newer record replaces its own older one an
 Readers parse every subkey with the record's `from_value`, and also require that the record names
 its subkey's owner where it has an owner field (a peer cannot announce a checkpoint "by" someone
 else) and the key's shard. Anything else is skipped with a warning; getters never raise on garbage.
+
+What a node stores for others is bounded (swarm/storage.py, installed when the Swarm starts): at most
+256 records per key, so one key's answer stays near 1 MiB, far under p2pd's 4 MiB message limit, and
+at most 16,384 records per node; hivemind's cache is off. The validator admits only signed, owned,
+well-formed typed records (swarm/validator.py).
 """
 
 from __future__ import annotations
@@ -43,12 +48,14 @@ from ddm_node.swarm.records import (
     RouterRecord,
     StatsRecord,
 )
+from ddm_node.swarm.storage import NO_CACHE_OPTIONS, StorageLimits, install, protect, storage_stats
 from ddm_node.swarm.validator import MAX_TTL, MAX_VALUE_BYTES, Ed25519RecordValidator, owner_of_subkey
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 120.0  # announcements; the daemon re-announces well before this runs out
 RPC_TIMEOUT = 30.0  # seconds to wait for one DHT get/store
+LOUD_SKIPS = 3  # records skipped per read that are logged as warnings (the rest at debug, then one summary)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -129,10 +136,11 @@ class Swarm:
         port: int = 0,
         announce_host: str | None = None,
         client_mode: bool = False,
+        limits: StorageLimits | None = None,
     ):
         """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
         `port`). `client_mode`: a reader that joins through others but accepts no connections and never
-        enters routing tables (status, assemble)."""
+        enters routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
         self.identity = identity
         self.run_id = _check_run_id(run_id)
         self.public_key = identity.public_hex
@@ -148,13 +156,15 @@ class Swarm:
         try:
             self._child = DHTChild(initial_peers=list(initial_peers) or None, host_maddrs=[f"/ip4/{host}/tcp/{port}"],
                                    announce_maddrs=announce, client_mode=client_mode,
-                                   record_validators=[self.validator])
+                                   record_validators=[self.validator], **NO_CACHE_OPTIONS)
         except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
             self._closed = True
             raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
         self._dht = self._child.dht
         try:
             self._peer_id = self._call(lambda: self._dht.peer_id).to_base58()
+            self._call_future(lambda: self._dht.run_coroutine(partial(install, limits=limits or StorageLimits()),
+                                                              return_future=True))
         except Exception as exc:
             self.shutdown()
             raise DDMError(f"the DHT on {host}:{port} started but does not answer: {exc}") from None
@@ -188,6 +198,20 @@ class Swarm:
                 return
             self._closed = True
             self._child.shutdown()
+
+    def protect(self, owners: Iterable[str]) -> None:
+        """Admit these owners' records (the run's trusted keys) into this node's DHT storage even when a
+        key or the node is full (swarm/storage.py), so a flood of free identities cannot keep them out."""
+        keys = frozenset(owners)
+        if not all(isinstance(k, str) and _HEX64.match(k) for k in keys):
+            raise DDMError("protected owners must be 64-hex public keys")
+        self._call_future(lambda: self._dht.run_coroutine(partial(protect, owners=keys), return_future=True))
+
+    def storage_stats(self, kind: str | None = None, shard: int | None = None) -> dict:
+        """What this node's DHT storage holds: records stored and refused (and, given a kind, that key's
+        record count). Diagnostics and tests."""
+        key = dht_key(self.run_id, kind, shard) if kind is not None else None
+        return self._call_future(lambda: self._dht.run_coroutine(partial(storage_stats, key=key), return_future=True))
 
     # -- identity and addresses -----------------------------------------------------------------
 
@@ -263,10 +287,19 @@ class Swarm:
             logger.warning("DHT key %s holds a plain value, not owned records; skipped", key)
             return []
         entries = []
+        skipped = 0
+
+        def skip(message: str, *args: Any) -> None:  # a flood of bad records logs a few lines, not one each
+            nonlocal skipped
+            skipped += 1
+            (logger.warning if skipped <= LOUD_SKIPS else logger.debug)(message, *args)
+
         for subkey, item in found.value.items():
-            entry = _parse_entry(kind, spec, key, shard, subkey, item)
+            entry = _parse_entry(kind, spec, key, shard, subkey, item, skip)
             if entry is not None:
                 entries.append(entry)
+        if skipped > LOUD_SKIPS:
+            logger.warning("skipped %d records under %s in all (%d read)", skipped, key, len(entries))
         entries.sort(key=lambda e: e.owner)
         return entries
 
@@ -373,25 +406,29 @@ def _encode(kind: str, shard: int | None, record: Any, run_id: str, owner: str) 
     return key, value
 
 
-def _parse_entry(kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any, item: Any) -> Entry | None:
-    """The entry of one stored subkey, or None (with a warning) when readers must skip it."""
+def _parse_entry(kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any, item: Any,
+                 skip: Any = logger.warning) -> Entry | None:
+    """The entry of one stored subkey, or None (reported through `skip`) when readers must skip it."""
     owner = owner_of_subkey(subkey)
     if owner is None:  # impossible with our validator on every peer; cheap to check
-        logger.warning("skipping a record without owner under %s", key)
+        skip("skipping a record without owner under %s", key)
         return None
     try:
         record = spec.record.from_value(item.value)
     except DDMError as exc:
-        logger.warning("skipping a garbage record of %s under %s: %s", owner[:12], key, exc)
+        skip("skipping a garbage record of %s under %s: %s", owner[:12], key, exc)
+        return None
+    except Exception as exc:  # a reader must never fail on one value: skip it, read the rest
+        skip("skipping an unreadable record of %s under %s: %r", owner[:12], key, exc)
         return None
     if spec.per_shard and record.shard != shard:
-        logger.warning("skipping a record of %s under %s that names shard %s", owner[:12], key, record.shard)
+        skip("skipping a record of %s under %s that names shard %s", owner[:12], key, record.shard)
         return None
     if spec.owner_field and getattr(record, spec.owner_field) != owner:
-        logger.warning("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
+        skip("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
         return None
     if kind == RecordKind.PLAN and key != dht_key(record.run_id, RecordKind.PLAN):
-        logger.warning("skipping a plan record of %s for another run under %s", owner[:12], key)
+        skip("skipping a plan record of %s for another run under %s", owner[:12], key)
         return None
     if isinstance(record, Claim):
         record = replace(record, expires_at=float(item.expiration_time))  # the DHT's expiration counts
