@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from ddm_node.core.errors import DDMError
 from ddm_node.swarm.dht import Swarm, dht_time
@@ -61,6 +61,13 @@ class ClaimManager:
         # A run that lists its publishers ignores everyone else's claims: an unlisted key's work would be
         # discarded anyway, so its claims must not keep listed islands off a shard (claim squatting).
         self._trusted = frozenset(trusted_keys)
+        if self._trusted:
+            # ... and this node's DHT storage admits their records even when a flood of free identities filled
+            # a key or the node (swarm/storage.py), so the listed islands can still claim and announce.
+            try:
+                swarm.protect(self._trusted)
+            except Exception as exc:  # best effort: without it, the caps apply to everyone alike
+                logger.warning("could not protect the trusted keys' DHT records: %s", exc)
         self._held: dict[int, Claim] = {}
         self._last_expiration: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -69,8 +76,8 @@ class ClaimManager:
 
     def try_claim(self, shard: int) -> bool:
         """Try to become the shard's holder; True if we hold it after the settle re-read."""
-        now = dht_time()
         claims = self._claims(shard)
+        now = dht_time()  # after the read, which can take the DHT's whole timeout
         if any(c.public_key != self._me and c.live(now) for c in claims):
             return False
         own = [c for c in claims if c.public_key == self._me and c.live(now)]
@@ -96,15 +103,21 @@ class ClaimManager:
         False when we hold no lease here, when it already expired (someone may have taken over),
         or when another peer's live claim wins, e.g. an older claim after a partition healed;
         in the last case our claim is released. A failed DHT write alone keeps True while the
-        current lease runs (the next renew retries).
+        current lease runs (the next renew retries). Never raises for a slow DHT: the new expiration
+        is taken after the read (a read can take the DHT's whole timeout, longer than a lease), and
+        a lease that ran out during the read is lost, not renewed from a stale clock.
         """
         with self._lock:
             held = self._held.get(shard)
-        now = dht_time()
-        if held is None or held.expires_at <= now:
+        if held is None or held.expires_at <= dht_time():
             self._forget(shard)
             return False
         claims = self._claims(shard)
+        now = dht_time()
+        if held.expires_at <= now:
+            logger.warning("the lease on shard %d ran out while its claims were read; giving it up", shard)
+            self._forget(shard)
+            return False
         others = [c for c in claims if c.public_key != self._me]
         best = winner([*others, held], now)
         if best is None or best.public_key != self._me:
@@ -123,8 +136,8 @@ class ClaimManager:
     def release(self, shard: int) -> None:
         """Give the shard up now: write `released=True` (hivemind cannot delete) expiring after our claim."""
         self._forget(shard)
-        now = dht_time()
         claims = self._claims(shard)
+        now = dht_time()
         own = [c for c in claims if c.public_key == self._me]
         with self._lock:
             last = self._last_expiration.get(shard)
@@ -183,5 +196,9 @@ class ClaimManager:
         )
         with self._lock:
             self._last_expiration[shard] = max(expiration, self._last_expiration.get(shard, 0.0))
-        stored = self.swarm.put(RecordKind.CLAIM, shard, claim, expiration=expiration)
+        try:
+            stored = self.swarm.put(RecordKind.CLAIM, shard, claim, expiration=expiration)
+        except DDMError as exc:  # e.g. an expiration no longer in the future: a failed write, never an exception
+            logger.warning("could not write our claim on shard %d: %s", shard, exc)
+            stored = False
         return claim, stored
