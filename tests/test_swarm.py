@@ -202,6 +202,157 @@ def test_validator_merge_policy():
     assert not v.merge_with(Ed25519RecordValidator(Identity.generate()))
 
 
+def _raw_record(validator: Ed25519RecordValidator, raw_value: bytes, ttl: float = 60.0) -> DHTRecord:
+    """A record whose value bytes are given as they are (not msgpack-encoded here), signed by `validator`."""
+    raw = DHTRecord(DHTID.generate(source="ddm/run/ckpt/0").to_bytes(), MSGPackSerializer.dumps(validator.local_marker),
+                    raw_value, get_dht_time() + ttl)
+    return dataclasses.replace(raw, value=validator.sign_value(raw))
+
+
+def test_validator_admits_only_well_formed_typed_records():
+    va = Ed25519RecordValidator(Identity.generate())
+    for record in _samples():  # every record kind
+        assert va.validate(_raw_record(va, MSGPackSerializer.dumps(record.to_value()))), record
+    good = MSGPackSerializer.dumps(_stats(1))
+    for junk in (b"\xc1 not msgpack", good + b"\x00",  # never-used byte; trailing bytes
+                 MSGPackSerializer.dumps({"x": 1}), MSGPackSerializer.dumps([1, 2]), MSGPackSerializer.dumps(None),
+                 MSGPackSerializer.dumps((_stats(1),)),  # an extension type (hivemind's tuple)
+                 b"\xa3\xff\xfe\xfd",  # a str that is not UTF-8
+                 b"\x91" * 2000 + b"\xc0"):  # 2,000 nested lists
+        assert not va.validate(_raw_record(va, junk)), junk[:16]
+    nan = _record(va, va.local_marker)
+    assert not va.validate(dataclasses.replace(nan, expiration_time=float("nan")))
+
+
+def test_strip_value_turns_an_undecodable_value_into_nil():
+    from ddm_node.swarm.validator import UNREADABLE
+
+    va = Ed25519RecordValidator(Identity.generate())
+    assert va.strip_value(_raw_record(va, b"\xc1 not msgpack")) == UNREADABLE
+    assert MSGPackSerializer.loads(UNREADABLE) is None  # readers skip it (no record class takes None)
+    assert va.strip_value(_raw_record(va, MSGPackSerializer.dumps(_stats(2)))) == MSGPackSerializer.dumps(_stats(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded storage (swarm/storage.py), in this process
+
+
+def _marker(i: int) -> str:
+    return f"[owner:{i:064x}]"
+
+
+def test_storage_caps_records_per_key_and_per_node():
+    from ddm_node.swarm.storage import BoundedStorage, StorageLimits
+
+    st = BoundedStorage(StorageLimits(subkeys=4, entries=10))
+    now = get_dht_time()
+    k1, k2, k3 = (DHTID.generate(source=f"k{i}") for i in range(3))
+    assert all(st.store(k1, b"v", now + 60, subkey=_marker(i)) for i in range(4))
+    assert not st.store(k1, b"v", now + 60, subkey=_marker(4))  # the key is full
+    assert st.store(k1, b"renewed", now + 61, subkey=_marker(0))  # a renewal always fits
+    assert st.store(k2, b"v", now + 60, subkey=_marker(0)) and st.store(k2, b"v", now + 60, subkey=_marker(1))
+    assert all(st.store(k3, b"v", now + 60, subkey=_marker(i)) for i in range(4))
+    assert st.record_count() == 10
+    assert not st.store(k2, b"v", now + 60, subkey=_marker(2))  # the node is full
+    assert st.store(k2, b"v", now + 62, subkey=_marker(1))  # renewals still fit
+    st.protected = frozenset({f"{7:064x}"})
+    assert st.store(k1, b"v", now + 60, subkey=_marker(7))  # a protected owner passes both caps
+    assert len(st.get(k1).value) == 5 and st.record_count() == 11 and st.refused == 2
+    # what the storage refuses outright: plain values, foreign subkeys, oversized or non-finite records
+    assert not st.store(k2, b"plain", now + 600)
+    assert not st.store(k1, b"v", now + 60, subkey="x" * 73)
+    assert not st.store(k1, b"v" * 5000, now + 63, subkey=_marker(0))
+    assert not st.store(k1, b"v", float("nan"), subkey=_marker(0))
+    assert not st.store(k1, b"v", float("inf"), subkey=_marker(0))
+
+
+def test_storage_frees_expired_records_and_keeps_renewals_and_replays_apart(monkeypatch):
+    from ddm_node.swarm import storage
+    from ddm_node.swarm.storage import BoundedStorage, StorageLimits
+
+    monkeypatch.setattr(storage, "PURGE_INTERVAL", 0.0)  # purge at every refusal (normally at most once a second)
+    st = BoundedStorage(StorageLimits(subkeys=2, entries=2))
+    now = get_dht_time()
+    key, other = DHTID.generate(source="k"), DHTID.generate(source="other")
+    assert st.store(key, b"v1", now + 0.3, subkey=_marker(1)) and st.store(key, b"v1", now + 60, subkey=_marker(2))
+    assert not st.store(other, b"v", now + 60, subkey=_marker(3))
+    time.sleep(0.5)
+    assert st.store(other, b"v", now + 60, subkey=_marker(3))  # the expired record's slot is free again
+    assert st.record_count() == 2
+    # a replay of a superseded record (earlier expiration) is refused and does not shorten the current one
+    assert st.store(key, b"v2", now + 120, subkey=_marker(2))
+    assert not st.store(key, b"v1", now + 60, subkey=_marker(2))
+    entries = dict(st.get(key).value.items())
+    assert entries[_marker(2)].value == b"v2" and entries[_marker(2)].expiration_time == now + 120
+    # the expiry heap does not grow with renewals
+    for i in range(1000):
+        assert st.store(key, b"v", now + 200 + i, subkey=_marker(2))
+    inner = st.data[key].value
+    assert len(inner.expiration_heap) <= 2 * len(inner.key_to_heap) + 64
+    assert len(st.expiration_heap) <= 2 * len(st.key_to_heap) + 64
+
+
+def test_storage_hands_out_copies_and_caps_whole_dictionaries():
+    from hivemind.dht.storage import DictionaryDHTValue
+
+    from ddm_node.swarm.storage import BoundedStorage, NoCache, StorageLimits
+
+    st = BoundedStorage(StorageLimits(subkeys=3, entries=100))
+    now = get_dht_time()
+    key = DHTID.generate(source="k")
+    assert st.store(key, b"v", now + 60, subkey=_marker(0))
+    copy = st.get(key).value
+    copy.store(_marker(9), b"merged by a lookup", now + 60)  # what hivemind's lookup does to the value it got
+    assert len(st.get(key).value) == 1 and st.record_count() == 1
+    whole = DictionaryDHTValue()
+    for i in range(1, 6):
+        whole.store(_marker(i), b"v", now + 60)
+    st.store(key, whole, now + 60)  # a whole dictionary goes in record by record, under the caps
+    assert len(st.get(key).value) == 3
+    assert not NoCache().store(key, whole, now + 60) and not NoCache().store_subkey(key, _marker(1), b"v", now + 60)
+
+
+def test_a_full_key_fits_well_under_the_p2pd_message_limit():
+    from hivemind.dht.storage import DictionaryDHTValue
+
+    from ddm_node.swarm.storage import MAX_ENTRIES, MAX_SUBKEYS, SLOT_BYTES
+    from ddm_node.swarm.validator import SUFFIX_LEN
+
+    exp = get_dht_time() + 86400.0
+    biggest = [_marker(2**255), b"v" * (MAX_VALUE_BYTES + SUFFIX_LEN), exp]
+    assert len(MSGPackSerializer.dumps(biggest)) == SLOT_BYTES
+    full = DictionaryDHTValue()
+    for i in range(MAX_SUBKEYS):
+        full.store(_marker(2**255 + i), biggest[1], exp)
+    packed = len(MSGPackSerializer.dumps(full))
+    assert packed <= MAX_SUBKEYS * SLOT_BYTES + 64 and packed < (4 << 20) // 3, packed
+    assert MAX_ENTRIES * SLOT_BYTES < 70 << 20  # the node's record bytes, as docs/THREAT_MODEL.md says
+
+
+def test_a_lookup_is_not_ended_by_an_answer_that_claims_to_expire_never(monkeypatch):
+    import asyncio
+
+    from hivemind.dht import node as hivemind_node
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.utils.timed_storage import ValueWithExpiration
+
+    from ddm_node.swarm.storage import _harden_lookups
+
+    state_cls = hivemind_node._SearchState
+    monkeypatch.setattr(state_cls, "add_candidate", state_cls.add_candidate)  # restored after the test
+    _harden_lookups()
+
+    async def lookup() -> tuple[bool, float]:
+        state = state_cls(DHTID.generate(source="k"), float("inf"))  # latest=True
+        answer = DictionaryDHTValue()
+        answer.store(_marker(1), b"v", get_dht_time() + 60)
+        state.add_candidate(ValueWithExpiration(answer, float("inf")), source_node_id=None)
+        return state.finished, state.expiration_time
+
+    finished, expiration = asyncio.run(lookup())
+    assert not finished and expiration < get_dht_time() + 61
+
+
 # ---------------------------------------------------------------------------------------------
 # winner rule
 
@@ -322,7 +473,7 @@ def test_forged_and_garbage_records_are_skipped(trio, caplog):
         # C signs garbage under its own marker (a record of another kind, and a value that is no record at
         # all, which every validator refuses), and a claim that pretends to be A's
         assert c.dht.store(key, StatsRecord(shard, H, "127.0.0.1:1").to_value(), get_dht_time() + 30, subkey=c.marker)
-        assert not c.dht.store(key, {"shard": "x"}, get_dht_time() + 31, subkey=c.marker)
+        c.dht.store(key, {"shard": "x"}, get_dht_time() + 31, subkey=c.marker)  # True if only `raw` took it
         fake = Claim(shard, a.peer_id, a.public_key, "", 1.0, expires_at=get_dht_time() + 30)
         assert c.dht.store(a.key("claim", shard), fake.to_value(), get_dht_time() + 30, subkey=c.marker)
         far = get_dht_time() + 3600
@@ -334,6 +485,9 @@ def test_forged_and_garbage_records_are_skipped(trio, caplog):
                 assert [(r.publisher, r.step) for r in reader.checkpoints(shard)] == [(a.public_key, 1)]
                 assert reader.claims(shard) == []
         assert "garbage record" in caplog.text and "is not its owner" in caplog.text
+        # what our nodes store under the key: A's record and C's record of another kind (C's newer value, no
+        # record at all, was refused by every validator, so C's older record stays)
+        assert [s.storage_stats("ckpt", shard)["key_records"] for s in (a, b, c)] == [2, 2, 2]
     finally:
         if raw is not None:
             raw.shutdown()

@@ -2,8 +2,8 @@
 
 hivemind keeps every record it is asked to store (`DHTLocalStorage`, unbounded) and answers a lookup
 of a key with all of that key's records in ONE p2pd message, which p2pd caps at 4 MiB
-(`DEFAULT_MAX_MSG_SIZE` in hivemind/p2p/p2p_daemon_bindings/control.py). Free identities made both a
-weapon: about 1,100 valid 4 KiB records under one key pushed its answer over the limit, so every
+(`DEFAULT_MAX_MSG_SIZE` in hivemind/p2p/p2p_daemon_bindings/control.py). Free identities turned both
+into attacks: about 1,100 valid 4 KiB records under one key pushed its answer over the limit, so every
 lookup of the key failed everywhere (claims, checkpoints and leases of that key vanished), and
 records under arbitrary keys grew a node's memory without end. `BoundedStorage` replaces hivemind's
 storage in the DHT child (and a `NoCache` its cache) and admits records under two caps:
@@ -15,16 +15,18 @@ storage in the DHT child (and a `NoCache` its cache) and admits records under tw
   256 x 4,255 B + 32 B of dictionary header = 1.04 MiB, plus at most 20 neighbours (~1.2 KiB): about
   a quarter of p2pd's 4 MiB, so even three keys in one message fit.
 - Per node at most `entries` records (MAX_ENTRIES = 16,384): at most 16,384 x 4,255 B = 66.5 MiB of
-  record bytes (about 75 MiB with Python's per-record objects) whatever peers send; a run uses
-  4(K+1)+3 keys (claim, checkpoint, replica and stats per shard and the router's claim slot K; peers,
-  router, plan) with a handful of records each, e.g. about 2,000 records for K = 256 shards.
+  record bytes whatever peers send (86 MiB of Python heap measured in the worst case, one record per
+  key); a run uses 4(K+1)+3 keys (claim, checkpoint, replica and stats per shard and the router's claim
+  slot K; peers, router, plan) with a few records each.
 
 A record that would exceed a cap is refused, never one already stored: a holder's renewal replaces
 its own record (same subkey) and always fits, so a flood cannot push out records that are there.
-Records of `protected` owners (the run's trusted keys, see `Swarm.protect`) are admitted even when a
-cap is reached (at most one per trusted key per key). What a flood of free identities can still do:
-fill a key (256 identities) or a node (16,384 records) so that NEW untrusted writers are refused on
-the nodes it reached, until its records expire (at most 24 h); see docs/THREAT_MODEL.md.
+Records of `protected` owners (the run's trusted keys T, see `Swarm.protect`) pass the per-key cap
+(one per trusted key per key: a key answers with at most 256 + |T| records) and exceed the node cap
+by at most MAX_PROTECTED = 4,096 records, so a node holds at most 20,480 records (83 MiB of record
+bytes, about 110 MiB of heap). What a flood of free identities can still do: fill a key (256
+identities) or a node (16,384 records) so that NEW untrusted writers are refused on the nodes it
+reached, until its records expire (at most 24 h); see docs/THREAT_MODEL.md.
 
 Three hivemind behaviours that let one peer decide what others read are closed here as well:
 - hivemind's cache (`protocol.cache`) accepts whole dictionaries from any peer (`in_cache` stores) and
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SUBKEYS = 256  # records per key (see the module docstring for the arithmetic)
 MAX_ENTRIES = 16384  # records per node
+MAX_PROTECTED = 4096  # more records per node, for protected owners (the run's trusted keys) only
 SLOT_BYTES = 4255  # the largest record as packed in a dictionary: 74 + 4,171 + 9 + 1 bytes
 PURGE_INTERVAL = 1.0  # seconds between full purges of expired records while the node is full
 _MAX_RAW_VALUE = 4096 + SUFFIX_LEN  # the validator's value cap, signature included
@@ -66,9 +69,10 @@ class StorageLimits:
 
     subkeys: int = MAX_SUBKEYS
     entries: int = MAX_ENTRIES
+    protected: int = MAX_PROTECTED  # records of protected owners admitted past `entries`
 
     def __post_init__(self) -> None:
-        if self.subkeys < 1 or self.entries < 1:
+        if self.subkeys < 1 or self.entries < 1 or self.protected < 0:
             raise ValueError(f"storage limits must be positive, got {self}")
 
 
@@ -156,17 +160,18 @@ class BoundedStorage(DHTLocalStorage):
     # -- admission ------------------------------------------------------------------------------
 
     def admit(self, d: _BoundedDict, subkey: str) -> bool:
-        """Room for a new record `subkey` in `d`?"""
-        if owner_of_subkey(subkey) in self.protected:
-            return True
-        if len(d.data) >= self.limits.subkeys:
+        """Room for a new record `subkey` in `d`? Protected owners pass the per-key cap, and the node cap up to
+        `limits.protected` records more."""
+        protected = owner_of_subkey(subkey) in self.protected
+        if not protected and len(d.data) >= self.limits.subkeys:
             return self._refuse("a key holds %d records", len(d.data))
-        if self.entries >= self.limits.entries:
+        cap = self.limits.entries + (self.limits.protected if protected else 0)
+        if self.entries >= cap:
             now = get_dht_time()
             if now - self._purged_at >= PURGE_INTERVAL:  # a full purge walks every key: not at every refusal
                 self._purged_at = now
                 self._purge()
-            if self.entries >= self.limits.entries:
+            if self.entries >= cap:
                 return self._refuse("the node holds %d records", self.entries)
         return True
 
