@@ -11,6 +11,7 @@ import torch
 
 from ddm_node.ensemble.bundle import load_bundle
 from ddm_node.cli import main
+from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import load_dataset
 from ddm_node.ensemble.generate import reference_split, score
 
@@ -21,6 +22,11 @@ train: {steps: 300, batch_size: 64, lr: 0.003, ema_decay: 0.98, checkpoint_every
 router: {steps: 200, batch_size: 128}
 sample: {steps: 16, solver: heun}
 """
+# FD_dom of 400 samples measured here (torch 2.13 CPU, one thread): learned top1 2.575, centroid top1 2.639,
+# centroid full 2.928, the same to the last digit in 3 runs (training and sampling are seeded); Gaussian noise
+# scores 31.3 and the mean image repeated 121.3. The bound is 1.5x the typical (~2.7) value: a model that
+# trains measurably worse fails, run-to-run noise (none here; other CPUs may round differently) does not.
+FD_DOM_MAX = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +67,7 @@ def test_samples_beat_noise_and_mean_image(run, capsys, bundle, routing):
     noise = score(torch.randn((400, *plan.shape), generator=gen).clamp(-1, 1), plan, ds)
     mean = score(x_train.mean(0, keepdim=True).expand(400, *plan.shape).clone(), plan, ds)
     assert got["classifier_hash"] == noise.classifier_hash == mean.classifier_hash
+    assert got["fd_dom"] < FD_DOM_MAX, got
     assert got["fd_dom"] < 0.5 * noise.fd_dom, (got, noise)
     assert got["fd_dom"] < 0.15 * mean.fd_dom, (got, mean)
     assert got["recall"] > 0.5  # not collapsed onto a few modes
@@ -83,7 +90,7 @@ def test_missing_expert_still_samples(run, capsys, tmp_path):
 
     partial = tmp_path / "work"
     shutil.copytree(run / "work", partial)
-    shutil.rmtree(partial / "shard_002")
+    shutil.rmtree(WorkDir(partial).shard(2))
     capsys.readouterr()
     assert main(["bundle", "--plan", str(run / "plan"), "--experts", str(partial), "--out", str(tmp_path / "b")]) == 0
     b = load_bundle(tmp_path / "b")
