@@ -437,8 +437,8 @@ class _FileRace:
         lane.clock.stop(now)
         outcome = lane.outcome
         if outcome is True:
-            for other in self.lanes:  # raced and sent nothing at all while this holder sent the file: slow
-                if other.received == 0 and lane.received > 0 and not other.stopped:
+            for other in self.lanes:  # raced and sent nothing at all while this holder sent a MiB or more: slow
+                if other.received == 0 and lane.received >= PROGRESS_RESET and not other.stopped:
                     SLOW.add(other.holder, f"sent nothing in {now - other.started:.1f} s while {lane.holder} sent "
                              f"the file", self.budget.remember)
             self._stop_all("done", f"{lane.holder} finished the file")

@@ -379,3 +379,18 @@ def test_a_listing_flood_costs_a_few_manifest_calls_once(sybil_world, small_budg
     assert 0 < tried <= candidates.LISTED_PER_HOLDER
     _assemble(view, w["plan"], tmp_path / "again")  # failed pairs and a failing lister are remembered
     assert fake_calls() - before == tried
+
+
+def test_a_racer_continues_from_the_part_so_far(tmp_path, small_budgets, peers, honest):
+    """A .part holds 1 MiB from an earlier call; the first holder trickles 1 MiB more and goes silent; the honest
+    holder raced in starts from a copy of those 2 MiB: nothing is downloaded twice, and no copy is left."""
+    address, m, data, _ = honest
+    entry = m.files["big.bin"]
+    trickler = peers()
+    trickler.servicer.hold_file(data, "trickle")
+    (tmp_path / "f.part").write_bytes(data[:1 << 20])
+    got: list[int] = []
+    timed(lambda: fetch_file([trickler.address, address], entry, tmp_path / "f", progress=got.append, timeout=5), 30)
+    assert (tmp_path / "f").read_bytes() == data
+    assert sum(got) == len(data) - (1 << 20)  # the trickler's MiB, then the honest rest
+    assert [p.name for p in tmp_path.glob("f*")] == ["f"]
