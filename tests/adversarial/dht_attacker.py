@@ -77,10 +77,14 @@ def flood_keys(seed: bytes, count: int) -> list[str]:
     return [_identity(seed, i).public_hex for i in range(count)]
 
 
-async def _send(node, key_ids: list, subkeys: list, values: list, expirations: list, in_cache: bool = False) -> dict:
-    """rpc_store every record at every peer in the routing table, in batches; per peer: how many were accepted."""
+async def _send(node, key_ids: list, subkeys: list, values: list, expirations: list, in_cache: bool = False,
+                only: str | None = None) -> dict:
+    """rpc_store every record at every peer in the routing table (or only at the peer `only`, base58), in
+    batches; per peer: how many were accepted."""
     accepted = {}
     for peer in list(node.protocol.routing_table.peer_id_to_uid):
+        if only is not None and peer.to_base58() != only:
+            continue
         ok = 0
         for i in range(0, len(values), BATCH):
             result = await node.protocol.call_store(peer, keys=key_ids[i:i + BATCH], values=values[i:i + BATCH],
@@ -99,7 +103,7 @@ async def _push(_dht, node, key: str, records: list[tuple[str, bytes]], expirati
 
 
 async def _flood(_dht, node, key: str, count: int, seed: bytes, size: int, expiration: float, spread: int,
-                 identities: int) -> dict:
+                 identities: int, only: str | None) -> dict:
     names = [key] if spread <= 1 else [f"{key}/{i}" for i in range(spread)]
     owners = [_identity(seed, i) for i in range(min(count, identities))]
     key_ids, subkeys, values = [], [], []
@@ -109,7 +113,7 @@ async def _flood(_dht, node, key: str, count: int, seed: bytes, size: int, expir
         key_ids.append(DHTID.generate(source=name))
         subkeys.append(subkey)
         values.append(value)
-    return await _send(node, key_ids, subkeys, values, [expiration] * count)
+    return await _send(node, key_ids, subkeys, values, [expiration] * count, only=only)
 
 
 async def _count(_dht, node, key: str | None) -> dict:
@@ -180,13 +184,14 @@ class DHTAttacker:
         return future.result(timeout=TIMEOUT)
 
     def flood(self, key: str, count: int, expiration: float, seed: bytes = b"flood", size: int = MAX_VALUE_BYTES - 40,
-              spread: int = 1, identities: int | None = None) -> dict:
+              spread: int = 1, identities: int | None = None, only: str | None = None) -> dict:
         """`count` valid PeerRecords of at most `size` bytes, record i signed by identity i % `identities`
         (default: a fresh identity each) under `key`, or with `spread` > 1 under key i % spread of the keys
-        f"{key}/0".."{key}/{spread-1}"; per peer, how many records it accepted."""
+        f"{key}/0".."{key}/{spread-1}"; to every known peer, or only to the peer `only` (base58 peer id); per
+        peer, how many records it accepted."""
         future = self.dht.run_coroutine(partial(_flood, key=key, count=count, seed=seed, size=size,
                                                 expiration=expiration, spread=spread,
-                                                identities=identities or count), return_future=True)
+                                                identities=identities or count, only=only), return_future=True)
         return future.result(timeout=TIMEOUT)
 
     def known_peers(self) -> int:
