@@ -21,6 +21,27 @@ from bench.transfer import byte_shuffle, to_bf16_bytes, to_bf16_valued  # noqa: 
 
 RATIO_LINE = re.compile(r"^.+ ratio: (\d+\.\d{3})$")
 
+# Bounds on each script's printed ratio, (low, high), from what README.md states or, where it states nothing,
+# from quick runs measured here (2 cores, load average 4-9, 3-6 runs each); each is about 1.5x outside the
+# measured spread, and the high ends stay near what the ratio can physically reach.
+RATIO_BOUNDS = {
+    # README: "The daemon costs about 3% of training throughput" (the full run: 0.969). A quick run has only
+    # 2 checkpoint intervals: 0.980, 0.927, 0.937, 1.010, 0.994, 0.925, 0.909, 1.011, 0.863, 0.955 and one below
+    # 0.88 in 11 runs (median 0.95). It cannot hold 0.97, so it is held to a cost of at most 20% (1.5x the
+    # worst quick cost measured, 13.7%).
+    "bench.train_overhead": (0.80, 1.15),
+    # top-1 ensemble / single expert images/s (README: no figure; BENCHMARKS.md goal >= 0.9 in the full run).
+    # --quick: 0.87, 0.90, 1.21, 1.20, 0.66, 0.57 (2 repetitions each: noisy). The ensemble does the expert's work
+    # plus routing, so the ratio sits at or below 1 up to that noise.
+    "bench.sampling": (0.35, 1.60),
+    # fetch_file / raw TCP throughput (README: no figure; BENCHMARKS.md: 0.263 in the full run against a 0.8 goal).
+    # --quick: 0.44, 0.21, 0.51, 0.33, 0.26, 0.22. gRPC cannot beat the raw socket.
+    "bench.transfer": (0.12, 1.05),
+}
+# The sampling smoke run (16 images, one ODE step, experts trained 10 steps): routing overhead dominates;
+# measured 0.48, 0.70, 0.68, 0.60, 0.68, 0.54.
+SMOKE_SAMPLING_BOUNDS = (0.30, 1.10)
+
 
 # ---------------------------------------------------------------- bench.common
 
@@ -110,11 +131,12 @@ def run_script(module: str, *args: str, timeout: float) -> list[str]:
     return res.stdout.strip().splitlines()
 
 
-def check_output(lines: list[str], doc: Path, name: str, module: str) -> float:
+def check_output(lines: list[str], doc: Path, name: str, module: str, bounds: tuple[float, float]) -> float:
     m = RATIO_LINE.match(lines[-1])
     assert m, f"last line is not a ratio: {lines[-1]!r}"
     ratio = float(m.group(1))
-    assert 0 < ratio < 10
+    low, high = bounds
+    assert low < ratio < high, f"{module}: ratio {ratio} outside ({low}, {high})"
     section = read_section(doc, name)
     assert section is not None
     assert f"`python -m {module} " in section and "load average" in section and "| " in section
@@ -127,7 +149,7 @@ def test_sampling_smoke_with_tiny_sizes(tmp_path):
     lines = run_script("bench.sampling", "--quick", "--n", "16", "--steps", "1", "--expert-steps", "10",
                        "--router-steps", "10", "--cache-dir", str(tmp_path / "cache"), "--doc", str(doc),
                        timeout=120)
-    check_output(lines, doc, "bench.sampling", "bench.sampling")
+    check_output(lines, doc, "bench.sampling", "bench.sampling", SMOKE_SAMPLING_BOUNDS)
     section = read_section(doc, "bench.sampling")
     for row in ("expert 0 alone", "top1, learned router", "top1, centroid router", "top2, learned router",
                 "full, centroid router"):
@@ -147,7 +169,7 @@ def test_quick_mode(tmp_path, module, extra, timeout):
     if module != "bench.train_overhead":
         args += ["--cache-dir", str(tmp_path / "cache")]
     lines = run_script(module, *args, timeout=timeout)
-    check_output(lines, doc, module, module)
+    check_output(lines, doc, module, module, RATIO_BOUNDS[module])
 
 
 def test_routing_quick_shows_the_class_histogram_fixes_high_noise_routing():

@@ -49,8 +49,10 @@ def test_recovery_quick_kills_an_island_and_the_shard_trains_again(tmp_path):
     claim, resume, train = float(cells[4]), float(cells[5]), float(cells[6])
     assert 0 < claim <= resume <= train, cells  # the takeover claimed, then resumed, then trained
     assert int(cells[11]) > 0  # it resumed from a checkpoint, not from scratch
-    # goal: ttl + settle + 5 s; generous margin for a loaded CI machine
-    assert 0 < ratio < 2.0, ratio
+    # README: "a killed island's shard trains again within 0.8 of (lease ttl + settle + 5 s)". The quick run
+    # (ttl 4 s, settle 1 s: goal 10 s) measured 0.521, 0.462, 0.468 here (load average 5-9): the lease ttl
+    # dominates (claim 4.5-5.0 s after the kill), claim -> training 0.2 s.
+    assert 0 < ratio <= 0.8, ratio
 
 
 @pytest.mark.multiproc
