@@ -393,12 +393,15 @@ def test_island_mirrors_resumes_and_finishes_past_the_lies(island_world, tmp_pat
         assert ckpt.latest_checkpoint(island.work_dir, 0).name == "step_00000005"
 
         island._work()  # the daemon's loop: claim, resume, train, publish, then the router job
-        ev = [json.loads(line) for line in (island.work_dir / "events.jsonl").read_text().splitlines()]
-        kinds = [(e["event"], e.get("shard")) for e in ev]
-        assert ("done", 0) in kinds and ("done", 1) in kinds and ("router", None) in kinds
-        rejected = [e for e in ev if e["event"] == "rejected"]
-        assert [(e["shard"], e["step"], e["publisher"]) for e in rejected] == [(0, 5, e1.key[:12])]
-        resumes = {(e["shard"], e["step"], e["source"], e["publisher"]) for e in ev if e["event"] == "resume"}
+        from ddm_node.core.events import EventKind, read_events
+        from ddm_node.core.workdir import WorkDir
+
+        ev = read_events(WorkDir(island.work_dir).events)
+        kinds = [(e.kind, e.shard) for e in ev]
+        assert (EventKind.DONE, 0) in kinds and (EventKind.DONE, 1) in kinds and (EventKind.ROUTER, None) in kinds
+        rejected = [e for e in ev if e.kind is EventKind.REJECTED]
+        assert [(e.shard, e.step, e.publisher) for e in rejected] == [(0, 5, e1.key[:12])]
+        resumes = {(e.shard, e.step, e.source, e.publisher) for e in ev if e.kind is EventKind.RESUME}
         assert (0, 4, "swarm", w.honest.public_hex[:12]) in resumes
         assert (1, 4, "local mirror", w.honest.public_hex[:12]) in resumes
         for shard in (0, 1):
