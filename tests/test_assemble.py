@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.clients.assemble import expert_candidates
+from ddm_node.exchange.candidates import expert_candidates
 from ddm_node.cli import main
 from ddm_node.core.config import load_config
 from ddm_node.core.identity import Identity

@@ -263,9 +263,8 @@ def _arm_garbage(w: World) -> None:
     # signed by their owners but wrong: wrong types, over the size cap, a claim "by H" under E2's key,
     # and E1 writing under H's subkey (its validator will not sign that: every peer refuses it)
     e1, e2 = w.e1, w.e2
-    w.stored["e1 peers"] = e1.store_owned("peers", None, {
-        "peer_id": 12345, "public_key": e1.key, "grpc": ["x"], "maddrs": "no", "version": 1,
-        "heartbeat": "yesterday", "state": None, "shard": "0"})
+    # a well-formed record of another kind under the peers key (ill-typed values are refused by every validator)
+    w.stored["e1 peers"] = e1.store_owned("peers", None, StatsRecord(1, "ab" * 32, e1.address).to_value())
     e1.store_owned("stats", 1, {"shard": 1, "manifest": "ab" * 32, "grpc": e1.address, "pad": "z" * BIG_RECORD})
     w.stored["e2 claim as H"] = e2.store_owned("claim", 7, replace(w.h_claim, claimed_at=1.0).to_value())
     w.stored["e1 under H's subkey"] = e1.store_as("claim", 7, Claim(7, e1.swarm.peer_id, e1.key, e1.address,
@@ -351,15 +350,14 @@ def test_assemble_takes_every_honest_copy_past_the_lies(world, tmp_path, caplog,
     assert _has(m, "shard 0 expert step 5", "verifies but does not load", "weights do not match")
     assert _has(m, "shard 1 expert step 8", "verifies but does not load", "not a readable safetensors file")
     assert _has(m, "shard 1 expert step 6", "bad signature for publisher " + w.honest.public_hex[:16])
-    assert _has(m, "from " + e2.address, "past the end")  # shard 0 weights: endless stream, cut
-    assert _has(m, "from " + e2.address, "sha256 mismatch")  # shard 1 weights: flipped byte
     assert _has(m, "shard 0 stats", "verifies but does not load", "not a readable safetensors file")
     assert _has(m, "router step 2", "kind is expert, expected router")
-    # E2 was really asked for the bytes it then spoiled
+    # E2 re-announces H's manifests under its own key: H, the signed publisher, is asked first, so E2's
+    # spoiled streams are never needed (those defences: test_transfer's malicious-stream tests)
     fetched = {sha for rpc, sha in e2.servicer.calls if rpc == "Fetch"}
     for shard in (0, 1):
         entry = read_manifest(_step_dir(w, shard, 4) / ckpt.EXPERT).files[ckpt.MODEL_FILE]
-        assert entry.sha256 in fetched
+        assert entry.sha256 not in fetched
     assert not w.marker.exists(), "something unpickled peer data"
     capsys.readouterr()
     assert main(["status", "--initial-peers", *w.maddrs, "--run", w.run_id, "--json"]) == 0
@@ -379,7 +377,7 @@ def test_island_mirrors_resumes_and_finishes_past_the_lies(island_world, tmp_pat
     island = Island(IslandOptions(identity=me, work_dir=tmp_path / "island", run_id=w.run_id,
                                   initial_peers=w.maddrs, device="cpu", plan_timeout=60))
     try:
-        island._start_services()  # the plan comes from H after E1's is rejected
+        island.start()  # the plan comes from H after E1's is rejected
         assert island.plan.run_id == w.run_id
         assert _has(_messages(caplog), "plan from " + e1.address, "rejected")
         # Final "done" records whose manifests say otherwise do not end the work
@@ -392,7 +390,7 @@ def test_island_mirrors_resumes_and_finishes_past_the_lies(island_world, tmp_pat
         # E1's step 5 is signed, intact and well-formed: a mirror keeps it (it is not the mirror's to judge)
         assert ckpt.latest_checkpoint(island.work_dir, 0).name == "step_00000005"
 
-        island._work()  # the daemon's loop: claim, resume, train, publish, then the router job
+        island.work_loop()  # the daemon's loop: claim, resume, train, publish, then the router job
         from ddm_node.core.events import EventKind, read_events
         from ddm_node.core.workdir import WorkDir
 
@@ -422,8 +420,4 @@ def test_island_mirrors_resumes_and_finishes_past_the_lies(island_world, tmp_pat
     assert _has(m, "mirror of shard 1 step 6 failed", "bad signature")
     assert _has(m, "stats of shard 0 from " + e1.address, "not a safetensors file")
     assert _has(m, "shard 0: checkpoint step 5 by " + e1.key[:12], "verified but does not load")
-    assert _has(m, "from " + e2.address, "past the end")  # shard 0 weights: endless
-    assert _has(m, "from " + e2.address, "exceeds the file size")  # shard 0 state: oversized chunk
-    assert _has(m, "from " + e2.address, "sha256 mismatch")  # shard 1 weights: flipped byte
-    assert _has(m, "from " + e2.address, "RESOURCE_EXHAUSTED")  # shard 1 state: 9 MiB message
     assert not w.marker.exists(), "something unpickled peer data"
