@@ -37,9 +37,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
@@ -107,7 +107,7 @@ class Timer:
     seconds: float = 0.0
     _t0: float = field(default=0.0, repr=False)
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._t0 = time.perf_counter()
         return self
 
@@ -295,11 +295,11 @@ def trained_digits(expert_steps: int = 300, router_steps: int = 200, experts: in
     concurrent callers wait for one training instead of racing. About 10 s per 100 expert steps of
     the tiny model on one idle core.
     """
-    from ddm_node.ensemble.bundle import sources_from_work_dirs, write_bundle
     from ddm_node.core.config import config_hash, load_config
+    from ddm_node.core.identity import Identity
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import Plan, make_plan
-    from ddm_node.core.identity import Identity
+    from ddm_node.ensemble.bundle import sources_from_work_dirs, write_bundle
     from ddm_node.train.expert import train_shard
     from ddm_node.train.router_job import train_plan_router
 

@@ -44,16 +44,25 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (REPO_ROOT, RESULTS_MD, command_line, load_str, markdown_table, now_str, print_ratio,
-                          section_header, write_section)
-from ddm_node.ensemble.bundle import load_bundle, sources_from_work_dirs, write_bundle
+from bench.common import (
+    REPO_ROOT,
+    RESULTS_MD,
+    command_line,
+    load_str,
+    markdown_table,
+    now_str,
+    print_ratio,
+    section_header,
+    write_section,
+)
 from ddm_node.core.config import SampleConfig, load_config
+from ddm_node.core.manifest import write_atomic
+from ddm_node.core.model import flops_per_image
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, make_plan
+from ddm_node.ensemble.bundle import load_bundle, sources_from_work_dirs, write_bundle
 from ddm_node.ensemble.generate import generate, reference_split, save_grid, score
-from ddm_node.core.manifest import write_atomic
 from ddm_node.ensemble.metrics import Scores
-from ddm_node.core.model import flops_per_image
 from ddm_node.train.expert import train_shard
 from ddm_node.train.router_job import train_plan_router
 from router.learned import router_model_config

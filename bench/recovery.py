@@ -38,11 +38,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header,
-                          write_section)
+from bench.common import BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header, write_section
+from ddm_node.cli.localnet import IslandProc, LocalNet
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import Event, EventKind
-from ddm_node.cli.localnet import IslandProc, LocalNet
 
 NAME = "bench.recovery"
 SLACK = 5.0  # seconds allowed on top of ttl + settle by the goal

@@ -23,8 +23,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (BENCHMARKS_MD, interleave, markdown_table, median, median_ratio, print_ratio,
-                          section_header, trained_digits, write_section)
+from bench.common import (
+    BENCHMARKS_MD,
+    interleave,
+    markdown_table,
+    median,
+    median_ratio,
+    print_ratio,
+    section_header,
+    trained_digits,
+    write_section,
+)
 
 NAME = "bench.sampling"
 GOAL = 0.9

@@ -38,8 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import (BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header,
-                          write_section)
+from bench.common import BENCHMARKS_MD, load_str, markdown_table, median, print_ratio, section_header, write_section
 from ddm_node.cli.localnet import LocalNet
 from ddm_node.core.events import Event, EventKind
 
@@ -174,7 +173,10 @@ def run_size(n: int, every: int, settle: float, root: Path, cpu: CpuSampler, log
             start = first(events, p.name, EventKind.START)
             if start is None:
                 continue
-            rel = lambda kind: (lambda e: None if e is None else e.t - start.t)(first(events, p.name, kind))
+            def rel(kind, name=p.name, start=start):
+                e = first(events, name, kind)
+                return None if e is None else e.t - start.t
+
             lost = p.log.read_text(errors="replace").count("lost the race") if p.log.exists() else 0
             res.islands.append(IslandTimes(p.name, start.t - launched[p.name], rel(EventKind.CLAIM),
                                            rel(EventKind.TRAIN), rel(EventKind.CHECKPOINT), lost))

@@ -40,8 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import (BENCHMARKS_MD, Timer, markdown_table, median, print_ratio, section_header,
-                          write_section)
+from bench.common import BENCHMARKS_MD, Timer, markdown_table, median, print_ratio, section_header, write_section
 from ddm_node.core.events import Event, EventKind
 from ddm_node.core.workdir import step_of
 
@@ -246,8 +245,8 @@ class RepInfo:
 
 class Bench:
     def __init__(self, s: Settings, root: Path):
-        from ddm_node.data.plan import Plan
         from ddm_node.cli.localnet import LocalNet
+        from ddm_node.data.plan import Plan
 
         self.s = s
         self.root = root

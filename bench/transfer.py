@@ -36,8 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (BENCHMARKS_MD, interleave, markdown_table, median, median_ratio, print_ratio,
-                          section_header, trained_digits, write_section)
+from bench.common import (
+    BENCHMARKS_MD,
+    interleave,
+    markdown_table,
+    median,
+    median_ratio,
+    print_ratio,
+    section_header,
+    trained_digits,
+    write_section,
+)
 
 NAME = "bench.transfer"
 GOAL = 0.8
@@ -252,7 +261,7 @@ def build_files(s: Settings, srv: Path) -> tuple[dict, list[tuple[str, int, str]
     comp = []
     files = {}
     for name, x in groups:
-        for i, v in enumerate(variants(name, x)):
+        for v in variants(name, x):
             files[f"{len(files):02d}.bin"] = v.data
             comp.append((v.label, len(v.data)))
     # the real files as they are on disk, header included

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from torch import Tensor
 
@@ -16,6 +17,6 @@ class Router(Protocol):
         """log p(k | x_t, t, y) as [B, len(experts)]."""
         ...
 
-    def subset(self, ids: Iterable[int]) -> "Router":
+    def subset(self, ids: Iterable[int]) -> Router:
         """The router renormalized over the experts `ids` (the exact posterior of the data they cover)."""
         ...

@@ -68,7 +68,7 @@ class ClusterStats:
         second = (self.sub_weights[:, None] * (self.sub_vars + self.sub_means**2)).sum(0)
         return (second - self.mean**2).clamp_min(VAR_FLOOR)
 
-    def merged(self) -> "ClusterStats":
+    def merged(self) -> ClusterStats:
         """The moment-matched single Gaussian (J = 1) of this cluster."""
         return ClusterStats(self.count, self.sub_weights.new_ones(1), self.mean[None], self.var[None], self.class_counts)
 
@@ -76,7 +76,7 @@ class ClusterStats:
     def from_data(
         cls, x: Tensor, sub_centroids: int = 1, seed: int = 0, var_floor: float = VAR_FLOOR,
         y: Tensor | None = None, num_classes: int = 0,
-    ) -> "ClusterStats":
+    ) -> ClusterStats:
         """Statistics of samples `x` [N, ...] (flattened to [N, D]); k-means for J = sub_centroids > 1.
 
         With labels `y` [N] and `num_classes` > 0 the class histogram is kept too (class-aware routing)."""
@@ -127,7 +127,7 @@ class ClusterStats:
         return out
 
     @classmethod
-    def from_tensors(cls, d: dict[str, Tensor]) -> "ClusterStats":
+    def from_tensors(cls, d: dict[str, Tensor]) -> ClusterStats:
         """Inverse of `to_tensors`; rejects missing or unknown keys, bad shapes and non-finite values."""
         if not isinstance(d, dict):
             raise DDMError(f"cluster stats must be a mapping of tensors, got {type(d).__name__}")
@@ -303,7 +303,7 @@ class CentroidRouter:
         step = max(1, _CHUNK_ELEMENTS // max(1, self._means.numel()))
         return [slice(i, min(b, i + step)) for i in range(0, b, step)]
 
-    def subset(self, ids: Iterable[int]) -> "CentroidRouter":
+    def subset(self, ids: Iterable[int]) -> CentroidRouter:
         """A router over `ids` only, renormalized: the exact posterior of the data without the other clusters."""
         ids = sorted({int(i) for i in ids})
         if not ids:

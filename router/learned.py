@@ -79,7 +79,7 @@ class LearnedRouter:
         logits = self.net(x.to(device=p.device, dtype=p.dtype), tt, yy)[:, self._columns]
         return F.log_softmax(logits.double(), dim=1).to(device=x.device, dtype=x.dtype)
 
-    def subset(self, ids: Iterable[int]) -> "LearnedRouter":
+    def subset(self, ids: Iterable[int]) -> LearnedRouter:
         """A router over `ids` only: the other logits are dropped and the softmax renormalizes."""
         ids = sorted({int(i) for i in ids})
         if not ids:

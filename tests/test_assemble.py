@@ -21,13 +21,20 @@ from pathlib import Path
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.exchange.candidates import expert_candidates
 from ddm_node.cli import main
 from ddm_node.core.config import load_config
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import copy_artifact, read_manifest
-from ddm_node.swarm.records import (CheckpointRecord, Claim, PeerRecord, PlanRecord, ReplicaRecord, RouterRecord,
-                                    StatsRecord)
+from ddm_node.exchange.candidates import expert_candidates
+from ddm_node.swarm.records import (
+    CheckpointRecord,
+    Claim,
+    PeerRecord,
+    PlanRecord,
+    ReplicaRecord,
+    RouterRecord,
+    StatsRecord,
+)
 
 H = "ab" * 32
 H2 = "cd" * 32

@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a top-level folder of the checkout, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (interleave, interleaved, markdown_table, median_ratio, read_section,  # noqa: E402
-                          write_section)
+from bench.common import interleave, interleaved, markdown_table, median_ratio, read_section, write_section  # noqa: E402
 from bench.transfer import byte_shuffle, to_bf16_bytes, to_bf16_valued  # noqa: E402
 
 RATIO_LINE = re.compile(r"^.+ ratio: (\d+\.\d{3})$")

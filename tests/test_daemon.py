@@ -6,16 +6,15 @@ session fixture in conftest.py fails the run if any daemon, DHT child or p2pd ou
 
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
 
-from ddm_node.ensemble.bundle import load_bundle, read_index
 from ddm_node.cli import main
+from ddm_node.cli.localnet import LocalNet, all_done
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
-from ddm_node.cli.localnet import LocalNet, all_done
+from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.train import checkpoint as ckpt
 

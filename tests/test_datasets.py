@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddm_node.core.errors import DDMError
 from ddm_node.data import datasets
 from ddm_node.data.datasets import Dataset, load_dataset, split_indices
-from ddm_node.core.errors import DDMError
 
 
 @pytest.fixture(scope="module")

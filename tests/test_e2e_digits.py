@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from ddm_node.ensemble.bundle import load_bundle
 from ddm_node.cli import main
 from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import load_dataset
+from ddm_node.ensemble.bundle import load_bundle
 from ddm_node.ensemble.generate import reference_split, score
 
 CONFIG = """

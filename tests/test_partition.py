@@ -11,11 +11,11 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from ddm_node.core.config import Config, DataConfig, ModelConfig, PartitionConfig, canonical_json
+from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.data import partition
 from ddm_node.data.datasets import Dataset, load_dataset, split_indices
 from ddm_node.data.partition import cluster, compute_features, fine_cluster_count
 from ddm_node.data.plan import PLAN_FILE, Plan, Shard, check_dataset, make_plan
-from ddm_node.core.errors import DDMError, IntegrityError
 
 
 @pytest.fixture(scope="module", autouse=True)

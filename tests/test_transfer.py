@@ -354,7 +354,7 @@ def _empty_forever(request, context):
         yield ddm_pb2.Chunk(offset=request.offset, data=b"", total_size=SIZE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bomb(sized: bool) -> bytes:
     """16 MiB of zeros in a few KiB: one frame with its size in the header, or a streamed one without."""
     if sized:

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddm_node.cli.localnet import IslandProc, LocalNet, all_done
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import Event, EventKind
-from ddm_node.cli.localnet import IslandProc, LocalNet, all_done
 
 DEMO_CONFIG = """\
 # ddm-node demo: digits, K=4, small enough for a 2-core CPU in a few minutes.

@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ddm_node import __version__
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices

@@ -78,7 +78,7 @@ class ModelConfig:
     heads: int = 0
     patch_size: int = 0
 
-    def resolved(self) -> "ModelConfig":
+    def resolved(self) -> ModelConfig:
         """A copy with hidden/depth/heads/patch filled from the named size."""
         if self.size not in MODEL_SIZES:
             raise DDMError(f"model.size: unknown size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}")
@@ -166,7 +166,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Range and choice checks that types alone do not catch. Returns self."""
         checks = [
             (0.0 <= self.data.holdout_fraction < 1.0, "data.holdout_fraction must be in [0, 1)"),

@@ -77,7 +77,7 @@ class Event:
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, line: str, name: str | None = None) -> "Event | None":
+    def from_json(cls, line: str, name: str | None = None) -> Event | None:
         """The event on one line, or None for a line that is not one (cut by a kill, or of an unknown kind)."""
         try:
             data = json.loads(line)

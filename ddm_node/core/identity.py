@@ -22,11 +22,11 @@ class Identity:
     private_key: Ed25519PrivateKey
 
     @classmethod
-    def generate(cls) -> "Identity":
+    def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Identity":
+    def load(cls, path: str | Path) -> Identity:
         """Read a PEM (PKCS8) key file written by `save`; a clear error when unreadable or not Ed25519."""
         try:
             data = Path(path).read_bytes()

@@ -14,9 +14,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ddm_node.core.config import canonical_json
 from ddm_node.core.errors import IntegrityError
@@ -68,7 +68,7 @@ class Manifest:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     @classmethod
-    def from_bytes(cls, raw: bytes, source: str = "manifest") -> "Manifest":
+    def from_bytes(cls, raw: bytes, source: str = "manifest") -> Manifest:
         """Parse and validate untrusted manifest bytes; any defect is a one-line IntegrityError."""
         if len(raw) > MAX_MANIFEST_BYTES:
             raise MalformedManifest(f"{source}: manifest too large ({len(raw)} bytes)")
@@ -120,7 +120,7 @@ def _int_in(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def hash_file(path: str | Path) -> tuple["hashlib._Hash", int]:
+def hash_file(path: str | Path) -> tuple[hashlib._Hash, int]:
     """A sha256 object fed with the whole file (read in 1 MiB blocks) and the file's size; more bytes can follow."""
     h = hashlib.sha256()
     size = 0

@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 
 from ddm_node.core.config import PartitionConfig
-from ddm_node.data.datasets import Dataset
 from ddm_node.core.errors import DDMError
+from ddm_node.data.datasets import Dataset
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from ddm_node.core.config import Config, canonical_json, from_dict, to_dict
-from ddm_node.data.datasets import Dataset, split_indices
-from ddm_node.data.partition import cluster, compute_features
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import write_atomic
+from ddm_node.data.datasets import Dataset, split_indices
+from ddm_node.data.partition import cluster, compute_features
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Plan:
         return self.shards[int(k)]
 
     @classmethod
-    def from_bytes(cls, raw: bytes, source: str = "plan") -> "Plan":
+    def from_bytes(cls, raw: bytes, source: str = "plan") -> Plan:
         """Parse and validate untrusted plan bytes; any defect is a one-line DDMError naming `source`."""
         if len(raw) > MAX_PLAN_BYTES:
             raise DDMError(f"{source}: plan too large ({len(raw)} bytes)")
@@ -100,7 +100,7 @@ class Plan:
         return plan
 
     @classmethod
-    def load(cls, path_or_dir: str | Path, expected_run_id: str | None = None) -> "Plan":
+    def load(cls, path_or_dir: str | Path, expected_run_id: str | None = None) -> Plan:
         """Read a plan file (or DIR/plan.json); with `expected_run_id`, the file's sha256 must match it."""
         path = Path(path_or_dir)
         if path.is_dir():

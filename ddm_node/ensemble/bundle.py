@@ -14,9 +14,9 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddm_node.ensemble.bundle import Bundle
 from ddm_node.core.config import SampleConfig
-from ddm_node.data.datasets import Dataset, load_dataset
-from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import write_atomic
+from ddm_node.data.datasets import Dataset, load_dataset
+from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.ensemble.bundle import Bundle
 from ddm_node.ensemble.domain_classifier import get_domain_classifier
 from ddm_node.ensemble.metrics import Scores, evaluate
 from router.sampler import sample

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from ddm_node.core.errors import DDMError
 from ddm_node.swarm.dht import Swarm

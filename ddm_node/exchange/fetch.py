@@ -15,9 +15,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, Literal
+from typing import Literal
 
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import load_file as load_json_file

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm_node.ensemble.bundle import ExpertSource, load_bundle, verify_bundle, write_bundle
 from ddm_node.cli import main
 from ddm_node.core.errors import IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import verify_artifact
+from ddm_node.ensemble.bundle import ExpertSource, load_bundle, verify_bundle, write_bundle
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.router_job import load_router
 

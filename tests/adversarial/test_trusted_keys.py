@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing strategy before hivemind loads)
-from ddm_node.ensemble.bundle import read_index
 from ddm_node.cli import main
 from ddm_node.core.config import load_config
 from ddm_node.core.errors import IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import read_manifest
+from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import dht_time
 from ddm_node.swarm.records import CheckpointRecord, Claim, PlanRecord, StatsRecord

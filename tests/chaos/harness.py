@@ -12,10 +12,10 @@ import random
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ddm_node.cli.localnet import IslandProc, LocalNet
 from ddm_node.core.events import Event, EventKind
@@ -118,7 +118,7 @@ class NetLab:
         """The bridge's address: islands and test readers in the root namespace listen here."""
         return f"10.213.{self.octet}.1"
 
-    def start(self) -> "NetLab":
+    def start(self) -> NetLab:
         taken = sh("ip", "-o", "addr", check=False).stdout
         while f"10.213.{self.octet}." in taken:
             self.octet = self.octet % 250 + 1

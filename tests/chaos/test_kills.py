@@ -41,14 +41,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddm_node.cli.localnet import IslandProc, LocalNet, all_done
 from ddm_node.core.config import load_config
 from ddm_node.core.events import Event, EventKind
 from ddm_node.core.workdir import WorkDir, step_of
-from ddm_node.cli.localnet import IslandProc, LocalNet, all_done
 from ddm_node.train.trainer import Trainer
 
-from .harness import (checkpoint_steps, island_log_tail, live_maddr, maddr, scan_work_dirs, training_now,
-                      verified_copy)
+from .harness import checkpoint_steps, island_log_tail, live_maddr, maddr, scan_work_dirs, training_now, verified_copy
 
 pytestmark = pytest.mark.multiproc
 

@@ -18,10 +18,10 @@ import pytest
 from rich.console import Console
 
 from ddm_node.clients.assemble import assemble
-from ddm_node.ensemble.bundle import read_index
-from ddm_node.data.plan import Plan
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
+from ddm_node.data.plan import Plan
+from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.claims import winner
 from ddm_node.swarm.dht import Swarm, dht_time
 
@@ -57,7 +57,6 @@ def test_partitioned_island_trains_alone_and_wins_the_double_claim_after_heal(ne
         for proc in majority.values():
             net.wait_ready(proc)
         b_name = next(n for n in majority if n not in claims.values())  # the idle one: it will double-claim
-        b = majority[b_name]
 
         # Cut when a checkpoint of P is mirrored on the majority side (so the takeover can resume from it).
         def mirrored_ckpt(ev):

@@ -18,13 +18,13 @@ import time
 import pytest
 from rich.console import Console
 
-from ddm_node.clients.assemble import assemble
-from ddm_node.ensemble.bundle import read_index
 from ddm_node.cli import main
-from ddm_node.data.plan import Plan
+from ddm_node.clients.assemble import assemble
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.core.workdir import WorkDir
+from ddm_node.data.plan import Plan
+from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.dht import Swarm
 
 from .harness import maddr, netlab, verified_copy
