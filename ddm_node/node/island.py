@@ -125,6 +125,9 @@ class Island:
         # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
         import torch._dynamo  # noqa: F401
         self._compose()
+        if not self.cfg.trusted_keys:
+            log.warning("open run: the plan lists no swarm.trusted_keys, so any peer can publish checkpoints for it "
+                        "(set trusted_keys before partitioning to accept only your islands; docs/THREAT_MODEL.md)")
         self.publisher.local(len(self.plan.shards))
         self._write_announce_file()
         self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id)
