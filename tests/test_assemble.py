@@ -185,27 +185,27 @@ def world(tmp_path_factory):
             node.address = node.server.start()
             peers = [] if node is A else A.swarm.visible_maddrs()
             node.swarm = Swarm(node.identity, plan.run_id, initial_peers=peers)
-            node.swarm.announce_plan(PlanRecord(plan.run_id, node.address), ttl=TTL)
-            node.swarm.heartbeat(PeerRecord(node.swarm.peer_id, node.identity.public_hex, node.address,
+            node.swarm.announce(PlanRecord(plan.run_id, node.address), ttl=TTL)
+            node.swarm.announce(PeerRecord(node.swarm.peer_id, node.identity.public_hex, node.address,
                                             tuple(node.swarm.visible_maddrs()[:2]), "test", dht_time(), "idle", -1),
                                  ttl=TTL)
         for node, shard, step_dir in ((A, 0, step0), (B, 1, step1)):
             e = node.store.register(step_dir / ckpt.EXPERT)
             s = node.store.register(step_dir / ckpt.STATE)
             st = node.store.register(ckpt.stats_dir(node.work, shard))
-            node.swarm.announce_checkpoint(CheckpointRecord(shard, 4, e.id, s.id, node.identity.public_hex,
+            node.swarm.announce(CheckpointRecord(shard, 4, e.id, s.id, node.identity.public_hex,
                                                             node.address, True), ttl=TTL)
-            node.swarm.announce_stats(StatsRecord(shard, st.id, node.address), ttl=TTL)
+            node.swarm.announce(StatsRecord(shard, st.id, node.address), ttl=TTL)
         r = A.store.register(router)
         w.router = r.id
-        A.swarm.announce_router(RouterRecord(r.id, r.step, A.address, A.identity.public_hex), ttl=TTL)
+        A.swarm.announce(RouterRecord(r.id, r.step, A.address, A.identity.public_hex), ttl=TTL)
         e = C.store.register(mirror / ckpt.EXPERT)
         s = C.store.register(mirror / ckpt.STATE)
         C.store.register(ckpt.stats_dir(C.work, 0))  # served, listed, not announced
-        C.swarm.announce_replica(ReplicaRecord(0, 4, e.id, s.id, A.identity.public_hex, C.identity.public_hex,
+        C.swarm.announce(ReplicaRecord(0, 4, e.id, s.id, A.identity.public_hex, C.identity.public_hex,
                                                C.address), ttl=TTL)
         # The lie: shard 0's expert announced as the newest (final) checkpoint of shard 1.
-        C.swarm.announce_checkpoint(CheckpointRecord(1, 99, e.id, s.id, C.identity.public_hex, C.address, True),
+        C.swarm.announce(CheckpointRecord(1, 99, e.id, s.id, C.identity.public_hex, C.address, True),
                                     ttl=TTL)
         assert ClaimManager(B.swarm, ttl=TTL, settle=0.3).try_claim(1)
         yield w

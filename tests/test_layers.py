@@ -303,3 +303,17 @@ def test_checker_finds_cycles_and_unplaced_folders(tmp_path):
     missing, stale = unplaced_folders(root)
     assert missing == ["ddm_node/newthing"]
     assert "ddm_node/swarm" in stale
+
+
+def test_no_module_over_450_lines_and_no_class_over_250():
+    """The size bounds of docs/ARCHITECTURE.md (generated protobuf code aside)."""
+    too_big = []
+    for root in ("ddm_node", "router"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            text = path.read_text()
+            if len(text.splitlines()) > 450:
+                too_big.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
+                    too_big.append(f"{path.relative_to(REPO)}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, too_big

@@ -421,12 +421,12 @@ def test_records_visible_across_peers(trio):
     maddrs = tuple(a.visible_maddrs())
     peer = PeerRecord(a.peer_id, a.public_key, "127.0.0.1:50051", maddrs, "0.1.0", a.now(), "idle", -1)
     written = [
-        a.heartbeat(peer, ttl=30),
-        a.announce_checkpoint(_ckpt(a, shard, 10), ttl=30),
-        a.announce_replica(ReplicaRecord(shard, 10, H, H2, H2, a.public_key, "127.0.0.1:1"), ttl=30),
-        a.announce_stats(StatsRecord(shard, H, "127.0.0.1:1"), ttl=30),
-        a.announce_router(RouterRecord(H, 3, "127.0.0.1:1", a.public_key), ttl=30),
-        a.announce_plan(PlanRecord(a.run_id, "127.0.0.1:1"), ttl=30),
+        a.announce(peer, ttl=30),
+        a.announce(_ckpt(a, shard, 10), ttl=30),
+        a.announce(ReplicaRecord(shard, 10, H, H2, H2, a.public_key, "127.0.0.1:1"), ttl=30),
+        a.announce(StatsRecord(shard, H, "127.0.0.1:1"), ttl=30),
+        a.announce(RouterRecord(H, 3, "127.0.0.1:1", a.public_key), ttl=30),
+        a.announce(PlanRecord(a.run_id, "127.0.0.1:1"), ttl=30),
     ]
     assert all(written)
     assert [p.peer_id for p in b.peers()] == [a.peer_id]
@@ -437,8 +437,8 @@ def test_records_visible_across_peers(trio):
     assert [p.run_id for p in c.plan_holders(a.run_id)] == [a.run_id]
     assert c.plan_holders(H) == []  # another run's plan key
     # a node's newer record replaces its own older one; B's record sits next to A's
-    assert a.announce_checkpoint(_ckpt(a, shard, 20), ttl=30)
-    assert b.announce_checkpoint(_ckpt(b, shard, 5), ttl=30)
+    assert a.announce(_ckpt(a, shard, 20), ttl=30)
+    assert b.announce(_ckpt(b, shard, 5), ttl=30)
     got = {r.publisher: r.step for r in c.checkpoints(shard)}
     assert got == {a.public_key: 20, b.public_key: 5}
 
@@ -447,7 +447,7 @@ def test_records_visible_across_peers(trio):
 def test_peer_cannot_overwrite_anothers_subkey(trio):
     a, b, _ = trio
     shard = next(_shards)
-    assert a.announce_checkpoint(_ckpt(a, shard, 7), ttl=30)
+    assert a.announce(_ckpt(a, shard, 7), ttl=30)
     forged = _ckpt(a, shard, 999).to_value()
     key = a.key("ckpt", shard)
     stored = b.dht.store(key, forged, get_dht_time() + 60, subkey=a.marker)  # B has no right to A's subkey
@@ -460,7 +460,7 @@ def test_peer_cannot_overwrite_anothers_subkey(trio):
 def test_forged_and_garbage_records_are_skipped(trio, caplog):
     a, b, c = trio
     shard = next(_shards)
-    assert a.announce_checkpoint(_ckpt(a, shard, 1), ttl=30)
+    assert a.announce(_ckpt(a, shard, 1), ttl=30)
     import hivemind
 
     raw = None
@@ -498,16 +498,16 @@ def test_put_refuses_records_readers_would_skip(trio):
     a, b, _ = trio
     shard = next(_shards)
     with pytest.raises(DDMError, match="not this node's key"):
-        a.announce_checkpoint(_ckpt(b, shard, 1))
+        a.announce(_ckpt(b, shard, 1))
     with pytest.raises(DDMError, match="written under shard"):
         a.put("ckpt", shard + 1, _ckpt(a, shard, 1))
     with pytest.raises(DDMError, match="takes a CheckpointRecord"):
         a.put("ckpt", shard, StatsRecord(shard, H, "127.0.0.1:1"))
     big = PeerRecord(a.peer_id, a.public_key, "", tuple("m" * 256 for _ in range(16)), "v", 1.0, "s", -1)
     with pytest.raises(DDMError, match="over the 4096-byte"):
-        a.heartbeat(big)
+        a.announce(big)
     with pytest.raises(DDMError, match="bad checkpoint record"):
-        a.announce_checkpoint(dataclasses.replace(_ckpt(a, shard, 1), step=-5))
+        a.announce(dataclasses.replace(_ckpt(a, shard, 1), step=-5))
 
 
 @pytest.mark.multiproc

@@ -34,7 +34,8 @@ from ddm_node.core.manifest import (
 from ddm_node.exchange.candidates import FAILED_LISTINGS, Candidate, publisher_first
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.transfer.client import PeerError
-from ddm_node.transfer.download import fetch_artifact, race_manifest
+from ddm_node.transfer.download import fetch_artifact
+from ddm_node.transfer.manifest_race import race_manifest
 from ddm_node.transfer.store import parse_signed_manifest
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ _SIGNED = _SignedManifests()
 def fetch_manifest(holders: Iterable[str], manifest_id: str, trusted: list[str] | None) -> Manifest:
     """The signed manifest from the first holder giving a verified one (id, signature, trusted keys).
 
-    Holders are raced (`transfer.download.race_manifest`): one at a time while they answer, all of them once
+    Holders are raced (`transfer.manifest_race.race_manifest`): one at a time while they answer, all of them once
     those asked were silent for a connect timeout. A holder that could not give the manifest (bad, forged or
     unknown to it) is remembered in FAILED_LISTINGS. The verified bytes are kept for `download` (`_SIGNED`).
     Raises PeerError when every holder was unreachable, IntegrityError when any gave a bad one, else DDMError.

@@ -70,7 +70,7 @@ class LeaseKeeper:
 
     def tick(self) -> None:
         self._renew()
-        self.swarm.heartbeat(self.heartbeat_record(), ttl=self.timing.heartbeat_ttl)
+        self.swarm.announce(self.heartbeat_record(), ttl=self.timing.heartbeat_ttl)
         self._collect_rejoin()
         if time.monotonic() - self._last_announce > self.timing.reannounce_period:
             self.announcer.reannounce()

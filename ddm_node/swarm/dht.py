@@ -25,19 +25,26 @@ well-formed typed records (swarm/validator.py).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import hivemind
-from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
 from ddm_node.swarm.dht_process import DHTChild
+from ddm_node.swarm.keys import (  # noqa: F401 (dht_key, dht_time, Entry and KINDS are this module's API too)
+    HEX64,
+    KINDS,
+    Entry,
+    check_run_id,
+    dht_key,
+    dht_time,
+    encode,
+    parse_entry,
+)
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,
@@ -49,72 +56,13 @@ from ddm_node.swarm.records import (
     StatsRecord,
 )
 from ddm_node.swarm.storage import NO_CACHE_OPTIONS, StorageLimits, install, protect, storage_stats
-from ddm_node.swarm.validator import MAX_TTL, MAX_VALUE_BYTES, Ed25519RecordValidator, owner_of_subkey
+from ddm_node.swarm.validator import MAX_TTL, Ed25519RecordValidator
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 120.0  # announcements; the daemon re-announces well before this runs out
 RPC_TIMEOUT = 30.0  # seconds to wait for one DHT get/store
 LOUD_SKIPS = 3  # records skipped per read that are logged as warnings (the rest at debug, then one summary)
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class _Kind:
-    record: type
-    owner_field: str | None  # the record field that must equal the subkey's owner
-
-    @property
-    def per_shard(self) -> bool:
-        return self.record.KIND.per_shard
-
-
-KINDS: dict[RecordKind, _Kind] = {k.record.KIND: k for k in (
-    _Kind(PeerRecord, "public_key"),
-    _Kind(Claim, "public_key"),
-    _Kind(CheckpointRecord, "publisher"),
-    _Kind(ReplicaRecord, "holder_key"),
-    _Kind(StatsRecord, None),
-    _Kind(RouterRecord, "publisher"),
-    _Kind(PlanRecord, None),
-)}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A valid record as read from the DHT, with its owner (public key hex) and DHT expiration."""
-
-    owner: str
-    record: Any
-    expiration: float
-
-
-def dht_time() -> float:
-    """The clock DHT expirations are measured on (hivemind's get_dht_time, i.e. wall time)."""
-    return get_dht_time()
-
-
-def _check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not _HEX64.match(run_id):
-        raise DDMError(f"run id must be 64 lowercase hex characters, got {run_id!r}")
-    return run_id
-
-
-def dht_key(run_id: str, kind: str, shard: int | None = None) -> str:
-    """The DHT key of a record kind (see the module docstring)."""
-    _check_run_id(run_id)
-    spec = KINDS.get(kind)
-    if spec is None:
-        raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
-    if spec.per_shard:
-        if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
-            raise DDMError(f"DHT kind {kind!r} needs a shard index >= 0, got {shard!r}")
-        return f"ddm/{run_id}/{kind}/{shard}"
-    if shard is not None:
-        raise DDMError(f"DHT kind {kind!r} takes no shard, got {shard!r}")
-    if kind == RecordKind.PLAN:
-        return f"ddm/plan/{run_id}"
-    return f"ddm/{run_id}/{kind}"
 
 
 class Swarm:
@@ -142,7 +90,7 @@ class Swarm:
         `port`). `client_mode`: a reader that joins through others but accepts no connections and never
         enters routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
         self.identity = identity
-        self.run_id = _check_run_id(run_id)
+        self.run_id = check_run_id(run_id)
         self.public_key = identity.public_hex
         self.validator = Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
@@ -203,7 +151,7 @@ class Swarm:
         """Admit these owners' records (the run's trusted keys) into this node's DHT storage even when a
         key or the node is full (swarm/storage.py), so a flood of free identities cannot keep them out."""
         keys = frozenset(owners)
-        if not all(isinstance(k, str) and _HEX64.match(k) for k in keys):
+        if not all(isinstance(k, str) and HEX64.match(k) for k in keys):
             raise DDMError("protected owners must be 64-hex public keys")
         self._call_future(lambda: self._dht.run_coroutine(partial(protect, owners=keys), return_future=True))
 
@@ -247,7 +195,7 @@ class Swarm:
         Raises DDMError for a record readers would skip (wrong type, shard, owner, size, fields),
         so a bug shows up at the writer. `expiration` (absolute DHT time) overrides `ttl`.
         """
-        key, value = _encode(kind, shard, record, self.run_id, self.public_key)
+        key, value = encode(kind, shard, record, self.run_id, self.public_key)
         now = dht_time()
         if expiration is None:
             if not 0 < ttl <= MAX_TTL:
@@ -295,7 +243,7 @@ class Swarm:
             (logger.warning if skipped <= LOUD_SKIPS else logger.debug)(message, *args)
 
         for subkey, item in found.value.items():
-            entry = _parse_entry(kind, spec, key, shard, subkey, item, skip)
+            entry = parse_entry(kind, spec, key, shard, subkey, item, skip)
             if entry is not None:
                 entries.append(entry)
         if skipped > LOUD_SKIPS:
@@ -329,36 +277,16 @@ class Swarm:
 
     # -- typed writers --------------------------------------------------------------------------
 
-    def heartbeat(self, record: PeerRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put(RecordKind.PEERS, None, record, ttl)
-
-    def announce_checkpoint(self, record: CheckpointRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put(RecordKind.CKPT, record.shard, record, ttl)
-
-    def announce_replica(self, record: ReplicaRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put(RecordKind.REPLICA, record.shard, record, ttl)
-
-    def announce_stats(self, record: StatsRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put(RecordKind.STATS, record.shard, record, ttl)
-
-    def announce_router(self, record: RouterRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put(RecordKind.ROUTER, None, record, ttl)
-
-    def announce_plan(self, record: PlanRecord, ttl: float = DEFAULT_TTL) -> bool:
-        return self.put(RecordKind.PLAN, None, record, ttl)
+    def announce(self, record: Any, ttl: float = DEFAULT_TTL) -> bool:
+        """Put a typed record (a heartbeat, checkpoint, replica, ...) under the key its type names."""
+        kind = type(record).KIND
+        return self.put(kind, record.shard if kind.per_shard else None, record, ttl)
 
     # -- reconnecting ---------------------------------------------------------------------------
 
     def rejoin(self, maddrs: Iterable[str], limit: int = 8) -> Any:
-        """Ping, in the background, up to `limit` peers (multiaddrs ending in /p2p/<id>) that our routing
-        table lacks, while it holds fewer than a bucket's worth of peers.
-
-        hivemind drops a peer from its routing table after one unanswered request and never looks for
-        it again, so after a partition heals both sides stay apart (each reads only its own stale
-        records) until somebody calls. A ping that is answered puts the peer back on both sides, and
-        hivemind then hands the new peer the records it should store. Returns at once: a future of the
-        number of peers that answered, or None when there is nobody to try.
-        """
+        """Ping, in the background, up to `limit` peers (multiaddrs ending in /p2p/<id>) missing from our
+        routing table (why: `_rejoin`). A future of the number that answered, or None when none to try."""
         addrs = [m for m in dict.fromkeys(maddrs) if isinstance(m, str) and "/p2p/" in m]
         if not addrs:
             return None
@@ -386,57 +314,12 @@ class Swarm:
         return future.result(timeout=RPC_TIMEOUT)
 
 
-def _encode(kind: str, shard: int | None, record: Any, run_id: str, owner: str) -> tuple[str, Any]:
-    """(key, value) to store `record` under, or DDMError for a record readers would skip."""
-    spec = KINDS.get(kind)
-    if spec is None:
-        raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
-    if not isinstance(record, spec.record):
-        raise DDMError(f"DHT kind {kind!r} takes a {spec.record.__name__}, got {type(record).__name__}")
-    run_id = record.run_id if kind == RecordKind.PLAN else run_id
-    key = dht_key(run_id, kind, shard)
-    if spec.per_shard and record.shard != shard:
-        raise DDMError(f"{kind} record for shard {record.shard} written under shard {shard}")
-    if spec.owner_field and getattr(record, spec.owner_field) != owner:
-        raise DDMError(f"{kind} record's {spec.owner_field} is not this node's key")
-    value = record.validated().to_value()
-    size = len(MSGPackSerializer.dumps(value))
-    if size > MAX_VALUE_BYTES:
-        raise DDMError(f"{kind} record is {size} bytes, over the {MAX_VALUE_BYTES}-byte DHT limit")
-    return key, value
-
-
-def _parse_entry(kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any, item: Any,
-                 skip: Any = logger.warning) -> Entry | None:
-    """The entry of one stored subkey, or None (reported through `skip`) when readers must skip it."""
-    owner = owner_of_subkey(subkey)
-    if owner is None:  # impossible with our validator on every peer; cheap to check
-        skip("skipping a record without owner under %s", key)
-        return None
-    try:
-        record = spec.record.from_value(item.value)
-    except DDMError as exc:
-        skip("skipping a garbage record of %s under %s: %s", owner[:12], key, exc)
-        return None
-    except Exception as exc:  # a reader must never fail on one value: skip it, read the rest
-        skip("skipping an unreadable record of %s under %s: %r", owner[:12], key, exc)
-        return None
-    if spec.per_shard and record.shard != shard:
-        skip("skipping a record of %s under %s that names shard %s", owner[:12], key, record.shard)
-        return None
-    if spec.owner_field and getattr(record, spec.owner_field) != owner:
-        skip("skipping a record under %s whose %s is not its owner %s", key, spec.owner_field, owner[:12])
-        return None
-    if kind == RecordKind.PLAN and key != dht_key(record.run_id, RecordKind.PLAN):
-        skip("skipping a plan record of %s for another run under %s", owner[:12], key)
-        return None
-    if isinstance(record, Claim):
-        record = replace(record, expires_at=float(item.expiration_time))  # the DHT's expiration counts
-    return Entry(owner=owner, record=record, expiration=float(item.expiration_time))
-
-
 async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) -> int:
     """Runs in the DHT process (see `Swarm.rejoin`): connect to and ping missing peers; how many answered."""
+    # hivemind drops a peer from its routing table after one unanswered request and never looks for it
+    # again, so after a partition heals both sides stay apart (each reads only its own stale records) until
+    # somebody calls. A ping that is answered puts the peer back on both sides, and hivemind then hands the
+    # new peer the records it should store.
     import asyncio
     import random
 

@@ -94,7 +94,7 @@ def test_a_signed_value_that_is_not_msgpack_cannot_blind_a_key():
         h, s = nodes
         holder = ClaimManager(h, ttl=20.0, settle=0.3)
         assert holder.try_claim(0)
-        assert h.announce_checkpoint(_ckpt(h, 0, 10), ttl=120)
+        assert h.announce(_ckpt(h, 0, 10), ttl=120)
         exp = dht_time() + 600
         taken = {}
         for key in (h.key("claim", 0), h.key("ckpt", 0), h.key("claim", 1)):
@@ -121,7 +121,7 @@ def test_a_flood_of_free_identities_cannot_blind_a_key():
         h, s = nodes
         holder = ClaimManager(h, ttl=30.0, settle=0.3)
         assert holder.try_claim(0)
-        assert h.announce_checkpoint(_ckpt(h, 0, 10), ttl=120)
+        assert h.announce(_ckpt(h, 0, 10), ttl=120)
         exp = dht_time() + 600
         # 1,100 identities x one valid ~4 KiB record (a PeerRecord: every validator admits it) per key:
         # 4.6 MB under one key, past p2pd's 4 MiB message limit if all were kept
@@ -150,7 +150,7 @@ def test_node_storage_is_bounded_whatever_one_identity_stores():
         h, s = nodes
         holder = ClaimManager(h, ttl=300.0, settle=0.3)  # the flood takes a while on a loaded machine
         assert holder.try_claim(0)
-        assert h.announce_checkpoint(_ckpt(h, 0, 10), ttl=300)
+        assert h.announce(_ckpt(h, 0, 10), ttl=300)
         # one identity, one small valid record under each of 17,000 arbitrary keys (hashed: no node can
         # tell them from the run's), sent to H (to one node only: 17,000 signatures cost seconds per node)
         count = PER_NODE + 616
@@ -164,15 +164,15 @@ def test_node_storage_is_bounded_whatever_one_identity_stores():
         assert [c.public_key for c in reader.claims(0)] == [h.public_key]
         assert [c.step for c in reader.checkpoints(0)] == [10]
         assert holder.renew(0)
-        assert h.announce_checkpoint(_ckpt(h, 0, 20), ttl=300)  # a newer record of ours replaces the old one
+        assert h.announce(_ckpt(h, 0, 20), ttl=300)  # a newer record of ours replaces the old one
         assert [c.step for c in reader.checkpoints(0)] == [20]
 
 
 def test_a_reader_skips_an_undecodable_value_and_reads_the_rest():
     with world(attacker=False) as (nodes, _, _stack):
         h, s = nodes
-        assert h.announce_checkpoint(_ckpt(h, 0, 10), ttl=120)
-        assert s.announce_checkpoint(_ckpt(s, 0, 12), ttl=120)
+        assert h.announce(_ckpt(h, 0, 10), ttl=120)
+        assert s.announce(_ckpt(s, 0, 12), ttl=120)
         # a value no validator admits, sitting in the reader's own storage (as a node that ran an older,
         # laxer validator would still hold it): hivemind decodes every value of the key it returns
         exp = dht_time() + 600
@@ -187,7 +187,7 @@ def test_a_reader_skips_an_undecodable_value_and_reads_the_rest():
 def test_one_peer_cannot_mask_a_key_through_the_nodes_caches():
     with world() as (nodes, atk, stack):
         h, s = nodes
-        assert h.announce_checkpoint(_ckpt(h, 0, 10), ttl=120)
+        assert h.announce(_ckpt(h, 0, 10), ttl=120)
         evil = Identity.generate()
         key, exp = h.key("ckpt", 0), dht_time() + 600
         lie = CheckpointRecord(0, 99, H1, H2, evil.public_hex, "127.0.0.1:1", True)
@@ -204,7 +204,7 @@ def test_one_peer_cannot_mask_a_key_through_the_nodes_caches():
 def test_one_peer_cannot_end_a_lookup_with_its_own_answer():
     with world(attacker=False) as (nodes, _, stack):
         h, s = nodes
-        assert h.announce_checkpoint(_ckpt(h, 0, 10), ttl=300)
+        assert h.announce(_ckpt(h, 0, 10), ttl=300)
         atk = DHTAttacker(h.visible_maddrs(), serve=True)  # a full node: lookups ask it too
         stack.callback(atk.close)
         evil = Identity.generate()

@@ -148,11 +148,11 @@ def _make_world(root: Path):
         address = server.start()
         h_swarm = Swarm(honest, plan.run_id)
         maddrs = h_swarm.visible_maddrs()
-        h_swarm.announce_plan(PlanRecord(plan.run_id, address), ttl=TTL)
+        h_swarm.announce(PlanRecord(plan.run_id, address), ttl=TTL)
         for shard in (0, 1):
             e, s = ids[(shard, 4)]
-            h_swarm.announce_checkpoint(CheckpointRecord(shard, 4, e, s, honest.public_hex, address, False), ttl=TTL)
-            h_swarm.announce_stats(StatsRecord(shard, stats[shard], address), ttl=TTL)
+            h_swarm.announce(CheckpointRecord(shard, 4, e, s, honest.public_hex, address, False), ttl=TTL)
+            h_swarm.announce(StatsRecord(shard, stats[shard], address), ttl=TTL)
         claims = ClaimManager(h_swarm, ttl=TTL, settle=0.3)
         assert claims.try_claim(7)
         h_claim = claims.owner(7)
@@ -190,12 +190,12 @@ def _arm_e1(w: World) -> None:
     sv = e1.servicer
     # plan: bytes that are not the plan (another budget): sha256 != run id
     sv.plans[run] = w.plan.to_bytes().replace(b'"steps":6', b'"steps":7')
-    e1.swarm.announce_plan(PlanRecord(run, e1.address), ttl=TTL)
+    e1.swarm.announce(PlanRecord(run, e1.address), ttl=TTL)
     # shard 0: H's genuine step-2 checkpoint replayed as the newest, final, step 999
     for part in (ckpt.EXPERT, ckpt.STATE):
         sv.hold(_step_dir(w, 0, 2) / part)
     e, s = w.ids[(0, 2)]
-    e1.swarm.announce_checkpoint(CheckpointRecord(0, 999, e, s, key, e1.address, True), ttl=TTL)
+    e1.swarm.announce(CheckpointRecord(0, 999, e, s, key, e1.address, True), ttl=TTL)
     # shard 0: a step-5 checkpoint E1 signed itself, well-formed safetensors that fit no model
     evil.mkdir(parents=True)
     write_wrong_tensors(evil / "wrong.safetensors")
@@ -208,7 +208,7 @@ def _arm_e1(w: World) -> None:
                    extra=extra5)
     sv.hold(evil / "w5" / "expert")
     sv.hold(evil / "w5" / "state")
-    e1.swarm.announce_replica(ReplicaRecord(0, 5, we.id, ws.id, key, key, e1.address), ttl=TTL)
+    e1.swarm.announce(ReplicaRecord(0, 5, we.id, ws.id, key, key, e1.address), ttl=TTL)
     # shard 1: a final step 6 whose manifests say "publisher H" but carry E1's signature
     src = _step_dir(w, 1, 4)
     forged = {}
@@ -218,7 +218,7 @@ def _arm_e1(w: World) -> None:
         for name, entry in m.files.items():
             sv.files[entry.sha256] = (src / part / name).read_bytes()
         forged[part] = m.id
-    e1.swarm.announce_checkpoint(CheckpointRecord(1, 6, forged[ckpt.EXPERT], forged[ckpt.STATE], key, e1.address,
+    e1.swarm.announce(CheckpointRecord(1, 6, forged[ckpt.EXPERT], forged[ckpt.STATE], key, e1.address,
                                                   True), ttl=TTL)
     # shard 1: a step-8 checkpoint E1 signed correctly, whose tensor files are pickles
     payload = pickle_payload(w.marker)
@@ -229,15 +229,15 @@ def _arm_e1(w: World) -> None:
                    extra=extra8)
     sv.hold(evil / "p8" / "expert")
     sv.hold(evil / "p8" / "state")
-    e1.swarm.announce_replica(ReplicaRecord(1, 8, pe.id, ps.id, key, key, e1.address), ttl=TTL)
+    e1.swarm.announce(ReplicaRecord(1, 8, pe.id, ps.id, key, key, e1.address), ttl=TTL)
     # stats 0: a signed stats artifact that is a pickle (E2 holds and lists it too)
     pst = seal_copy(ckpt.stats_dir(w.work, 0), evil / "pstats", e1.identity, {ckpt.STATS_FILE: payload})
     sv.hold(evil / "pstats")
-    e1.swarm.announce_stats(StatsRecord(0, pst.id, e1.address), ttl=TTL)
+    e1.swarm.announce(StatsRecord(0, pst.id, e1.address), ttl=TTL)
     w.e2.servicer.hold(evil / "pstats", list_it=True)
     # router: an expert manifest announced as the learned router
     sv.hold(_step_dir(w, 0, 4) / ckpt.EXPERT)
-    e1.swarm.announce_router(RouterRecord(w.ids[(0, 4)][0], 2, e1.address, key), ttl=TTL)
+    e1.swarm.announce(RouterRecord(w.ids[(0, 4)][0], 2, e1.address, key), ttl=TTL)
 
 
 def _arm_e2(w: World) -> None:
@@ -250,7 +250,7 @@ def _arm_e2(w: World) -> None:
         e2.servicer.mode[m.files[weights].sha256] = mode
     for shard in (0, 1):
         e, s = w.ids[(shard, 4)]
-        e2.swarm.announce_checkpoint(CheckpointRecord(shard, 4, e, s, key, e2.address, False), ttl=TTL)
+        e2.swarm.announce(CheckpointRecord(shard, 4, e, s, key, e2.address, False), ttl=TTL)
 
 
 def _arm_garbage(w: World) -> None:

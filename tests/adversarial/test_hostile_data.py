@@ -195,11 +195,11 @@ def world(trained, tmp_path):
         address = server.start()
         h_swarm = Swarm(honest, plan.run_id)
         maddrs = h_swarm.visible_maddrs()
-        h_swarm.announce_plan(PlanRecord(plan.run_id, address), ttl=TTL)
+        h_swarm.announce(PlanRecord(plan.run_id, address), ttl=TTL)
         for shard in (0, 1):
             e, s = ids[(shard, 4)]
-            h_swarm.announce_checkpoint(CheckpointRecord(shard, 4, e, s, honest.public_hex, address, False), ttl=TTL)
-            h_swarm.announce_stats(StatsRecord(shard, stats[shard], address), ttl=TTL)
+            h_swarm.announce(CheckpointRecord(shard, 4, e, s, honest.public_hex, address, False), ttl=TTL)
+            h_swarm.announce(StatsRecord(shard, stats[shard], address), ttl=TTL)
         evil = EvilPeer(keys_before(1, "8")[0], plan.run_id, maddrs)
         yield World(plan, honest, work, maddrs, evil, ids)
     finally:
@@ -251,10 +251,10 @@ def test_nested_json_kills_no_island_no_assembly_no_mirror(world, tmp_path, capl
     nested = b"[" * 30_000 + b"]" * 30_000
     bad = hashlib.sha256(nested).hexdigest()
     sv.manifests[bad] = (nested, b"")
-    e.swarm.announce_checkpoint(CheckpointRecord(0, 8, bad, bad, key, e.address, True), ttl=TTL)
-    e.swarm.announce_replica(ReplicaRecord(1, 5, bad, bad, key, key, e.address), ttl=TTL)
-    e.swarm.announce_stats(StatsRecord(0, bad, e.address), ttl=TTL)
-    e.swarm.announce_router(RouterRecord(bad, 2, e.address, key), ttl=TTL)
+    e.swarm.announce(CheckpointRecord(0, 8, bad, bad, key, e.address, True), ttl=TTL)
+    e.swarm.announce(ReplicaRecord(1, 5, bad, bad, key, key, e.address), ttl=TTL)
+    e.swarm.announce(StatsRecord(0, bad, e.address), ttl=TTL)
+    e.swarm.announce(RouterRecord(bad, 2, e.address, key), ttl=TTL)
     # a correctly signed checkpoint whose config.json files are the nested brackets
     src = ckpt.checkpoint_dir(w.work, 1, 4)
     signed = {}
@@ -263,7 +263,7 @@ def test_nested_json_kills_no_island_no_assembly_no_mirror(world, tmp_path, capl
         m = seal_copy(src / part, tmp_path / "E" / part, e.identity, {ckpt.CONFIG_FILE: nested}, step=7, extra=extra)
         sv.hold(tmp_path / "E" / part)
         signed[part] = m.id
-    e.swarm.announce_checkpoint(CheckpointRecord(1, 7, signed[ckpt.EXPERT], signed[ckpt.STATE], key, e.address,
+    e.swarm.announce(CheckpointRecord(1, 7, signed[ckpt.EXPERT], signed[ckpt.STATE], key, e.address,
                                                  False), ttl=TTL)
 
     caplog.set_level(logging.INFO, logger="ddm_node")
@@ -327,7 +327,7 @@ def test_out_of_range_state_is_quarantined_and_remembered_across_restarts(world,
         assert b'"eps":1' + b"0" * 400 in (dst / ckpt.STATE / "manifest.json").read_bytes()
         for part in (ckpt.EXPERT, ckpt.STATE):
             e.servicer.hold(dst / part)
-        e.swarm.announce_checkpoint(CheckpointRecord(shard, 5, xm.id, sm.id, e.key, e.address, False), ttl=TTL)
+        e.swarm.announce(CheckpointRecord(shard, 5, xm.id, sm.id, e.key, e.address, False), ttl=TTL)
         poisoned[shard] = (xm.id, sm.id, dst)
     work = tmp_path / "island"
     shutil.copytree(poisoned[0][2], ckpt.checkpoint_dir(work, 0, 5))  # what a mirror before the fix kept

@@ -76,16 +76,16 @@ def world(tmp_path_factory):
         address = server.start()
         swarm = Swarm(honest, plan.run_id)
         maddrs = swarm.visible_maddrs()
-        swarm.announce_plan(PlanRecord(plan.run_id, address), ttl=TTL)
-        swarm.announce_checkpoint(CheckpointRecord(0, 4, *good, honest.public_hex, address, False), ttl=TTL)
-        swarm.announce_stats(StatsRecord(0, stats, address), ttl=TTL)
+        swarm.announce(PlanRecord(plan.run_id, address), ttl=TTL)
+        swarm.announce(CheckpointRecord(0, 4, *good, honest.public_hex, address, False), ttl=TTL)
+        swarm.announce(StatsRecord(0, stats, address), ttl=TTL)
         evil = EvilPeer(evil_id, plan.run_id, maddrs)
         extra = dict(read_manifest(step / ckpt.STATE).extra, step=6)
         be = seal_copy(step / ckpt.EXPERT, root / "E" / "expert", evil_id, step=6, extra={"step": 6})
         bs = seal_copy(step / ckpt.STATE, root / "E" / "state", evil_id, step=6, extra=extra)
         for part in ("expert", "state"):
             evil.servicer.hold(root / "E" / part)
-        evil.swarm.announce_checkpoint(CheckpointRecord(0, 6, be.id, bs.id, evil.key, evil.address, True), ttl=TTL)
+        evil.swarm.announce(CheckpointRecord(0, 6, be.id, bs.id, evil.key, evil.address, True), ttl=TTL)
         yield World(plan, root / "plan", honest, maddrs, evil, good, (be.id, bs.id))
     finally:
         if evil is not None:
