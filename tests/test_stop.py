@@ -17,6 +17,7 @@ checkpoints, the waiter idles and mirrors. The trainer's daemon process gets the
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -49,9 +50,14 @@ def test_a_signal_stops_training_with_a_checkpoint_announced_and_the_claim_relea
     ev = timeline(lnet)
     periodic = [e.step for e in of(ev, EventKind.CHECKPOINT, name=trainer.name, shard=0) if e.t < stopped.t_signal]
     after = of(ev, EventKind.CHECKPOINT, name=trainer.name, shard=0, after=stopped.t_signal)
-    assert len(after) == 1, f"expected one checkpoint after the signal, got {[e.step for e in after]}"
-    reached = after[0].step
-    assert reached > max(periodic) >= pair.last_periodic, (reached, periodic)
+    # One checkpoint after the signal; none when the signal landed just after a periodic one (the step reached
+    # is then already on disk: seen once in a full run, signal 12 ms after step 400 was written).
+    assert len(after) <= 1, f"expected at most one checkpoint after the signal, got {[e.step for e in after]}"
+    stops = re.findall(r"stopping at step (\d+) on request", trainer.log.read_text(errors="replace"))
+    assert stops, f"{trainer.name} never stopped its training on the signal"
+    reached = int(stops[-1])  # the step training reached, from the trainer itself
+    assert [e.step for e in after] == ([] if reached in periodic else [reached]), (reached, periodic, after)
+    assert reached >= max(periodic) >= pair.last_periodic, (reached, periodic)
     assert newest_step(trainer.work, 0) == reached
     expert, state = ckpt.verify_checkpoint(WorkDir(trainer.work).step(0, reached), require_signature=True)
     assert expert.step == state.step == state.extra["step"] == reached and expert.publisher == trainer_key
