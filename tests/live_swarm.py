@@ -26,6 +26,7 @@ from typing import TypeVar
 import psutil
 import pytest
 
+from chaos.harness import verified_copy
 from ddm_node.cli.localnet import IslandProc, LocalNet
 from ddm_node.core.events import Event, EventKind, read_events
 from ddm_node.core.identity import Identity
@@ -123,14 +124,7 @@ def newest_step(work: Path, shard: int) -> int:
 
 def holds(work: Path, shard: int, step: int) -> bool:
     """The work dir holds a signed, verified checkpoint of the shard at exactly `step`."""
-    d = WorkDir(work).step(shard, step)
-    if not d.is_dir():
-        return False
-    try:
-        ckpt.verify_checkpoint(d, require_signature=True)
-        return True
-    except Exception:
-        return False
+    return verified_copy(work, shard, step)
 
 
 def family(pid: int) -> list[psutil.Process]:

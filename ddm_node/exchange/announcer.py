@@ -38,7 +38,7 @@ class Announcer:
         with self._lock:
             self._records[(kind, shard)] = record
         try:
-            return self.swarm.put(kind, shard, record, ttl=self.ttl)
+            return self.swarm.announce(record, ttl=self.ttl)
         except DDMError as exc:
             log.warning("announce %s/%s failed: %s", kind.value, shard, exc)
             return False
@@ -61,6 +61,6 @@ class Announcer:
             items = list(self._records.items())
         for (kind, shard), record in items:
             try:
-                self.swarm.put(kind, shard, record, ttl=self.ttl)
+                self.swarm.announce(record, ttl=self.ttl)
             except Exception as exc:
                 log.warning("re-announce %s/%s failed: %s", kind.value, shard, exc)
