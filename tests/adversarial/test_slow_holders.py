@@ -17,7 +17,6 @@ properties show in seconds:
 from __future__ import annotations
 
 import hashlib
-import statistics
 import threading
 import time
 
@@ -117,9 +116,21 @@ def timed(fn, limit: float):
     return out["value"], elapsed
 
 
-def honest_time(fn, runs: int = 3) -> float:
-    """The median of a few honest-only runs (the machine is shared: one run is noisy)."""
-    return statistics.median(timed(fn, 60)[1] for _ in range(runs))
+def side_by_side(honest_fn, slow_fn, limit: float, runs: int = 3):
+    """(honest-only seconds, seconds with slow holders, the last slow run's result), measured interleaved.
+
+    The machine is shared and its noise only ever adds time, so each arm's fastest of `runs` alternating
+    runs is its estimate; both functions start from a process that remembers nothing (`forget`).
+    """
+    honest, slow, result = [], [], None
+    for _ in range(runs):
+        forget()
+        honest.append(timed(honest_fn, 60)[1])
+        forget()
+        result, elapsed = timed(slow_fn, limit)
+        slow.append(elapsed)
+    print(f"honest-only runs {[round(t, 2) for t in honest]} s; with slow holders {[round(t, 2) for t in slow]} s")
+    return min(honest), min(slow), result
 
 
 # ---------------------------------------------------------------- files and artifacts
@@ -135,14 +146,15 @@ def test_fetch_file_past_stalling_and_trickling_holders(tmp_path, small_budgets,
     for p in tricklers:
         p.servicer.hold_file(data, "trickle")
     runs = iter(range(100))
-    t_honest = honest_time(lambda: fetch_file([address], entry, tmp_path / f"h{next(runs)}"))
     bad = [p.address for pair in zip(stallers, tricklers) for p in pair]  # stall, trickle, stall, ...
+    t_honest, elapsed, got = side_by_side(
+        lambda: fetch_file([address], entry, tmp_path / f"h{next(runs)}"),
+        lambda: fetch_file(bad + [address], entry, tmp_path / "slow" / f"f{next(runs)}", timeout=5), 90)
     bound = 2 * t_honest + CONNECT
-    got, elapsed = timed(lambda: fetch_file(bad + [address], entry, tmp_path / "f", timeout=5), bound + 60)
     print(f"honest-only {t_honest:.2f} s; with 6 slow holders first {elapsed:.2f} s; bound {bound:.2f} s")
     assert got.read_bytes() == data
     assert elapsed <= bound, f"{elapsed:.2f} s > 2 x {t_honest:.2f} + {CONNECT} s"
-    assert not list(tmp_path.glob("f.*")), "racing lanes left files behind"
+    assert not list((tmp_path / "slow").glob("f*.*")), "racing lanes left files behind"
     # The stallers sent nothing while the honest holder sent the file: remembered, tried last next time
     # (so not asked at all when the honest holder delivers).
     assert all(p.address in budget.SLOW for p in stallers)
@@ -179,12 +191,14 @@ def test_fetch_artifact_past_holders_that_stall_even_the_manifest(tmp_path, smal
         for e in m.files.values():
             p.servicer.mode[e.sha256] = "stall"
     runs = iter(range(100))
-    t_honest = honest_time(lambda: fetch_artifact([address], m.id, tmp_path / f"h{next(runs)}"))
+    dest = tmp_path / "a"
+    t_honest, elapsed, got = side_by_side(
+        lambda: fetch_artifact([address], m.id, tmp_path / f"h{next(runs)}"),
+        lambda: fetch_artifact([p.address for p in silent] + [address], m.id, dest / f"{next(runs)}", timeout=5),
+        90)
     bound = 2 * t_honest + CONNECT
-    got, elapsed = timed(lambda: fetch_artifact([p.address for p in silent] + [address], m.id, tmp_path / "a",
-                                                timeout=5), bound + 60)
     print(f"honest-only {t_honest:.2f} s; with 3 silent holders first {elapsed:.2f} s; bound {bound:.2f} s")
-    assert got.id == m.id and (tmp_path / "a" / "big.bin").read_bytes() == data
+    assert got.id == m.id and (sorted(dest.iterdir())[-1] / "big.bin").read_bytes() == data
     assert elapsed <= bound, f"{elapsed:.2f} s > 2 x {t_honest:.2f} + {CONNECT} s"
 
 
@@ -209,7 +223,8 @@ FAKES = 1000  # fake stats manifest ids one Sybil lists
 
 @pytest.fixture(scope="module")
 def sybil_world(tmp_path_factory):
-    """H trained shard 0 (a final step-2 checkpoint) and serves it, its stats and the plan. Three Sybils whose
+    """H trained shard 0 (a final step-2 checkpoint of about 100 MB with its state, so that the honest transfer
+    time, not the fixed cost of racing, dominates) and serves it, its stats and the plan. Three Sybils whose
     keys sort before H's announce H's genuine checkpoint under their OWN keys as checkpoint records (so each
     is "a publisher" to the record) at their own addresses: S (stalls everything, manifests and listings
     too), T (answers manifests, trickles 16 KiB per attempt then goes silent), L (serves honestly, and
@@ -227,7 +242,7 @@ def sybil_world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sybils")
     cfg = load_config(overrides={
-        "model.hidden": 128, "model.depth": 4, "model.heads": 2, "train.steps": 2, "train.batch_size": 16,
+        "model.hidden": 384, "model.depth": 4, "model.heads": 2, "train.steps": 2, "train.batch_size": 16,
         "train.checkpoint_every": 2, "train.warmup_steps": 1, "partition.experts": 1, "swarm.router_job": False,
     })
     ds = load_dataset("digits")
@@ -306,16 +321,14 @@ def test_checkpoint_fetch_for_mirror_and_resume_past_sybils(sybil_world, small_b
     runs = iter(range(100))
 
     def honest_only():
-        forget()
         return fetch_checkpoint(tmp_path / f"h{next(runs)}", 0, checkpoint_candidates([w["h_record"]], [])[0],
                                 run_id, None)
 
-    t_honest = honest_time(honest_only)
-    forget()
     c = checkpoint_candidates(w["reader"].checkpoints(0), w["reader"].replicas(0))[0]
     assert c.holders[0] == w["s"].address  # the stalling Sybil is asked first
+    t_honest, elapsed, got = side_by_side(
+        honest_only, lambda: fetch_checkpoint(tmp_path / f"w{next(runs)}", 0, c, run_id, None), 120)
     bound = 2 * t_honest + CONNECT
-    got, elapsed = timed(lambda: fetch_checkpoint(tmp_path / "w", 0, c, run_id, None), bound + 120)
     print(f"honest-only {t_honest:.2f} s; with the Sybils {elapsed:.2f} s; bound {bound:.2f} s")
     assert (got / "expert" / "manifest.json").is_file() and (got / "state" / "manifest.json").is_file()
     assert elapsed <= bound, f"{elapsed:.2f} s > 2 x {t_honest:.2f} + {CONNECT} s"
@@ -341,15 +354,10 @@ def test_assembly_past_stalling_and_trickling_sybils(sybil_world, small_budgets,
     reader, plan, h = w["reader"], w["plan"], w["h"].public_hex
     runs = iter(range(100))
 
-    def honest_only():
-        forget()
-        return _assemble(View(reader, h), plan, tmp_path / f"h{next(runs)}")
-
-    t_honest = honest_time(honest_only)
-    forget()
+    t_honest, elapsed, out = side_by_side(
+        lambda: _assemble(View(reader, h), plan, tmp_path / f"h{next(runs)}"),
+        lambda: _assemble(View(reader, h, w["s"].key, w["t"].key), plan, tmp_path / f"bundle{next(runs)}"), 120)
     bound = 2 * t_honest + CONNECT
-    out, elapsed = timed(lambda: _assemble(View(reader, h, w["s"].key, w["t"].key), plan, tmp_path / "bundle"),
-                         bound + 120)
     print(f"honest-only {t_honest:.2f} s; with the Sybils {elapsed:.2f} s; bound {bound:.2f} s")
     index = read_index(out)
     assert [(e["shard"], e["step"], e["publisher"]) for e in index["experts"]] == [(0, 2, h)]
