@@ -73,8 +73,8 @@ class Demo:
         others = [net.start(f"island{i}", "--run", run_id, "--initial-peers", maddr) for i in (2, 3, 4)]
         for p in others:
             net.wait_ready(p)
-        self.say("4 islands up; waiting for one to pass half of its shard")
-        victim, shard, step = net.wait_for(lambda ev: self.victim(ev, steps // 2), 600, "an island half-way")
+        self.say("4 islands up; waiting for one to pass half of its shard and another to mirror it")
+        victim, shard, step = net.wait_for(lambda ev: self.victim(ev, steps // 2), 600, "an island half-way, mirrored")
         net.kill(victim)
         self.say(f"SIGKILL {victim.name} (whole process group) while training shard {shard} at step >= {step}")
         alive_maddr = net.wait_ready(next(p for p in net.procs if not p.killed))["maddrs"][0]
@@ -94,12 +94,15 @@ class Demo:
         return 0
 
     def victim(self, events: list[Event], min_step: int) -> tuple[IslandProc, int, int] | None:
-        """The first live island to announce a checkpoint at >= min_step of a shard not yet done."""
+        """The first live island with a checkpoint at >= min_step of a shard not yet done that another island
+        has mirrored at >= min_step: only then does the takeover resume rather than start over."""
         done = {e.shard for e in events if e.kind is EventKind.DONE}
         for e in events:
             if e.kind is EventKind.CHECKPOINT and e.step >= min_step and e.shard not in done:
+                mirrored = any(m.kind is EventKind.MIRROR and m.shard == e.shard and m.name != e.name
+                               and (m.step or 0) >= min_step for m in events)
                 proc = next(p for p in self.net.procs if p.name == e.name)
-                if proc.alive:
+                if mirrored and proc.alive:
                     return proc, e.shard, e.step
         return None
 
