@@ -106,7 +106,11 @@ def test_cluster_errors_and_degenerate_data():
         fine_cluster_count(10_000, 8, PartitionConfig(fine_clusters=8))
     with pytest.raises(DDMError, match="exceeds the 50 samples"):
         fine_cluster_count(50, 2, PartitionConfig(fine_clusters=60))
-    assert fine_cluster_count(100_000, 8, PartitionConfig()) == 64
+    # auto: about sqrt(N) fine clusters (at least 8 per shard, about 50 samples or more each, at most 4096)
+    assert fine_cluster_count(100_000, 8, PartitionConfig()) == 316
+    assert fine_cluster_count(1_000_000, 8, PartitionConfig()) == 1000
+    assert fine_cluster_count(4096, 8, PartitionConfig()) == 64 == fine_cluster_count(4096, 4, PartitionConfig())
+    assert fine_cluster_count(10**8, 8, PartitionConfig()) == 4096
     assert fine_cluster_count(4000, 8, PartitionConfig()) == 0
 
 
@@ -144,7 +148,7 @@ def test_fine_to_coarse_consolidation(blobs, monkeypatch):
                  model=ModelConfig(image_size=4, channels=1, num_classes=8))
     plan = make_plan(cfg, ds)
     n_train = 5000 - 500
-    assert [(n, k) for n, k, _ in calls] == [(n_train, 64), (64, 8)]  # fine pass, then consolidation
+    assert [(n, k) for n, k, _ in calls] == [(n_train, 67), (67, 8)]  # fine pass (sqrt(4500)), then consolidation
     assert calls[0][2] is None and calls[1][2].sum() == n_train  # coarse pass weighted by fine sizes
     assert sum(len(s.ids) for s in plan.shards) == n_train
     for s in plan.shards:  # each shard is exactly one blob
@@ -167,7 +171,9 @@ def test_make_plan_shards(digits, digits_plan):
     assert [s.index for s in plan.shards] == list(range(4))
     assert plan.shape == [1, 8, 8] and plan.num_classes == 10 and plan.n_samples == 1797
     assert plan.fingerprint == digits.fingerprint() and plan.dataset == "digits"
-    assert plan.cfg == cfg.validate()
+    # the defaults leave the model's data fields unset; the plan takes them from digits: 8x8, 1 channel, 10 classes
+    assert cfg.model.image_size is None and cfg.model.channels is None and cfg.model.num_classes is None
+    assert plan.cfg == dataclasses.replace(cfg, model=ModelConfig(image_size=8, channels=1, num_classes=10)).validate()
     assert make_plan(Config(), digits).run_id == plan.run_id  # deterministic
     other = make_plan(Config(partition=PartitionConfig(seed=1)), digits)
     assert other.run_id != plan.run_id

@@ -11,6 +11,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,9 @@ from typing import Any, Literal
 from ddm_node.core.errors import DDMError
 
 # Choices: the CLI derives its flags' choices from these, and `_coerce` checks them in every config.
-Features = Literal["pca", "dataset"]  # clustering features: PCA of pixels, or the dataset's own `features`
+# clustering features: PCA of pixels, the dataset's own `features`, or an .npy file of encoder features
+# (partition.features_path; `ddm-node features` writes one)
+Features = Literal["pca", "dataset", "npy"]
 TSampling = Literal["uniform", "logit_normal"]
 Solver = Literal["euler", "heun"]
 Routing = Literal["top1", "top2", "topk", "full"]  # router/ensemble.py ROUTINGS implements each
@@ -58,7 +61,8 @@ class PartitionConfig:
 
     experts: int = 4
     features: Features = "pca"
-    pca_dim: int = 32
+    features_path: str = ""  # features "npy": float [N, F] .npy, one row per dataset sample, read in chunks
+    pca_dim: int = 32  # features with more dimensions are projected to this many by PCA before k-means
     fine_clusters: int = 0  # 0: auto (consolidate fine clusters only when the data is large)
     sub_centroids: int = 4  # per-shard sub-centroids published for the centroid router
     seed: int = 0
@@ -66,12 +70,16 @@ class PartitionConfig:
 
 @dataclass
 class ModelConfig:
-    """DiT expert. `size` picks hidden/depth/heads/patch from MODEL_SIZES; explicit values override."""
+    """DiT expert. `size` picks hidden/depth/heads/patch from MODEL_SIZES; explicit values override.
+
+    image_size, channels and num_classes left unset (None) are taken from the dataset when the plan is made
+    (`data.plan.fit_model`); a value set here pins it, and a pin that contradicts the data is an error.
+    """
 
     size: str = "tiny"
-    image_size: int = 8
-    channels: int = 1
-    num_classes: int = 10  # 0: unconditional
+    image_size: int | None = None  # None: the dataset's (square) image size
+    channels: int | None = None  # None: the dataset's channels
+    num_classes: int | None = None  # None: the dataset's class count (0 when unlabeled); 0: unconditional
     class_dropout: float = 0.1  # label dropout that trains the null class for CFG
     hidden: int = 0
     depth: int = 0
@@ -79,10 +87,13 @@ class ModelConfig:
     patch_size: int = 0
 
     def resolved(self) -> ModelConfig:
-        """A copy with hidden/depth/heads/patch filled from the named size."""
+        """A copy with hidden/depth/heads/patch filled from the named size (the patch shrinks to a divisor of an
+        image size the size's patch does not divide, e.g. 7x7 images get patch 1)."""
         if self.size not in MODEL_SIZES:
             raise DDMError(f"model.size: unknown size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}")
         h, d, n, p = MODEL_SIZES[self.size]
+        if not self.patch_size and self.image_size:  # the size's patch, or the largest divisor of the image below it
+            p = max(q for q in range(1, p + 1) if self.image_size % q == 0)
         return dataclasses.replace(
             self,
             hidden=self.hidden or h,
@@ -173,7 +184,11 @@ class Config:
             (self.partition.experts >= 1, "partition.experts must be >= 1"),
             (self.partition.pca_dim >= 1, "partition.pca_dim must be >= 1"),
             (self.partition.sub_centroids >= 1, "partition.sub_centroids must be >= 1"),
-            (self.model.num_classes >= 0, "model.num_classes must be >= 0"),
+            (self.partition.features != "npy" or bool(self.partition.features_path),
+             "partition.features 'npy' needs partition.features_path (the CLI: --features npy:PATH)"),
+            (self.model.image_size is None or self.model.image_size >= 1, "model.image_size must be >= 1"),
+            (self.model.channels is None or self.model.channels >= 1, "model.channels must be >= 1"),
+            (self.model.num_classes is None or self.model.num_classes >= 0, "model.num_classes must be >= 0"),
             (0.0 <= self.model.class_dropout < 1.0, "model.class_dropout must be in [0, 1)"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -281,8 +296,36 @@ def from_dict(values: dict, cls: type = Config, source: str = "config") -> Any:
         raise DDMError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 100}, validate."""
+def parse_set(text: str) -> tuple[str, Any]:
+    """One `--set SECTION.KEY=VALUE`: the key and its value, parsed as YAML and typed like the config file
+    (`--set model.image_size=null` unsets a pin). DDMError naming the flag for an unknown key or a bad value."""
+    key, eq, raw = text.partition("=")
+    key = key.strip()
+    section, dot, name = key.partition(".")
+    if not eq or not dot or not section or not name:
+        raise DDMError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set train.steps=200")
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise DDMError(f"--set {key}: invalid value {raw!r}: {str(exc).splitlines()[0]}") from None
+    sections = typing.get_type_hints(Config)
+    if section not in sections:
+        raise DDMError(f"--set {key}: unknown section '{section}' (known: {', '.join(sorted(sections))})")
+    fields = typing.get_type_hints(sections[section])
+    if name not in fields:
+        raise DDMError(f"--set {key}: unknown key '{name}' in {section} (known: {', '.join(sorted(fields))})")
+    try:
+        return key, _coerce(value, fields[name], key)
+    except DDMError as exc:
+        raise DDMError(f"--set {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                sets: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 100} (None: not given),
+    then `--set KEY=VALUE` strings (`parse_set`; applied last, None included), and validate."""
     values: dict = {}
     source = "defaults"
     if path is not None:
@@ -299,15 +342,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise DDMError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise DDMError(f"{path}: top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
+    given = [(k, v) for k, v in (overrides or {}).items() if v is not None] + [parse_set(text) for text in sets]
+    for dotted, value in given:
         section, _, key = dotted.partition(".")
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
+        if not isinstance(values.setdefault(section, {}), dict):
             raise DDMError(f"{source}: section '{section}' must be a mapping")
         values[section][key] = value
-    return from_dict(values, Config, source)
+    return from_dict(values, Config, f"{source} with --set" if sets else source)
 
 
 def to_dict(obj: Any) -> dict:

@@ -145,14 +145,16 @@ def fsync_write(path: str | Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file in the same directory, fsync, rename."""
+def write_atomic(path: str | Path, data: bytes | Iterable[bytes]) -> None:
+    """Replace `path` with `data` (bytes, or chunks of bytes for large files) atomically: temp file in the same
+    directory, fsync, rename. An exception while chunks are produced leaves `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

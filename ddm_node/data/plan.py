@@ -12,13 +12,14 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddm_node.core.config import Config, canonical_json, from_dict, to_dict
+from ddm_node.core.config import Config, ModelConfig, canonical_json, from_dict, to_dict
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import write_atomic
@@ -123,7 +124,7 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
     cfg.validate()
     if cfg.data.dataset != ds.spec:
         raise DDMError(f"config data.dataset {cfg.data.dataset!r} does not match the dataset {ds.spec!r}")
-    _check_model_fits(cfg, ds)
+    cfg = dataclasses.replace(cfg, model=fit_model(cfg.model, ds.shape, ds.num_classes))  # the plan's are concrete
     train_ids, eval_ids = split_indices(len(ds), cfg.data.holdout_fraction, cfg.data.split_seed)
     k = cfg.partition.experts
     feats = compute_features(ds, cfg.partition, train_ids)
@@ -146,17 +147,31 @@ def check_dataset(plan: Plan, ds: Dataset) -> None:
                        f"{plan.dataset!r} with fingerprint {plan.fingerprint[:16]}..")
 
 
-def _check_model_fits(cfg: Config, ds: Dataset) -> None:
-    """The model config must match the images and labels, or every island would fail later."""
-    c, h, w = ds.shape
-    m = cfg.model
-    if h != w or m.image_size != h:
-        raise DDMError(f"model.image_size {m.image_size} does not fit the dataset's {h}x{w} images")
-    if m.channels != c:
-        raise DDMError(f"model.channels {m.channels} does not match the dataset's {c} channels")
-    if m.num_classes not in (0, ds.num_classes):
-        raise DDMError(f"model.num_classes {m.num_classes} must be 0 (unconditional) or the dataset's "
-                       f"{ds.num_classes} classes")
+def fit_model(model: ModelConfig, shape: Sequence[int], num_classes: int) -> ModelConfig:
+    """`model` with image size, channels and class count taken from the data where unset (None). A value the
+    config pins must agree with the data, or every island would fail later: DDMError naming the key to change."""
+    c, h, w = (int(v) for v in shape)
+    if h != w:
+        raise DDMError(f"the dataset's images are {h}x{w}; the model needs square images")
+    fit = dataclasses.replace(model, image_size=h if model.image_size is None else model.image_size,
+                              channels=c if model.channels is None else model.channels,
+                              num_classes=num_classes if model.num_classes is None else model.num_classes)
+    if fit.image_size != h:
+        raise DDMError(_contradiction("model.image_size", fit.image_size, f"{h}x{w} images", h))
+    if fit.channels != c:
+        raise DDMError(_contradiction("model.channels", fit.channels, f"{c} channels", c))
+    if fit.num_classes not in (0, num_classes):
+        raise DDMError(_contradiction("model.num_classes", fit.num_classes, f"{num_classes} classes", num_classes,
+                                      " or 0 (unconditional)"))
+    if h % fit.resolved().patch_size:
+        raise DDMError(f"model.patch_size {fit.patch_size} does not divide the dataset's {h}x{w} images: "
+                       f"leave it unset (0) to follow model.size, or set a divisor of {h}")
+    return fit
+
+
+def _contradiction(key: str, value: int, data: str, want: int, alt: str = "") -> str:
+    return (f"{key} {value} contradicts the dataset's {data}: leave {key} unset to take it from the data, "
+            f"or set it to {want}{alt} (--set {key}={want})")
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -215,6 +230,8 @@ def _parse(data: dict) -> Plan:
     if not isinstance(data["config"], dict):
         raise DDMError("config must be a mapping")
     cfg = from_dict(data["config"], Config, "config")
+    if fit_model(cfg.model, shape, data["num_classes"]) != cfg.model:
+        raise DDMError("config model.image_size, channels and num_classes must be set in a plan")
     if cfg.partition.experts != len(parsed):
         raise DDMError(f"config partition.experts {cfg.partition.experts} != {len(parsed)} shards")
     if cfg.data.dataset != data["dataset"]:

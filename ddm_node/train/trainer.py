@@ -79,6 +79,9 @@ def check_data(x: torch.Tensor, y: torch.Tensor | None, cfg: ModelConfig, device
                check_range: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate training samples and labels for a model; returns them as float32 / int64, the samples on
     `device` when they fit there (`MAX_DEVICE_DATA_BYTES`), the labels on the host. DDMError if bad."""
+    if None in (cfg.channels, cfg.image_size, cfg.num_classes):
+        raise DDMError("model.image_size, channels and num_classes are unset: a plan fills them from the dataset "
+                       "(data.plan.fit_model), or set them in the config")
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -90,7 +90,7 @@ def test_every_loader_refuses_a_signed_pickle(genuine, tmp_path, payload):
     from ddm_node.train.expert import shard_data
     from ddm_node.train.trainer import Trainer
 
-    cfg, data = genuine["cfg"], shard_data(genuine["plan"], 0, genuine["ds"])
+    cfg, data = genuine["plan"].cfg, shard_data(genuine["plan"], 0, genuine["ds"])  # the plan's model: fitted to data
     trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device="cpu")
     with pytest.raises(IntegrityError) as exc:
         ckpt.load_state(state, trainer, require_signature=True)

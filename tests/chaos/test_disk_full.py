@@ -41,7 +41,8 @@ swarm: {{lease_ttl: 4, settle: 1, mirror_interval: 0.5, heartbeat: 1, announce_t
 
 def checkpoint_bytes(tmp) -> int:
     """Bytes (rounded to 4 KiB pages, as tmpfs counts them) of one checkpoint of the test model."""
-    cfg = load_config(overrides={"model.hidden": 32, "model.depth": 2, "model.heads": 2, "train.batch_size": 32})
+    cfg = load_config(overrides={"model.hidden": 32, "model.depth": 2, "model.heads": 2, "train.batch_size": 32,
+                                 "model.image_size": 8, "model.channels": 1, "model.num_classes": 10})
     trainer = Trainer(cfg.model, cfg.train, torch.rand(64, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (64,)))
     trainer.train_step()  # the optimizer state exists from the first step on
     step_dir = ckpt.write_checkpoint(tmp, "0" * 64, 0, trainer, "calibration", Identity.generate())

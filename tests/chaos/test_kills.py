@@ -75,7 +75,8 @@ swarm: {{lease_ttl: {ttl}, settle: 1, mirror_interval: {mirror}, heartbeat: 1, a
 def calibrate_steps_per_s() -> float:
     """Training steps per second of the test model on one thread here, now (the machine is shared)."""
     torch.set_num_threads(1)
-    cfg = load_config(overrides={"model.hidden": 32, "model.depth": 2, "model.heads": 2, "train.batch_size": 32})
+    cfg = load_config(overrides={"model.hidden": 32, "model.depth": 2, "model.heads": 2, "train.batch_size": 32,
+                                 "model.image_size": 8, "model.channels": 1, "model.num_classes": 10})
     x = torch.rand(256, 1, 8, 8) * 2 - 1
     trainer = Trainer(cfg.model, cfg.train, x, torch.randint(0, 10, (256,)))
     trainer.train_step()
