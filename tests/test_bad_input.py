@@ -280,7 +280,8 @@ def _rsa_pem() -> bytes:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-@pytest.mark.parametrize("case", ["rsa key", "run id not hex", "initial peer", "bad swarm field"])
+@pytest.mark.parametrize("case", ["rsa key", "run id not hex", "initial peer", "bad swarm field", "set run key",
+                                  "set bad swarm value"])
 def test_start_argument_errors_before_any_service(capsys, tmp_path, case):
     """Mistakes `ddm-node start` catches before it starts anything (in-process: nothing can leak)."""
     assert main(["keygen", "--out", str(tmp_path / "key.pem")]) == 0
@@ -295,6 +296,9 @@ def test_start_argument_errors_before_any_service(capsys, tmp_path, case):
         "initial peer": ([*base, "--initial-peers", "127.0.0.1:31337"], "is not a multiaddr"),
         "bad swarm field": ([*base, "--config", str(tmp_path / "node.yaml")],
                             f"{tmp_path / 'node.yaml'}: swarm.settle must be in [0, lease_ttl)"),
+        "set run key": ([*base, "--set", "train.steps=3"],
+                        "--set train.steps: start applies swarm.* and train.nproc_per_node only"),
+        "set bad swarm value": ([*base, "--set", "swarm.heartbeat=fast"], "--set swarm.heartbeat must be a number"),
     }[case]
     before = tree(tmp_path)
     assert main(argv) == 2

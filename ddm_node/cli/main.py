@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ddm_node import __version__
+from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -91,7 +92,7 @@ def cmd_partition(args) -> int:
     from ddm_node.data.plan import make_plan
 
     cfg = load_config(args.config, {"data.dataset": args.dataset, "partition.experts": args.experts,
-                                    "train.steps": args.steps})
+                                    "train.steps": args.steps, **features_overrides(args.features)}, args.sets)
     ds = load_dataset(cfg.data.dataset)
     plan = make_plan(cfg, ds)
     path = plan.save(args.out)
@@ -218,7 +219,7 @@ def cmd_start(args) -> int:
 
 def island_options(args):
     """IslandOptions from parsed `ddm-node start` arguments (bad input -> DDMError)."""
-    from ddm_node.core.config import load_config
+    from ddm_node.core.config import load_config, parse_set
     from ddm_node.core.identity import Identity
     from ddm_node.node.options import IslandOptions, check_flags
     from ddm_node.train.supervisor import resolve_nproc
@@ -230,15 +231,22 @@ def island_options(args):
         load_config(args.config)  # full validation with file-named errors
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
         overrides = raw.get("swarm", {}) or {}
+    sets = dict(parse_set(text) for text in args.sets)  # a node may change its timing and process count only
+    nproc = sets.pop("train.nproc_per_node", None) if args.nproc_per_node is None else args.nproc_per_node
+    if any(not key.startswith("swarm.") for key in sets):
+        raise DDMError(f"--set {next(k for k in sets if not k.startswith('swarm.'))}: start applies swarm.* and "
+                       "train.nproc_per_node only; the run's other settings are fixed by partition")
+    overrides = {**overrides, **{key.removeprefix("swarm."): value for key, value in sets.items()}}
     check_flags(args.initial_peers, args.host, args.announce_host, args.run_id)
     return IslandOptions(
         identity=Identity.load(args.identity), work_dir=Path(args.work_dir),
         plan_path=Path(args.plan) if args.plan else None, run_id=args.run_id, initial_peers=list(args.initial_peers),
         host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
         announce_file=Path(args.announce_file) if args.announce_file else None,
-        announce_host=args.announce_host, swarm_overrides=overrides, config_source=args.config or "swarm config",
+        announce_host=args.announce_host, swarm_overrides=overrides,
+        config_source=(args.config or "swarm config") + (" with --set" if args.sets else ""),
         device=args.device, exit_when_done=args.exit_when_done, identity_path=Path(args.identity),
-        nproc_per_node=resolve_nproc(getattr(args, "nproc_per_node", None), args.config))
+        nproc_per_node=resolve_nproc(nproc, args.config))
 
 
 def cmd_status(args) -> int:
@@ -284,6 +292,11 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_set_flag(p: argparse.ArgumentParser, what: str = "any config key") -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override {what}, typed like the YAML (repeatable; e.g. --set model.size=small)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddm-node", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ddm-node {__version__}")
@@ -295,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="digits | fashion-mnist | mnist | npz:PATH | folder:PATH")
     p.add_argument("--experts", type=positive("--experts"), help="number of shards K")
     p.add_argument("--steps", type=positive("--steps"), help="per-expert step budget")
+    p.add_argument("--features", metavar=FEATURES_METAVAR, help="clustering features: PCA of pixels, the dataset's "
+                   "own, or an [N, F] .npy file (ddm-node features writes one)")
+    add_set_flag(p)
     p.add_argument("--out", required=True, help="directory for plan.json")
     p.set_defaults(func=cmd_partition)
 
@@ -357,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-file", help="write peer id, DHT multiaddrs and gRPC address here when ready")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive("--threads"), default=0, help="torch threads (0: torch default)")
+    add_set_flag(p, "this node's swarm.* timing and train.nproc_per_node")
     p.add_argument("--exit-when-done", action="store_true", help="exit once every shard and the router are done")
     p.add_argument("--nproc-per-node", type=positive("--nproc-per-node"), default=None, metavar="N",
                    help="train with N DDP processes (one per GPU) under torchrun; default: the config's "
@@ -389,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out")
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     p.set_defaults(func=cmd_demo)
+    add_features_parser(sub, positive)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -221,6 +222,9 @@ class Config:
         return self
 
 
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
     origin = typing.get_origin(tp)
@@ -258,6 +262,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise DDMError(f"{where} must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DDMError(f"{where} must be a number, got {type(value).__name__} {value!r}")
         return float(value)

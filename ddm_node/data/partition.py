@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -48,11 +49,14 @@ def compute_features(ds: Dataset, cfg: PartitionConfig, ids) -> np.ndarray:
         raise DDMError("partition: need a non-empty 1-D list of sample ids")
     if ids.min() < 0 or ids.max() >= len(ds):
         raise DDMError(f"partition: sample ids out of range for {len(ds)} samples")
+    t0 = time.perf_counter()
     order = np.argsort(ids, kind="stable")  # rows are read in file order, returned in the caller's order
     rows = feature_rows(ds, cfg)
     feats = project(rows, ids[order], cfg.pca_dim, cfg.seed, always=cfg.features == "pca")
     out = np.empty_like(feats)
     out[order] = feats
+    log.info("partition: %s features %d x %d -> %d dims in %.1f s", cfg.features, len(ids), rows.dim, out.shape[1],
+             time.perf_counter() - t0)
     return out
 
 
@@ -99,6 +103,7 @@ def cluster(features: np.ndarray, k: int, cfg: PartitionConfig) -> tuple[np.ndar
     if k > n:
         raise DDMError(f"partition.experts ({k}) exceeds the {n} training samples; every shard needs one")
     fine = fine_cluster_count(n, k, cfg)
+    t0 = time.perf_counter()
     if fine:
         fine_labels, fine_centers = _sample_kmeans(feats, fine, cfg.seed, N_INIT_FINE)
         counts = np.bincount(fine_labels, minlength=fine).astype(np.float64)
@@ -110,10 +115,10 @@ def cluster(features: np.ndarray, k: int, cfg: PartitionConfig) -> tuple[np.ndar
             labels = coarse_of_fine[fine_labels]
         else:  # degenerate data (many duplicates): fall back to k-means on the samples
             labels, _ = _sample_kmeans(feats, k, cfg.seed, N_INIT)
-        log.info("partition: %d samples -> %d fine clusters -> %d shards", n, fine, k)
+        log.info("partition: %d samples -> %d fine clusters -> %d shards in %.1f s", n, fine, k, time.perf_counter() - t0)
     else:
         labels, _ = _sample_kmeans(feats, k, cfg.seed, N_INIT)
-        log.info("partition: %d samples -> %d shards (plain k-means)", n, k)
+        log.info("partition: %d samples -> %d shards (plain k-means) in %.1f s", n, k, time.perf_counter() - t0)
     labels = _canonical_order(_fill_empty(labels, feats, k), k)
     centroids = np.stack([feats[labels == c].mean(axis=0) for c in range(k)])
     return labels, centroids

@@ -161,8 +161,9 @@ def fit_model(model: ModelConfig, shape: Sequence[int], num_classes: int) -> Mod
     if fit.channels != c:
         raise DDMError(_contradiction("model.channels", fit.channels, f"{c} channels", c))
     if fit.num_classes not in (0, num_classes):
-        raise DDMError(_contradiction("model.num_classes", fit.num_classes, f"{num_classes} classes", num_classes,
-                                      " or 0 (unconditional)"))
+        data = f"{num_classes} classes" if num_classes else "unlabeled images"
+        raise DDMError(_contradiction("model.num_classes", fit.num_classes, data, num_classes,
+                                      " or 0 (unconditional)" if num_classes else ""))
     if h % fit.resolved().patch_size:
         raise DDMError(f"model.patch_size {fit.patch_size} does not divide the dataset's {h}x{w} images: "
                        f"leave it unset (0) to follow model.size, or set a divisor of {h}")
