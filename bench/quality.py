@@ -271,7 +271,7 @@ def run_all(run: Run, jobs: int) -> None:
 def costs_of(cfg, plan: Plan) -> Costs:
     c, h, _ = plan.shape
     rcfg = router_model_config(cfg.router, h, c, plan.num_classes)
-    return Costs(flops_per_image(cfg.model), flops_per_image(rcfg), cfg.train.batch_size, cfg.router.batch_size)
+    return Costs(flops_per_image(plan.cfg.model), flops_per_image(rcfg), cfg.train.batch_size, cfg.router.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -164,3 +164,11 @@ def test_start_set_changes_this_nodes_timing_only(tmp_path, capsys):
                                                      "train.nproc_per_node=1"]))
     assert opts.swarm_overrides == {"heartbeat": 2.0} and opts.nproc_per_node == 1
     assert "with --set" in opts.config_source
+
+
+def test_trainer_refuses_a_model_not_fitted_to_data():
+    from ddm_node.core.config import Config
+    from ddm_node.train.trainer import Trainer
+
+    with pytest.raises(DDMError, match="model.image_size, channels and num_classes are unset"):
+        Trainer(Config().model, Config().train, torch.zeros(4, 1, 8, 8), None, device="cpu")
