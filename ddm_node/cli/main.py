@@ -233,6 +233,7 @@ def island_options(args):
         overrides = raw.get("swarm", {}) or {}
     sets = dict(parse_set(text) for text in args.sets)  # a node may change its timing and process count only
     nproc = sets.pop("train.nproc_per_node", None) if args.nproc_per_node is None else args.nproc_per_node
+    sets.pop("train.nproc_per_node", None)  # the flag wins over --set
     if any(not key.startswith("swarm.") for key in sets):
         raise DDMError(f"--set {next(k for k in sets if not k.startswith('swarm.'))}: start applies swarm.* and "
                        "train.nproc_per_node only; the run's other settings are fixed by partition")
