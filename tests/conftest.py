@@ -16,6 +16,8 @@ import psutil
 import pytest
 
 SESSION_TAG = os.environ.setdefault("DDM_TEST_SESSION", uuid.uuid4().hex)
+# Nothing downloads in tests: the hub libraries read these at import, and children inherit them.
+os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def tagged_processes() -> list[psutil.Process]:

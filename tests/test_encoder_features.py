@@ -1,17 +1,13 @@
 """`ddm-node features` (issue 14): DINOv2 / CLIP image features with transformers, from a local directory.
 
 The encoders are tiny randomly initialised models written with save_pretrained into a temporary directory;
-HF_HUB_OFFLINE=1 is set before transformers is imported, so nothing is ever downloaded.
+tests/conftest.py sets HF_HUB_OFFLINE=1 for every test process, so nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it at import
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 transformers = pytest.importorskip("transformers", reason="the [features] extra (transformers) is not installed")
 torch = pytest.importorskip("torch")
