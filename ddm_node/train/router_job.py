@@ -107,7 +107,8 @@ def load_router(router_dir: str | Path, require_signature: bool = False, trusted
         need = sum(t.numel() * t.element_size() for t in RouterNet(model_cfg, len(experts)).state_dict().values())
     weights = router_dir / MODEL_FILE
     if weights.is_file() and need > weights.stat().st_size:
-        raise DDMError(f"{source}: describes a router of {need} bytes of weights, {weights.name} holds fewer")
+        raise IntegrityError(f"{weights}: cannot load router weights (config.json describes {need} bytes of them, "
+                             f"the file holds {weights.stat().st_size})")
     net = RouterNet(model_cfg, len(experts))
     try:
         net.load_state_dict(load_file(str(router_dir / MODEL_FILE)))
