@@ -32,7 +32,7 @@ from ddm_node.core.manifest import (
 )
 from ddm_node.exchange.candidates import FAILED_LISTINGS, Candidate, publisher_first
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.train.limits import ArtifactRules
+from ddm_node.train.limits import ArtifactRules, mib
 from ddm_node.transfer.client import PeerError
 from ddm_node.transfer.download import fetch_artifact
 from ddm_node.transfer.manifest_race import race_manifest
@@ -260,11 +260,7 @@ def check_free_space(directory: Path, need: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise NoSpace(f"not enough disk space for {what} in {probe}: need {_mib(need)}, {_mib(free)} free")
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+        raise NoSpace(f"not enough disk space for {what} in {probe}: need {mib(need)}, {mib(free)} free")
 
 
 def _total(m: Manifest) -> int:

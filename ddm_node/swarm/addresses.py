@@ -121,7 +121,6 @@ class SwarmHosts:
         self._names: dict[str, tuple[float, frozenset[str]]] = {}  # host name -> (until, its addresses)
         self._refreshed = 0.0
         self._fixed = [h for h in fixed if h and h.strip("[]") not in ("0.0.0.0", "::")]  # wildcards are no host
-        self._named = False
 
     def allows(self, address: str) -> bool:
         """Whether a record's gRPC `address` (host:port) may be dialed."""
@@ -143,15 +142,13 @@ class SwarmHosts:
         return False
 
     def refresh(self) -> None:
-        """Learn the hosts of the current libp2p connections (and resolve the fixed hosts once)."""
+        """Learn the hosts of the current libp2p connections (and of the fixed hosts)."""
         try:
             hosts = list(self._connected())
         except Exception as exc:  # a DHT that is shutting down: keep what is known
             log.debug("listing libp2p connections failed: %s", exc)
             hosts = []
-        if not self._named:
-            hosts += self._fixed
-            self._named = True
+        hosts += self._fixed  # names resolved again once their cache runs out (a DNS not ready at start)
         with self._lock:
             self._refreshed = time.monotonic()
         for host in hosts:

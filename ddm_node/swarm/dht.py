@@ -19,7 +19,8 @@ else) and the key's shard. Anything else is skipped with a warning; getters neve
 What a node stores for others is bounded (swarm/storage.py, installed when the Swarm starts): at most
 256 records per key, so one key's answer stays near 1 MiB, far under p2pd's 4 MiB message limit, and
 at most 16,384 records per node; hivemind's cache is off. The validator admits only signed, owned,
-well-formed typed records (swarm/validator.py).
+well-formed typed records (swarm/validator.py). Readers keep only addresses this node may dial: those at hosts of
+the swarm (swarm/addresses.py, applied by keys.py's `DialFilter`).
 """
 
 from __future__ import annotations

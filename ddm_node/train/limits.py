@@ -10,7 +10,6 @@ headers; nothing of ours is larger, and a manifest that declares more is refused
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,6 @@ class ArtifactRules:
     run_id: str
     model: ModelConfig  # every expert's and training state's model config (resolved)
     router: ModelConfig  # the learned router's backbone (resolved)
-    image: tuple[int, int, int]  # [C, H, W]
     num_shards: int
     steps: int  # the plan's step count: a shard is done with a checkpoint at it
     config_hash: str  # what every checkpoint of the run records (`run_config_hash`)
@@ -69,7 +67,7 @@ class ArtifactRules:
             ckpt.STATS: {ckpt.STATS_FILE: stats + MARGIN},
             "router": {ckpt.MODEL_FILE: router_state + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},
         }
-        return cls(plan.run_id, model, router, (c, h, w), k, plan.cfg.train.steps, run_config_hash(plan), files)
+        return cls(plan.run_id, model, router, k, plan.cfg.train.steps, run_config_hash(plan), files)
 
     def size_problem(self, m: Manifest) -> str | None:
         """Why a signed manifest's files are not what this plan allows for its kind, or None: a file the kind does
@@ -84,10 +82,11 @@ class ArtifactRules:
                 return f"{name} is empty"
             if entry.size > allowed[name]:
                 return (f"{name} declares {entry.size} bytes; this run's {m.kind} holds at most {allowed[name]} "
-                        f"({_mib(allowed[name])})")
+                        f"({mib(allowed[name])})")
         missing = sorted(set(allowed) - set(m.files))
         return f"it lacks {missing[0]}" if missing else None
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{math.ceil(n / 1024)} KiB"
+def mib(n: int) -> str:
+    """A byte count for a message: MiB with one decimal."""
+    return f"{n / (1 << 20):.1f} MiB"

@@ -64,7 +64,6 @@ class World:
     maddrs: list[str]
     evil: object  # an EvilPeer: own valid key, real DHT records, serves whatever bytes it is given
     ids: dict  # (shard, step) -> (expert id, state id) of H's checkpoints
-    address: str = ""  # H's gRPC address
 
     @property
     def run_id(self) -> str:
@@ -104,7 +103,7 @@ def open_world(trained: Trained, tmp_path: Path) -> Iterator[World]:
             h_swarm.announce(CheckpointRecord(shard, 4, e, s, honest.public_hex, address, False), ttl=TTL)
             h_swarm.announce(StatsRecord(shard, stats[shard], address), ttl=TTL)
         evil = EvilPeer(keys_before(1, "8")[0], plan.run_id, maddrs)
-        yield World(plan, honest, work, maddrs, evil, ids, address)
+        yield World(plan, honest, work, maddrs, evil, ids)
     finally:
         if evil is not None:
             evil.close()
