@@ -16,7 +16,7 @@ def island(me: str, peers: list[SimpleNamespace], publishers: dict[int, str], sh
     """What Mirror.targets reads (a fake swarm, the island's state), as Mirror's keyword arguments."""
     swarm = SimpleNamespace(peers=lambda: peers,
                             checkpoints=lambda s: [SimpleNamespace(publisher=publishers[s])] if s in publishers else [])
-    return dict(swarm=swarm, me=me, num_shards=shards, run_id="r", cfg=SimpleNamespace(replicas=replicas), work=None,
+    return dict(swarm=swarm, me=me, num_shards=shards, rules=None, cfg=SimpleNamespace(replicas=replicas), work=None,
                 state=NodeState(active=active, trained=set(trained)), publisher=None, rejects=None, events=None)
 
 

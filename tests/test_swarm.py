@@ -503,7 +503,9 @@ def test_put_refuses_records_readers_would_skip(trio):
         a.put("ckpt", shard + 1, _ckpt(a, shard, 1))
     with pytest.raises(DDMError, match="takes a CheckpointRecord"):
         a.put("ckpt", shard, StatsRecord(shard, H, "127.0.0.1:1"))
-    big = PeerRecord(a.peer_id, a.public_key, "", tuple("m" * 256 for _ in range(16)), "v", 1.0, "s", -1)
+    long_name = ".".join("m" * 60 for _ in range(3))  # valid multiaddrs of our own peer id, 16 of ~250 characters
+    big = PeerRecord(a.peer_id, a.public_key, "", tuple(f"/dns/{long_name}/tcp/1/p2p/{a.peer_id}" for _ in range(16)),
+                     "v", 1.0, "s", -1)
     with pytest.raises(DDMError, match="over the 4096-byte"):
         a.announce(big)
     with pytest.raises(DDMError, match="bad checkpoint record"):

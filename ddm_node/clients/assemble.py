@@ -49,6 +49,7 @@ from ddm_node.exchange.fetch import Expected, RejectedArtifact, RejectList, chec
 from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train.expert import run_config_hash
+from ddm_node.train.limits import ArtifactRules
 from ddm_node.transfer.budget import SLOW, Budget
 from ddm_node.transfer.client import NodeClient
 
@@ -87,6 +88,7 @@ class Assembler:
         self.router_job = cfg.swarm.router_job
         self.trusted = list(cfg.swarm.trusted_keys) or None
         self.config_hash = run_config_hash(plan)
+        self.rules = ArtifactRules.for_plan(plan)  # files, sizes and model configs this run's artifacts may have
         self.staging = staging
         self.progress = progress  # rich.progress.Progress or None
         self.shards = {s.index: ShardProgress() for s in plan.shards}
@@ -119,7 +121,7 @@ class Assembler:
                 break  # sorted newest first: nothing newer than what we hold
             if c.key in self.lies:
                 continue
-            expect = Expected("expert", self.run_id, k, c.step, self.config_hash)
+            expect = Expected("expert", self.rules, k, c.step, self.config_hash)
             got, why = self._fetch(f"shard {k} expert step {c.step}", c, self.staging / f"expert_{k}", expect)
             if got is not None:
                 prog.expert = got
@@ -134,7 +136,7 @@ class Assembler:
                                  prefer=prog.expert.holders)
         reasons = []
         for c in cands:
-            expect = Expected("stats", self.run_id, k, None, self.config_hash)
+            expect = Expected("stats", self.rules, k, None, self.config_hash)
             got, why = self._fetch(f"shard {k} stats", c, self.staging / f"stats_{k}", expect)
             if got is not None:
                 prog.stats = got
@@ -147,7 +149,7 @@ class Assembler:
             if c.key in self.lies:
                 continue
             got, _ = self._fetch(f"router step {c.step}", c, self.staging / "router",
-                                 Expected("router", self.run_id, -1, c.step))
+                                 Expected("router", self.rules, -1, c.step))
             if got is not None:
                 self.router = got
                 return

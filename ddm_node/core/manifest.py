@@ -245,6 +245,7 @@ def verify_artifact(directory: str | Path, *, require_signature: bool = True,
     """
     directory = Path(directory)
     raw_path = directory / MANIFEST
+    _not_a_link(raw_path)
     try:
         raw = raw_path.read_bytes()
     except OSError as exc:
@@ -252,12 +253,14 @@ def verify_artifact(directory: str | Path, *, require_signature: bool = True,
     manifest = Manifest.from_bytes(raw, str(raw_path))
     if require_signature:
         sig_path = directory / SIGNATURE
+        _not_a_link(sig_path)
         signature = sig_path.read_bytes() if sig_path.exists() else None
         check_signature(manifest, raw, signature, trusted_keys, str(raw_path))
     for name in sorted(files if files is not None else manifest.files):
         if name not in manifest.files:
             raise IntegrityError(f"{directory / name}: not listed in the manifest")
         path = directory / name
+        _not_a_link(path)
         if not path.is_file():
             raise IntegrityError(f"{path}: missing")
         got = sha256_file(path)
@@ -267,6 +270,12 @@ def verify_artifact(directory: str | Path, *, require_signature: bool = True,
         if got.sha256 != want.sha256:
             raise IntegrityError(f"{path}: sha256 does not match the manifest (altered)")
     return manifest
+
+
+def _not_a_link(path: Path) -> None:
+    """Artifacts hold plain files only: a symlink (which could point anywhere) is never read through."""
+    if path.is_symlink():
+        raise IntegrityError(f"{path}: a symlink, not a file of the artifact")
 
 
 def copy_artifact(src: str | Path, dst: str | Path) -> Path:

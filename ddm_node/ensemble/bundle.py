@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import (
     MANIFEST,
+    MAX_INT,
     commit_dir,
     copy_artifact,
-    read_manifest,
     staging_dir,
     verify_artifact,
     write_atomic,
@@ -35,6 +36,7 @@ from ddm_node.core.manifest import (
 from ddm_node.core.workdir import step_of
 from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.limits import ArtifactRules
 from ddm_node.train.router_job import load_router
 from router.base import Router
 from router.centroid import CentroidRouter, ClusterStats
@@ -43,6 +45,10 @@ from router.ensemble import EnsembleVelocity, Expert
 log = logging.getLogger(__name__)
 INDEX = "model_index.json"
 FORMAT = "ddm-ensemble/1"
+RESERVED = frozenset({INDEX, "plan.json"})
+MAX_SHARD = 65535
+_CHILD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # starts with a letter or digit: never "." or ".."
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -157,73 +163,193 @@ def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], 
     return out
 
 
-def read_index(path: str | Path) -> dict:
+def _child(value: object, where: str) -> str:
+    """A plain child directory name of the bundle: no `..`, no absolute path, no separator."""
+    if not isinstance(value, str) or not _CHILD.match(value) or value in RESERVED:
+        raise IntegrityError(f"{where}: dir must be a plain child directory name, got {str(value)[:60]!r}")
+    return value
+
+
+def _num(value: object, where: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise IntegrityError(f"{where} must be an integer in [{low}, {high}], got {str(value)[:24]!r}")
+    return value
+
+
+def _hex(value: object, where: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or not (_HEX64.match(value) or (allow_empty and value == "")):
+        raise IntegrityError(f"{where} must be 64 hex characters, got {str(value)[:24]!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    """One expert of a bundle's index: shard k's expert artifact in `dir`, its stats in `dir/stats`."""
+
+    shard: int
+    dir: str
+    step: int
+    publisher: str
+    manifest_id: str
+    stats_manifest_id: str
+
+
+@dataclass(frozen=True)
+class BundleIndex:
+    """A bundle's model_index.json, every field checked (`raw` is the document as read)."""
+
+    run_id: str
+    experts: tuple[ExpertEntry, ...]
+    missing: tuple[int, ...]
+    router_dir: str | None  # the learned router's directory, None for the centroid router
+    router_manifest_id: str
+    raw: dict
+
+    @classmethod
+    def parse(cls, data: object, source: str) -> BundleIndex:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise IntegrityError(f"{source}: not a {FORMAT} index")
+        experts, router = data.get("experts"), data.get("router")
+        if not isinstance(experts, list) or len(experts) > MAX_SHARD + 1 or not isinstance(router, dict):
+            raise IntegrityError(f"{source}: experts must be a list and router a mapping")
+        entries = []
+        for i, e in enumerate(experts):
+            where = f"{source}: experts[{i}]"
+            if not isinstance(e, dict):
+                raise IntegrityError(f"{where} must be a mapping")
+            entries.append(ExpertEntry(_num(e.get("shard"), f"{where}.shard", 0, MAX_SHARD), _child(e.get("dir"), where),
+                                       _num(e.get("step"), f"{where}.step", 0, MAX_INT),
+                                       _hex(e.get("publisher"), f"{where}.publisher", allow_empty=True),
+                                       _hex(e.get("manifest_id"), f"{where}.manifest_id"),
+                                       _hex(e.get("stats_manifest_id"), f"{where}.stats_manifest_id")))
+        if len({e.shard for e in entries}) != len(entries) or len({e.dir for e in entries}) != len(entries):
+            raise IntegrityError(f"{source}: two experts name the same shard or directory")
+        missing = data.get("missing", [])
+        if not isinstance(missing, list) or len(missing) > MAX_SHARD + 1:
+            raise IntegrityError(f"{source}: missing must be a list of shards")
+        missing = tuple(_num(k, f"{source}: missing[]", 0, MAX_SHARD) for k in missing)
+        if router.get("kind") not in ROUTER_KINDS:
+            raise IntegrityError(f"{source}: router kind must be one of {', '.join(ROUTER_KINDS)}")
+        learned = router["kind"] == "learned"
+        router_dir = _child(router.get("dir"), f"{source}: router") if learned else None
+        if router_dir in {e.dir for e in entries}:
+            raise IntegrityError(f"{source}: the router and an expert share directory {router_dir}")
+        router_id = _hex(router.get("manifest_id"), f"{source}: router.manifest_id") if learned else ""
+        return cls(_hex(data.get("run_id"), f"{source}: run_id"), tuple(entries), missing, router_dir, router_id, data)
+
+    def check_plan(self, plan: Plan, source: str) -> None:
+        """The index describes this plan's run: its shards, image shape and classes."""
+        k = len(plan.shards)
+        for name, got, want in (("num_shards", self.raw.get("num_shards"), k), ("shape", self.raw.get("shape"),
+                                list(plan.shape)), ("num_classes", self.raw.get("num_classes"), plan.num_classes)):
+            if got != want:
+                raise IntegrityError(f"{source}: {name} is {str(got)[:40]}, the plan says {want}")
+        if any(k_ >= k for k_ in [e.shard for e in self.experts] + list(self.missing)):
+            raise IntegrityError(f"{source}: names a shard beyond the plan's {k}")
+
+
+def load_index(path: str | Path) -> BundleIndex:
+    """The bundle's index, parsed and checked (bounded JSON; plain child directory names)."""
     p = Path(path) / INDEX
+    if p.is_symlink():
+        raise IntegrityError(f"{p}: a symlink, not the bundle's index")
     try:
         index = load_json(p.read_bytes(), str(p), max_bytes=16 << 20)  # bounded: depth, size, finite numbers
     except OSError as exc:
         raise DDMError(f"{p}: cannot read ({exc.strerror or exc}); is {path} an ensemble bundle?") from None
     except ValueError:
         raise IntegrityError(f"{p}: not valid JSON") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise IntegrityError(f"{p}: not a {FORMAT} index")
-    return index
+    return BundleIndex.parse(index, str(p))
 
 
-def bundle_artifacts(path: str | Path) -> list[Path]:
-    """Every artifact directory inside a bundle (expert_k, expert_k/stats, router)."""
-    path = Path(path)
-    return sorted(p.parent for p in path.rglob(MANIFEST))
+def read_index(path: str | Path) -> dict:
+    """The bundle's index as a document (checked as `load_index` does)."""
+    return load_index(path).raw
 
 
-def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys: Iterable[str] | None = None) -> dict:
-    """Check the index, the plan hash, and every artifact's signature and file hashes.
-
-    Raises IntegrityError naming the first bad file. Returns the index.
-    """
-    path = Path(path)
-    index = read_index(path)
+def _bundle_plan(path: Path, index: BundleIndex) -> Plan:
     plan_path = path / "plan.json"
+    if plan_path.is_symlink():
+        raise IntegrityError(f"{plan_path}: a symlink, not the bundle's plan")
     try:
         raw = plan_path.read_bytes()
     except OSError:
         raise IntegrityError(f"{plan_path}: missing") from None
-    if hashlib.sha256(raw).hexdigest() != index.get("run_id"):
+    if hashlib.sha256(raw).hexdigest() != index.run_id:
         raise IntegrityError(f"{plan_path}: sha256 does not match the run id in {INDEX}")
-    listed = {e["dir"] for e in index.get("experts", [])} | {f"{e['dir']}/stats" for e in index.get("experts", [])}
-    if index.get("router", {}).get("dir"):
-        listed.add(index["router"]["dir"])
-    for d in sorted(listed):
-        if not (path / d / MANIFEST).is_file():
-            raise IntegrityError(f"{path / d / MANIFEST}: missing")
-    for art in bundle_artifacts(path):
-        m = verify_artifact(art, require_signature=require_signature, trusted_keys=trusted_keys)
-        if m.run_id != index["run_id"]:
-            raise IntegrityError(f"{art / MANIFEST}: belongs to run {m.run_id[:12]}, not {index['run_id'][:12]}")
+    plan = Plan.from_bytes(raw, str(plan_path))
+    index.check_plan(plan, str(path / INDEX))
+    return plan
+
+
+def _artifact_dir(path: Path, rel: str) -> Path:
+    """A listed artifact directory inside the bundle: a real directory (no symlink on the way) of plain files."""
+    d, here = path / rel, path
+    for part in Path(rel).parts:
+        here = here / part
+        if here.is_symlink():
+            raise IntegrityError(f"{here}: a symlink; a bundle holds its artifacts itself")
+    if not d.is_dir():
+        raise IntegrityError(f"{d / MANIFEST}: missing")
+    return d
+
+
+def _listed(index: BundleIndex) -> list[tuple[str, str, int, str, int | None]]:
+    """(directory, kind, shard, manifest id, step) of every artifact the index lists."""
+    out = []
+    for e in index.experts:
+        out.append((e.dir, ckpt.EXPERT, e.shard, e.manifest_id, e.step))
+        out.append((f"{e.dir}/stats", ckpt.STATS, e.shard, e.stats_manifest_id, None))
+    if index.router_dir is not None:
+        out.append((index.router_dir, "router", -1, index.router_manifest_id, None))
+    return out
+
+
+def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys: Iterable[str] | None = None) -> dict:
+    """Check the index, the plan hash, and exactly the artifacts the index lists: each one's signature and file
+    hashes, and that it is the kind, shard, step and manifest its entry names, with the files and model config
+    the plan allows. Nothing outside the bundle is read.
+
+    Raises IntegrityError naming the first bad file. Returns the index.
+    """
+    path = Path(path)
+    index = load_index(path)
+    rules = ArtifactRules.for_plan(_bundle_plan(path, index))
+    for rel, kind, shard, manifest_id, step in _listed(index):
+        d = _artifact_dir(path, rel)
+        m = verify_artifact(d, require_signature=require_signature, trusted_keys=trusted_keys)
+        got = (m.kind, m.run_id, m.shard, m.id, m.step if step is not None else None)
+        if got != (kind, index.run_id, shard, manifest_id, step):
+            raise IntegrityError(f"{d / MANIFEST}: is a {m.kind} of run {m.run_id[:12]} shard {m.shard} step "
+                                 f"{m.step} ({m.id[:12]}), {INDEX} lists a {kind} of shard {shard}"
+                                 + (f" step {step}" if step is not None else "") + f" ({manifest_id[:12]})")
+        problem = rules.size_problem(m)
+        if problem is not None:
+            raise IntegrityError(f"{d / MANIFEST}: {problem}")
         for name in m.files:  # a signed pickle named *.safetensors is still not a bundle anyone can load
             if name.endswith(".safetensors"):
-                ckpt.check_tensor_file(art / name)
-    for e in index.get("experts", []):
-        if read_manifest(path / e["dir"]).id != e["manifest_id"]:
-            raise IntegrityError(f"{path / e['dir'] / MANIFEST}: not the manifest {INDEX} names")
-    return index
+                ckpt.check_tensor_file(d / name)
+        if kind == ckpt.EXPERT:
+            ckpt.read_model_config(d, rules.model)
+    return index.raw
 
 
 def load_bundle(path: str | Path, verify: bool = True, require_signature: bool = False) -> Bundle:
-    """Load a bundle's experts, stats and learned router (verifying every file by default)."""
+    """Load a bundle's experts, stats and learned router (verifying every file by default). Only what the index
+    lists is read, and each expert's config must be the plan's before a model is built from it."""
     path = Path(path)
-    index = verify_bundle(path, require_signature) if verify else read_index(path)
-    plan = Plan.load(path / "plan.json", expected_run_id=index["run_id"])
+    if verify:
+        verify_bundle(path, require_signature)
+    index = load_index(path)
+    plan = _bundle_plan(path, index)
+    rules = ArtifactRules.for_plan(plan)
     models, stats = {}, {}
-    for e in index["experts"]:
-        k = int(e["shard"])
-        models[k] = ckpt.load_expert(path / e["dir"], verify=False)
-        stats[k] = ClusterStats.from_tensors(ckpt.read_stats(path / e["dir"] / "stats", verify=False))
+    for e in index.experts:
+        models[e.shard] = ckpt.load_expert(_artifact_dir(path, e.dir), verify=False, expected=rules.model)
+        stats[e.shard] = ClusterStats.from_tensors(ckpt.read_stats(_artifact_dir(path, f"{e.dir}/stats"), verify=False))
     if not models:
         raise DDMError(f"{path}: bundle holds no experts")
     learned = None
-    if index.get("router", {}).get("kind") == "learned":
-        learned = load_router(path / index["router"]["dir"], require_signature=require_signature)
-    return Bundle(path, plan, index, models, stats, learned, [int(k) for k in index.get("missing", [])])
-
-
+    if index.router_dir is not None:
+        learned = load_router(_artifact_dir(path, index.router_dir), require_signature=require_signature, rules=rules)
+    return Bundle(path, plan, index.raw, models, stats, learned, list(index.missing))

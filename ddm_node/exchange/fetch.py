@@ -14,7 +14,6 @@ import logging
 import re
 import shutil
 import threading
-import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from ddm_node.core.manifest import (
 )
 from ddm_node.exchange.candidates import FAILED_LISTINGS, Candidate, publisher_first
 from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.limits import ArtifactRules, mib
 from ddm_node.transfer.client import PeerError
 from ddm_node.transfer.download import fetch_artifact
 from ddm_node.transfer.manifest_race import race_manifest
@@ -40,7 +40,6 @@ from ddm_node.transfer.store import parse_signed_manifest
 
 log = logging.getLogger(__name__)
 MANIFEST_TIMEOUT = 10.0  # seconds for one GetManifest call
-UNREACHABLE_RETRY = 30.0  # seconds before asking an unreachable holder about the same record again
 Content = Literal["tensors", "load"]  # what to check in a verified artifact: safetensors headers, or a full load
 MAX_REJECTS = 2000  # entries a reject list keeps (its file stays under about 3 MB)
 REASON_CHARS = 200  # of each reason, kept for the logs
@@ -49,6 +48,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 class RejectedArtifact(IntegrityError):
     """The announced artifact itself is bad, whoever serves it: never fetch it again."""
+
+
+class NoSpace(DDMError):
+    """This node's disk cannot take an artifact now (not the artifact's fault: tried again later)."""
 
 
 def describe(exc: BaseException) -> str:
@@ -60,13 +63,18 @@ def describe(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Expected:
-    """What an announcement says an artifact is; `mismatch` names the first field its manifest contradicts."""
+    """What an announcement says an artifact is, and what the run's plan allows it to be (`rules`: its files and
+    their sizes); `mismatch` names the first thing a signed manifest contradicts, before anything is downloaded."""
 
     kind: str
-    run_id: str
+    rules: ArtifactRules
     shard: int
     step: int | None = None
     config_hash: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.rules.run_id
 
     def mismatch(self, m: Manifest) -> str | None:
         checks = [("kind", m.kind, self.kind), ("run", m.run_id, self.run_id), ("shard", m.shard, self.shard),
@@ -75,7 +83,7 @@ class Expected:
             if want is not None and got != want:
                 return (f"{name} is {str(got)[:16]}, expected {str(want)[:16]}: it is a {m.kind} of run "
                         f"{m.run_id[:12]} shard {m.shard} step {m.step}")
-        return None
+        return self.rules.size_problem(m)
 
 
 class RejectList:
@@ -208,14 +216,16 @@ def check_announced(holders: Iterable[str], manifest_id: str, expected: Expected
     return m
 
 
-def content_problem(kind: str, directory: Path, m: Manifest, content: Content) -> str | None:
-    """Why a verified artifact is unusable, or None. "tensors" reads safetensors headers only (and a training
-    state's metadata: its numbers and config, so that no island keeps or serves a state that cannot load);
-    "load" loads it the way a bundle does. Nothing is ever unpickled. Any exception a loader raises on the
-    artifact's contents means it does not load (named by type when it is not one of ours)."""
+def content_problem(expected: Expected, directory: Path, m: Manifest, content: Content) -> str | None:
+    """Why a verified artifact is unusable, or None. "tensors" reads safetensors headers only, and the model config
+    an expert or training state carries (it must be the plan's: nothing builds a model from a peer's config), and a
+    training state's metadata (its numbers), so that no island keeps or serves what cannot load; "load" loads it
+    the way a bundle does. Nothing is ever unpickled. Any exception a loader raises on the artifact's contents
+    means it does not load (named by type when it is not one of ours)."""
     from ddm_node.train.router_job import load_router
     from router.centroid import ClusterStats
 
+    kind, rules = expected.kind, expected.rules
     try:
         for name in m.files:
             if name.endswith(".safetensors"):
@@ -223,15 +233,18 @@ def content_problem(kind: str, directory: Path, m: Manifest, content: Content) -
                     ckpt.check_tensor_file(directory / name)
                 except IntegrityError as exc:
                     return f"{name} is not a safetensors file ({exc})"
-        if kind == ckpt.STATE:
-            ckpt.check_state(directory, m)
+        if kind == ckpt.EXPERT:
+            ckpt.read_model_config(directory, rules.model)
+        elif kind == ckpt.STATE:
+            saved, _ = ckpt.check_state(directory, m)
+            ckpt.check_model_config(saved, rules.model, str(directory / ckpt.CONFIG_FILE))
         if content == "load":
             if kind == ckpt.EXPERT:
-                ckpt.load_expert(directory, verify=False)
+                ckpt.load_expert(directory, verify=False, expected=rules.model)
             elif kind == ckpt.STATS:
                 ClusterStats.from_tensors(ckpt.read_stats(directory, verify=False))
             elif kind == "router":
-                load_router(directory)
+                load_router(directory, rules=rules)
     except DDMError as exc:
         return str(exc)
     except Exception as exc:  # the load check's boundary: a loader failing on a peer's artifact in its own way
@@ -239,23 +252,44 @@ def content_problem(kind: str, directory: Path, m: Manifest, content: Content) -
     return None
 
 
+def check_free_space(directory: Path, need: int, what: str) -> None:
+    """DDMError naming need and free space when the disk under `directory` cannot take `need` more bytes; checked
+    before a download starts (a full disk is this node's problem, not the artifact's: tried again later)."""
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise NoSpace(f"not enough disk space for {what} in {probe}: need {mib(need)}, {mib(free)} free")
+
+
+def _total(m: Manifest) -> int:
+    return sum(e.size for e in m.files.values())
+
+
 def download(holders: list[str], manifest_id: str, dest: Path, expected: Expected, trusted: list[str] | None,
              content: Content = "tensors", progress: Callable[[int], None] | None = None) -> Manifest:
     """Download an artifact whose announcement was checked, verify every byte, then its manifest and contents.
 
-    Files come first from the addresses announced under the signed manifest's publisher key (`publisher_first`;
-    a record announcing someone else's manifest under its own key does not count), then from the others."""
+    The signed manifest must be what `expected` allows (kind, run, shard, step, and the plan's files and sizes)
+    and the disk must have room for it before a byte is fetched. Files come first from the addresses announced
+    under the signed manifest's publisher key (`publisher_first`; a record announcing someone else's manifest
+    under its own key does not count), then from the others."""
     signed = _SIGNED.get(manifest_id)
     if signed is not None:
-        publisher = parse_signed_manifest(*signed, trusted, f"manifest {manifest_id[:16]}", manifest_id).publisher
+        announced = parse_signed_manifest(*signed, trusted, f"manifest {manifest_id[:16]}", manifest_id)
     else:
-        publisher = fetch_manifest(holders, manifest_id, trusted).publisher
+        announced = fetch_manifest(holders, manifest_id, trusted)
         signed = _SIGNED.get(manifest_id)  # None only if other downloads pushed it out meanwhile: asked again
-    m = fetch_artifact(publisher_first(holders, publisher), manifest_id, dest, trusted_keys=trusted,
+    problem = expected.mismatch(announced)
+    if problem is not None:
+        raise RejectedArtifact(f"{expected.kind} {manifest_id[:16]}: {problem}")
+    check_free_space(dest.parent, _total(announced), f"{expected.kind} {manifest_id[:16]}")
+    m = fetch_artifact(publisher_first(holders, announced.publisher), manifest_id, dest, trusted_keys=trusted,
                        progress=progress, signed=signed)
     problem = expected.mismatch(m)
     if problem is None:
-        problem = content_problem(expected.kind, dest, m, content)
+        problem = content_problem(expected, dest, m, content)
         if problem is not None:
             problem = f"{m.kind} {m.id[:16]} by {m.publisher[:12]} verifies but does not load: {problem}"
     if problem is not None:
@@ -271,21 +305,22 @@ def fetch_verified(holders: list[str], manifest_id: str, dest: Path, expected: E
     return download(holders, manifest_id, dest, expected, trusted, content, progress)
 
 
-def fetch_checkpoint(work_dir: Path, shard: int, c: Candidate, run_id: str, trusted: list[str] | None,
+def fetch_checkpoint(work_dir: Path, shard: int, c: Candidate, rules: ArtifactRules, trusted: list[str] | None,
                      stats: Iterable[tuple[str, str]] = ()) -> Path:
     """Both artifacts of a checkpoint candidate (expert, state manifests) into WORK/shard_k/step_s, atomically.
 
-    Both announcements are checked before any file is downloaded. `stats` are (manifest, holder) pairs
-    for the shard's statistics artifact, fetched too when the work dir has none.
+    Both announcements are checked (and the disk has room for both) before any file is downloaded. `stats` are
+    (manifest, holder) pairs for the shard's statistics artifact, fetched too when the work dir has none.
     """
     kinds = (ckpt.EXPERT, ckpt.STATE)
-    for kind, manifest_id in zip(kinds, c.manifests):
-        check_announced(c.holders, manifest_id, Expected(kind, run_id, shard, c.step), trusted)
+    manifests = [check_announced(c.holders, manifest_id, Expected(kind, rules, shard, c.step), trusted)
+                 for kind, manifest_id in zip(kinds, c.manifests)]
     final = ckpt.checkpoint_dir(work_dir, shard, c.step)
+    check_free_space(final.parent, sum(_total(m) for m in manifests), f"shard {shard} step {c.step}")
     stage = staging_dir(final)
     try:
         for kind, manifest_id in zip(kinds, c.manifests):
-            download(c.holders, manifest_id, stage / kind, Expected(kind, run_id, shard, c.step), trusted)
+            download(c.holders, manifest_id, stage / kind, Expected(kind, rules, shard, c.step), trusted)
         commit_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -294,20 +329,20 @@ def fetch_checkpoint(work_dir: Path, shard: int, c: Candidate, run_id: str, trus
         if ckpt.stats_dir(work_dir, shard).is_dir():
             break
         try:
-            fetch_stats(work_dir, shard, run_id, manifest_id, [holder], trusted)
+            fetch_stats(work_dir, shard, rules, manifest_id, [holder], trusted)
         except Exception as exc:  # one holder's boundary: the checkpoint is here already, try the next stats
             log.warning("stats of shard %d from %s: %s", shard, holder, describe(exc),
                         exc_info=None if isinstance(exc, DDMError) else exc)
     return final
 
 
-def fetch_stats(work_dir: Path, shard: int, run_id: str, manifest_id: str, holders: list[str],
+def fetch_stats(work_dir: Path, shard: int, rules: ArtifactRules, manifest_id: str, holders: list[str],
                 trusted: list[str] | None) -> Path:
     """A shard's stats artifact into WORK/shard_k/stats, kept only when it is this run's and shard's."""
     final = ckpt.stats_dir(work_dir, shard)
     stage = staging_dir(final)
     try:
-        download(holders, manifest_id, stage / ckpt.STATS, Expected(ckpt.STATS, run_id, shard), trusted)
+        download(holders, manifest_id, stage / ckpt.STATS, Expected(ckpt.STATS, rules, shard), trusted)
         commit_dir(stage / ckpt.STATS, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -317,33 +352,3 @@ def fetch_stats(work_dir: Path, shard: int, run_id: str, manifest_id: str, holde
 def signed_publisher(step_dir: Path) -> str:
     """The publisher a fetched checkpoint's signed manifest names (not the announcer's word)."""
     return read_manifest(step_dir / ckpt.EXPERT).publisher
-
-
-class AnnouncementCheck:
-    """Does the signed manifest behind a record say what the record says? Verdicts are cached; an
-    unreachable holder is asked again after a while, a false record never."""
-
-    def __init__(self, trusted: list[str] | None):
-        self.trusted = trusted
-        self._verdicts: dict[tuple[str, int, int | None], tuple[bool, float | None]] = {}
-
-    def holds(self, manifest_id: str, holder: str, expected: Expected) -> bool:
-        key = (manifest_id, expected.shard, expected.step)
-        verdict = self._verdicts.get(key)
-        if verdict is not None and (verdict[1] is None or time.monotonic() < verdict[1]):
-            return verdict[0]
-        try:
-            check_announced([holder], manifest_id, expected, self.trusted)
-            why, verdict = "", (True, None)
-        except PeerError as exc:  # unreachable or gone: not a lie, ask again later
-            why, verdict = str(exc), (False, time.monotonic() + UNREACHABLE_RETRY)
-        except DDMError as exc:  # bad signature, untrusted publisher, malformed, or not what was announced
-            why, verdict = str(exc), (False, None)
-        except Exception as exc:  # the done check's boundary: one peer's record never stops the island
-            why, verdict = describe(exc), (False, time.monotonic() + UNREACHABLE_RETRY)
-            log.debug("announcement check of %s", manifest_id[:12], exc_info=exc)
-        if not verdict[0]:
-            log.warning("not counting %s %s announced as shard %d step %s: %s", expected.kind, manifest_id[:12],
-                        expected.shard, expected.step, why)
-        self._verdicts[key] = verdict
-        return verdict[0]

@@ -26,7 +26,8 @@ from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.plan import Plan, check_dataset
 from ddm_node.exchange.announcer import Announcer
-from ddm_node.exchange.fetch import AnnouncementCheck, RejectList
+from ddm_node.exchange.done import DoneCheck
+from ddm_node.exchange.fetch import RejectList
 from ddm_node.exchange.peers import fetch_plan
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
@@ -35,9 +36,11 @@ from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
 from ddm_node.node.state import NodeState, Phase
+from ddm_node.swarm.addresses import record_maddrs
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.swarm.records import PeerRecord, PlanRecord
+from ddm_node.train.limits import ArtifactRules
 from ddm_node.train.router_job import train_plan_router
 from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
@@ -140,14 +143,16 @@ class Island:
         trusted = list(self.cfg.trusted_keys) or None
         self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc,
                                    trusted_keys=self.cfg.trusted_keys)
-        self.progress = Progress(self.plan, self.work, self.swarm, AnnouncementCheck(trusted), self.cfg.router_job)
+        rules = ArtifactRules.for_plan(self.plan)  # the files, sizes and configs peers' artifacts may have
+        self.progress = Progress(self.plan, self.work, self.swarm, DoneCheck(rules, trusted, self.work.root),
+                                 self.cfg.router_job)
         self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc, self.budget, trusted,
                                    self.events)
-        self.mirror = Mirror(self.swarm, self.me, len(self.plan.shards), self.plan.run_id, self.cfg, self.work,
+        self.mirror = Mirror(self.swarm, self.me, len(self.plan.shards), rules, self.cfg, self.work,
                              self.state, self.publisher, self.rejects, self.events)
         settings = TrainSettings(self.opts.device, self.opts.nproc_per_node or self.plan.cfg.train.nproc_per_node,
                                  self.identity, self.opts.identity_path)
-        self.job = ShardJob(self.plan, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
+        self.job = ShardJob(self.plan, rules, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
                             self.rejects, self.events, trusted)
         self.timing = Timing(self.cfg)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
@@ -208,9 +213,10 @@ class Island:
 
     def _heartbeat_record(self) -> PeerRecord:
         active = self.state.active
-        return PeerRecord(peer_id=self.swarm.peer_id, public_key=self.me, grpc=self.grpc,
-                          maddrs=tuple(self.swarm.visible_maddrs()[:8]), version=__version__, heartbeat=dht_time(),
-                          state=self.state.phase.value, shard=-1 if active is None else active)
+        maddrs = record_maddrs(self.swarm.visible_maddrs(), self.swarm.peer_id)
+        return PeerRecord(peer_id=self.swarm.peer_id, public_key=self.me, grpc=self.grpc, maddrs=maddrs,
+                          version=__version__, heartbeat=dht_time(), state=self.state.phase.value,
+                          shard=-1 if active is None else active)
 
     def _write_announce_file(self) -> None:
         if self.opts.announce_file is None:

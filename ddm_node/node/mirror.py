@@ -23,6 +23,7 @@ from ddm_node.node.state import NodeState
 from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import CheckpointRecord
 from ddm_node.train import checkpoint as ckpt
+from ddm_node.train.limits import ArtifactRules
 
 log = logging.getLogger(__name__)
 KEEP = 2  # mirrored checkpoints kept per shard
@@ -31,9 +32,9 @@ KEEP = 2  # mirrored checkpoints kept per shard
 class Mirror:
     """The mirror thread of an island (`loop`); `sweep` is one pass."""
 
-    def __init__(self, swarm: Swarm, me: str, num_shards: int, run_id: str, cfg: SwarmConfig, work: WorkDir,
+    def __init__(self, swarm: Swarm, me: str, num_shards: int, rules: ArtifactRules, cfg: SwarmConfig, work: WorkDir,
                  state: NodeState, publisher: Publisher, rejects: RejectList, events: EventLog):
-        self.swarm, self.me, self.num_shards, self.run_id, self.cfg = swarm, me, num_shards, run_id, cfg
+        self.swarm, self.me, self.num_shards, self.rules, self.cfg = swarm, me, num_shards, rules, cfg
         self.work, self.state, self.publisher, self.rejects, self.events = work, state, publisher, rejects, events
         self._paused: set[int] = set()
         self._lock = threading.Lock()
@@ -104,7 +105,7 @@ class Mirror:
                 continue
             try:
                 stats = [(r.manifest, r.grpc) for r in self.swarm.stats(shard)]
-                step_dir = fetch_checkpoint(self.work.root, shard, c, self.run_id, trusted, stats)
+                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, trusted, stats)
                 publisher = signed_publisher(step_dir)
                 self.publisher.checkpoint(step_dir, shard, mirrored_from=publisher)
                 ckpt.prune_checkpoints(self.work.root, shard, keep=KEEP)

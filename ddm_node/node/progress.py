@@ -1,11 +1,12 @@
 """What work is left in a run, as this island can prove it: a shard is done when a final checkpoint of it is
-here, or a peer announces one whose signed manifest says so (a DHT record alone proves nothing)."""
+here, or a peer announces one that a verified, loadable expert backs (`exchange.done.DoneCheck`: a DHT record
+alone proves nothing, and neither does a signed manifest without the bytes it names)."""
 
 from __future__ import annotations
 
 from ddm_node.core.workdir import WorkDir, step_of
 from ddm_node.data.plan import Plan
-from ddm_node.exchange.fetch import AnnouncementCheck, Expected
+from ddm_node.exchange.done import DoneCheck
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 
@@ -13,23 +14,18 @@ from ddm_node.train import checkpoint as ckpt
 class Progress:
     """Done checks over the local work dir and the swarm's announcements (verified, verdicts cached)."""
 
-    def __init__(self, plan: Plan, work: WorkDir, swarm: Swarm, checks: AnnouncementCheck, router_job: bool):
+    def __init__(self, plan: Plan, work: WorkDir, swarm: Swarm, checks: DoneCheck, router_job: bool):
         self.plan, self.work, self.swarm, self.checks, self.router_job = plan, work, swarm, checks, router_job
         self.budget = plan.cfg.train.steps
 
     def shard_done(self, shard: int) -> bool:
         if step_of(ckpt.latest_checkpoint(self.work.root, shard)) >= self.budget:
             return True
-        return any(r.final and r.step >= self.budget
-                   and self.checks.holds(r.expert_manifest, r.grpc, Expected(ckpt.EXPERT, self.plan.run_id, shard,
-                                                                              r.step))
-                   for r in self.swarm.checkpoints(shard))
+        return self.checks.shard(shard, self.swarm.checkpoints(shard))
 
     def pending(self) -> list[int]:
         """Shards not done, in index order."""
         return [s for s in range(len(self.plan.shards)) if not self.shard_done(s)]
 
     def router_done(self) -> bool:
-        return (not self.router_job or self.work.router.is_dir()
-                or any(self.checks.holds(r.manifest, r.grpc, Expected("router", self.plan.run_id, -1, r.step))
-                       for r in self.swarm.routers()))
+        return not self.router_job or self.work.router.is_dir() or self.checks.router(self.swarm.routers())

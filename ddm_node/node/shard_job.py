@@ -30,6 +30,7 @@ from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.checkpointer import DiskFull, is_disk_full
 from ddm_node.train.expert import train_shard
+from ddm_node.train.limits import ArtifactRules
 from ddm_node.train.supervisor import train_shard_distributed
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ class TrainSettings:
 class ShardJob:
     """Trains claimed shards of one plan (`run(shard)`)."""
 
-    def __init__(self, plan: Plan, work: WorkDir, swarm: Swarm, settings: TrainSettings, state: NodeState,
-                 publisher: Publisher, mirror: Mirror, rejects: RejectList, events: EventLog,
+    def __init__(self, plan: Plan, rules: ArtifactRules, work: WorkDir, swarm: Swarm, settings: TrainSettings,
+                 state: NodeState, publisher: Publisher, mirror: Mirror, rejects: RejectList, events: EventLog,
                  trusted: list[str] | None):
-        self.plan, self.work, self.swarm, self.settings, self.state = plan, work, swarm, settings, state
+        self.plan, self.rules, self.work, self.swarm, self.settings, self.state = plan, rules, work, swarm, settings, state
         self.publisher, self.mirror, self.rejects, self.events, self.trusted = (publisher, mirror, rejects, events,
                                                                                 trusted)
         self._loaded = threading.Event()  # set once the trainer resumed (one process: the state loaded)
@@ -107,7 +108,7 @@ class ShardJob:
             if c.key in self.rejects:
                 continue
             try:
-                step_dir = fetch_checkpoint(self.work.root, shard, c, self.plan.run_id, self.trusted)
+                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, self.trusted)
                 publisher = signed_publisher(step_dir)
                 log.info("shard %d: resuming from step %d fetched from %s", shard, c.step, c.holders)
                 self.events.record(EventKind.RESUME, shard=shard, step=c.step, source="swarm",

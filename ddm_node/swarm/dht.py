@@ -19,7 +19,8 @@ else) and the key's shard. Anything else is skipped with a warning; getters neve
 What a node stores for others is bounded (swarm/storage.py, installed when the Swarm starts): at most
 256 records per key, so one key's answer stays near 1 MiB, far under p2pd's 4 MiB message limit, and
 at most 16,384 records per node; hivemind's cache is off. The validator admits only signed, owned,
-well-formed typed records (swarm/validator.py).
+well-formed typed records (swarm/validator.py). Readers keep only addresses this node may dial: those at hosts of
+the swarm (swarm/addresses.py, applied by keys.py's `DialFilter`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ import hivemind
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
+from ddm_node.swarm.addresses import SwarmHosts, maddr_host
 from ddm_node.swarm.dht_process import DHTChild
 from ddm_node.swarm.keys import (  # noqa: F401 (dht_key, dht_time, Entry and KINDS are this module's API too)
     HEX64,
     KINDS,
+    DialFilter,
     Entry,
     check_run_id,
     dht_key,
@@ -89,13 +92,10 @@ class Swarm:
         """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
         `port`). `client_mode`: a reader that joins through others but accepts no connections and never
         enters routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
-        self.identity = identity
-        self.run_id = check_run_id(run_id)
-        self.public_key = identity.public_hex
+        self.identity, self.run_id, self.public_key = identity, check_run_id(run_id), identity.public_hex
         self.validator = Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
-        self._lock = threading.Lock()
-        self._closed = False
+        self._lock, self._closed = threading.Lock(), False
         if isinstance(initial_peers, str) or not all(isinstance(p, str) for p in initial_peers):
             raise DDMError(f"initial peers must be a list of multiaddr strings, got {initial_peers!r}")
         if announce_host is not None and not port:
@@ -109,6 +109,9 @@ class Swarm:
             self._closed = True
             raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
         self._dht = self._child.dht
+        self._dialable = DialFilter(SwarmHosts(  # which record addresses this node dials
+            partial(self._call_future, lambda: self._dht.run_coroutine(_connected_hosts, return_future=True)),
+            [host, announce_host or "", *(maddr_host(m) or "" for m in initial_peers)]), self.public_key)
         try:
             self._peer_id = self._call(lambda: self._dht.peer_id).to_base58()
             self._call_future(lambda: self._dht.run_coroutine(partial(install, limits=limits or StorageLimits()),
@@ -171,6 +174,7 @@ class Swarm:
     def visible_maddrs(self) -> list[str]:
         """Multiaddrs other peers can use as `initial_peers` (each ends in /p2p/<peer id>)."""
         return [str(m) for m in self._call(lambda: self._dht.get_visible_maddrs())]
+
 
     @staticmethod
     def now() -> float:
@@ -244,6 +248,7 @@ class Swarm:
 
         for subkey, item in found.value.items():
             entry = parse_entry(kind, spec, key, shard, subkey, item, skip)
+            entry = self._dialable(kind, entry) if entry is not None else None  # addresses this node may dial
             if entry is not None:
                 entries.append(entry)
         if skipped > LOUD_SKIPS:
@@ -312,6 +317,14 @@ class Swarm:
             self._ensure_open()
             future = fn()
         return future.result(timeout=RPC_TIMEOUT)
+
+
+async def _connected_hosts(_dht: hivemind.DHT, node: Any) -> list[str]:
+    """Runs in the DHT process (for `SwarmHosts`): the remote hosts of p2pd's connections (what the
+    handshakes proved, not what peers say) and this node's own visible addresses."""
+    maddrs = [str(a) for peer in await node.p2p.list_peers() for a in peer.addrs]
+    maddrs += [str(a) for a in await node.p2p.get_visible_maddrs()]
+    return [h for h in (maddr_host(m) for m in maddrs) if h]
 
 
 async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) -> int:

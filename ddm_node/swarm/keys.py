@@ -1,5 +1,6 @@
 """DHT keys and the record codec: which record type lives under which key, how a record is checked before
-it is stored, and how a stored value is parsed back (skipping anything that is not a valid owned record)."""
+it is stored, and how a stored value is parsed back (skipping anything that is not a valid owned record, and
+addresses this node may not dial: `DialFilter`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from ddm_node.core.errors import DDMError
+from ddm_node.swarm.addresses import SwarmHosts, maddr_host
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,
@@ -131,3 +133,38 @@ def parse_entry(kind: str, spec: _Kind, key: str, shard: int | None, subkey: Any
     if isinstance(record, Claim):
         record = replace(record, expires_at=float(item.expiration_time))  # the DHT's expiration counts
     return Entry(owner=owner, record=record, expiration=float(item.expiration_time))
+
+
+# record kinds whose `grpc` address readers dial (claims and peer records name one too, nobody dials it)
+DIALED = frozenset({RecordKind.CKPT, RecordKind.REPLICA, RecordKind.STATS, RecordKind.ROUTER, RecordKind.PLAN})
+MAX_REFUSED = 1024  # refused addresses remembered (each is logged once)
+
+
+class DialFilter:
+    """What a reader keeps of a record's addresses: only those at hosts of the swarm (`SwarmHosts`, see
+    swarm/addresses.py). A record whose gRPC address is elsewhere is skipped (logged once per address); a peer
+    record keeps only its multiaddrs at such hosts. The node's own records are kept as they are."""
+
+    def __init__(self, hosts: SwarmHosts, me: str):
+        self.hosts, self.me = hosts, me
+        self._refused: dict[str, None] = {}
+
+    def __call__(self, kind: str, entry: Entry) -> Entry | None:
+        record, kind = entry.record, RecordKind(kind)
+        if entry.owner == self.me:
+            return entry
+        if kind in DIALED:
+            if self.hosts.allows(record.grpc):
+                return entry
+            if record.grpc not in self._refused:
+                logger.warning("not dialing %s, announced by %s in a %s record: not a host of this swarm",
+                               record.grpc[:80], entry.owner[:12], kind)
+                self._refused[record.grpc] = None
+                while len(self._refused) > MAX_REFUSED:
+                    del self._refused[next(iter(self._refused))]
+            return None
+        if kind == RecordKind.PEERS:
+            kept = tuple(m for m in record.maddrs if self.hosts.allows_host(maddr_host(m) or ""))
+            if kept != record.maddrs:
+                return replace(entry, record=replace(record, maddrs=kept))
+        return entry

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
 from ddm_node.core.errors import DDMError
+from ddm_node.swarm.addresses import maddr_problem, split_grpc
 
 MAX_STR = 256
 MAX_MADDRS = 16
@@ -23,8 +24,6 @@ MAX_SHARD = 65535
 MAX_STEP = 2**62
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")  # libp2p peer ids are base58
-# host:port, host a name, IPv4 or [IPv6]; no whitespace, no scheme
-_GRPC = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
 
 R = TypeVar("R", bound="_Record")
@@ -108,11 +107,8 @@ def _peer_id(v: Any, c: str, name: str) -> str:
 
 def _grpc(v: Any, c: str, name: str, allow_empty: bool = False) -> str:
     v = _text(v, c, name, allow_empty=allow_empty)
-    if not v:
-        return v
-    match = _GRPC.match(v)
-    if not match or not 1 <= int(match.group(2)) <= 65535:
-        raise _bad(c, name, f"is not host:port: {v!r}")
+    if v and split_grpc(v) is None:  # swarm/addresses.py: the forms a peer can be dialed at
+        raise _bad(c, name, f"is not host:port of a peer: {v[:80]!r}")
     return v
 
 
@@ -158,11 +154,16 @@ class PeerRecord(_Record):
         maddrs = _field(v, c, "maddrs")
         if not isinstance(maddrs, (list, tuple)) or len(maddrs) > MAX_MADDRS:
             raise _bad(c, "maddrs", f"must be a list of at most {MAX_MADDRS} strings")
+        peer_id = _peer_id(_field(v, c, "peer_id"), c, "peer_id")
+        for m in maddrs:  # a peer speaks for itself only: each multiaddr names its own peer id
+            problem = maddr_problem(_text(m, c, "maddrs[]"), peer_id)
+            if problem is not None:
+                raise _bad(c, "maddrs[]", problem)
         return cls(
-            peer_id=_peer_id(_field(v, c, "peer_id"), c, "peer_id"),
+            peer_id=peer_id,
             public_key=_hex64(_field(v, c, "public_key"), c, "public_key"),
             grpc=_grpc(_field(v, c, "grpc"), c, "grpc", allow_empty=True),
-            maddrs=tuple(_text(m, c, "maddrs[]") for m in maddrs),
+            maddrs=tuple(maddrs),
             version=_text(_field(v, c, "version"), c, "version", max_len=64),
             heartbeat=_time(_field(v, c, "heartbeat"), c, "heartbeat"),
             state=_text(_field(v, c, "state"), c, "state", max_len=64),

@@ -12,6 +12,7 @@ only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -237,17 +238,36 @@ def check_state(state_dir: str | Path, manifest: Manifest) -> tuple[ModelConfig,
     return saved_model, from_dict(cfg["train"], TrainConfig, source=f"{cfg_path} (train)")
 
 
+def read_model_config(expert_dir: str | Path, expected: ModelConfig | None = None) -> ModelConfig:
+    """An expert artifact's model config (config.json); DDMError unless it is `expected` (the run's), when given.
+    Checked before any model is built from it: a peer's config could ask for any size of model."""
+    cfg_path = Path(expert_dir) / CONFIG_FILE
+    cfg = _parse_model_cfg(read_json(cfg_path), str(cfg_path))
+    if expected is not None:
+        check_model_config(cfg, expected, str(cfg_path))
+    return cfg
+
+
+def check_model_config(cfg: ModelConfig, expected: ModelConfig, source: str) -> None:
+    """DDMError naming the fields in which a model config read from an artifact differs from the run's."""
+    expected = expected.resolved()
+    if cfg != expected:
+        diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(cfg, f.name) != getattr(expected, f.name)]
+        raise DDMError(f"{source}: model config differs from the plan's ({', '.join(diff)})")
+
+
 def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: bool = False,
-                trusted_keys: Iterable[str] | None = None) -> DiT:
-    """Build a DiT from an expert artifact's config.json and load its EMA weights (eval mode, no grads)."""
+                trusted_keys: Iterable[str] | None = None, expected: ModelConfig | None = None) -> DiT:
+    """Build a DiT from an expert artifact's config.json and load its EMA weights (eval mode, no grads).
+    With `expected` (the plan's model config) a config.json that differs is refused before the model is built."""
     expert_dir = Path(expert_dir)
     if verify:
         manifest = verify_artifact(expert_dir, require_signature=require_signature or bool(trusted_keys),
                                    trusted_keys=trusted_keys)
         if manifest.kind != EXPERT:
             raise DDMError(f"{expert_dir}: artifact kind is {manifest.kind!r}, expected 'expert'")
+    cfg = read_model_config(expert_dir, expected)
     cfg_path = expert_dir / CONFIG_FILE
-    cfg = _parse_model_cfg(read_json(cfg_path), str(cfg_path))
     try:
         model = DiT(cfg)
     except ValueError as exc:

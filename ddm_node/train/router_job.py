@@ -18,6 +18,8 @@ from ddm_node.core.jsonsafe import load_file as load_json_file
 from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.train.checkpoint import check_model_config
+from ddm_node.train.limits import ArtifactRules
 from router.learned import LearnedRouter, RouterNet, router_model_config, train_router
 
 log = logging.getLogger(__name__)
@@ -70,18 +72,43 @@ def write_router(out_dir: str | Path, plan: Plan, router: LearnedRouter, cfg: Ro
         raise
 
 
-def load_router(router_dir: str | Path, require_signature: bool = False, trusted_keys=None) -> LearnedRouter:
-    """Verify and load a router artifact into a LearnedRouter (eval mode, CPU)."""
+MAX_IMAGE = 1024  # pixels per side, channels, classes and experts a router config may name (without a plan to compare)
+MAX_CHANNELS = 64
+MAX_CLASSES = 1 << 20
+MAX_EXPERTS = 65536
+
+
+def load_router(router_dir: str | Path, require_signature: bool = False, trusted_keys=None,
+                rules: ArtifactRules | None = None) -> LearnedRouter:
+    """Verify and load a router artifact into a LearnedRouter (eval mode, CPU).
+
+    Its config.json is peer data: every number is range-checked, and with `rules` (the run's plan) the router's
+    model config must be the plan's and its experts this run's shards, before the network is built."""
     router_dir = Path(router_dir)
     verify_artifact(router_dir, require_signature=require_signature, trusted_keys=trusted_keys)
+    source = str(router_dir / CONFIG_FILE)
     try:
         config = load_json_file(router_dir / CONFIG_FILE, max_bytes=1 << 20, error=DDMError)  # peer data: bounded
-        experts = [int(e) for e in config["experts"]]
-        cfg = from_dict(config["router"], RouterConfig, source=str(router_dir / CONFIG_FILE))
-        model_cfg = router_model_config(cfg, int(config["image_size"]), int(config["channels"]),
-                                        int(config["num_classes"]))
+        if not isinstance(config, dict) or not isinstance(config.get("experts"), list):
+            raise DDMError(f"{source}: malformed router config (experts must be a list)")
+        shards = rules.num_shards if rules is not None else MAX_EXPERTS
+        experts = [_int_in(e, 0, shards - 1, f"{source}: expert") for e in config["experts"][:shards + 1]]
+        if not experts or len(experts) > shards or len(set(experts)) != len(experts):
+            raise DDMError(f"{source}: router experts must be 1 to {shards} distinct shards")
+        cfg = from_dict(config["router"], RouterConfig, source=source)
+        model_cfg = router_model_config(cfg, _int_in(config["image_size"], 1, MAX_IMAGE, f"{source}: image_size"),
+                                        _int_in(config["channels"], 1, MAX_CHANNELS, f"{source}: channels"),
+                                        _int_in(config["num_classes"], 0, MAX_CLASSES, f"{source}: num_classes"))
     except (KeyError, TypeError, ValueError) as exc:
-        raise DDMError(f"{router_dir / CONFIG_FILE}: malformed router config ({exc})") from None
+        raise DDMError(f"{source}: malformed router config ({str(exc)[:200]})") from None
+    if rules is not None:
+        check_model_config(model_cfg.resolved(), rules.router, source)
+    with torch.device("meta"):  # what the config asks for, counted without allocating it
+        need = sum(t.numel() * t.element_size() for t in RouterNet(model_cfg, len(experts)).state_dict().values())
+    weights = router_dir / MODEL_FILE
+    if weights.is_file() and need > weights.stat().st_size:
+        raise IntegrityError(f"{weights}: cannot load router weights (config.json describes {need} bytes of them, "
+                             f"the file holds {weights.stat().st_size})")
     net = RouterNet(model_cfg, len(experts))
     try:
         net.load_state_dict(load_file(str(router_dir / MODEL_FILE)))
@@ -89,3 +116,9 @@ def load_router(router_dir: str | Path, require_signature: bool = False, trusted
         reason = str(exc).splitlines()[0]
         raise IntegrityError(f"{router_dir / MODEL_FILE}: cannot load router weights ({reason})") from None
     return LearnedRouter(net.eval(), experts)
+
+
+def _int_in(value: object, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise DDMError(f"{what} must be an integer in [{low}, {high}], got {str(value)[:24]!r}")
+    return value

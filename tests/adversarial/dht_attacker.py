@@ -46,23 +46,33 @@ def signed_record(identity: Identity, key: str, value: bytes, expiration: float)
     return subkey, Ed25519RecordValidator(identity).sign_value(record)
 
 
+PEER_ID = "Qm" + "z" * 44
+_MADDR = "/dns/{host}/tcp/1/p2p/" + PEER_ID
+
+
 def big_peer_record(public_hex: str, size: int = MAX_VALUE_BYTES - 40) -> bytes:
     """A well-formed PeerRecord of at most `size` packed bytes, padded with long multiaddrs (the 4 KiB cap)."""
     n, length = _maddrs_for(size)
-    record = PeerRecord("Qm" + "z" * 44, public_hex, "", _maddrs(n, length), "0.1.0", 1.0, "idle", -1).validated()
+    record = PeerRecord(PEER_ID, public_hex, "", _maddrs(n, length), "0.1.0", 1.0, "idle", -1).validated()
     return MSGPackSerializer.dumps(record.to_value())
 
 
 def _maddrs(n: int, length: int) -> tuple[str, ...]:
-    return tuple("/dns/" + "a" * (length - 5) for _ in range(n))
+    """`n` valid multiaddrs of the record's own peer id, each `length` characters (a long DNS name)."""
+    h = length - len(_MADDR.format(host=""))
+    labels = -(-(h + 1) // 64)  # DNS labels of at most 63 characters, joined by dots
+    chars = h - (labels - 1)
+    host = ".".join("a" * (chars // labels + (i < chars % labels)) for i in range(labels))
+    return tuple(_MADDR.format(host=host) for _ in range(n))
 
 
 @lru_cache(maxsize=8)
 def _maddrs_for(size: int) -> tuple[int, int]:
     """(count, length) of the longest multiaddr padding that keeps a PeerRecord within `size` bytes."""
+    shortest = len(_MADDR.format(host="a"))
     for n in range(16, -1, -1):
-        for length in range(250, 5, -1):
-            record = PeerRecord("Qm" + "z" * 44, "0" * 64, "", _maddrs(n, length), "0.1.0", 1.0, "idle", -1)
+        for length in range(250, shortest - 1, -1):
+            record = PeerRecord(PEER_ID, "0" * 64, "", _maddrs(n, length), "0.1.0", 1.0, "idle", -1)
             if len(MSGPackSerializer.dumps(record.to_value())) <= size:
                 return n, length
     raise ValueError(f"no PeerRecord fits in {size} bytes")

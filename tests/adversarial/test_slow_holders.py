@@ -315,19 +315,20 @@ def test_only_the_manifests_publisher_goes_first(sybil_world):
 def test_checkpoint_fetch_for_mirror_and_resume_past_sybils(sybil_world, small_budgets, tmp_path):
     from ddm_node.exchange.candidates import checkpoint_candidates
     from ddm_node.exchange.fetch import fetch_checkpoint
+    from ddm_node.train.limits import ArtifactRules
 
     w = sybil_world
-    run_id = w["plan"].run_id
+    rules = ArtifactRules.for_plan(w["plan"])
     runs = iter(range(100))
 
     def honest_only():
         return fetch_checkpoint(tmp_path / f"h{next(runs)}", 0, checkpoint_candidates([w["h_record"]], [])[0],
-                                run_id, None)
+                                rules, None)
 
     c = checkpoint_candidates(w["reader"].checkpoints(0), w["reader"].replicas(0))[0]
     assert c.holders[0] == w["s"].address  # the stalling Sybil is asked first
     t_honest, elapsed, got = side_by_side(
-        honest_only, lambda: fetch_checkpoint(tmp_path / f"w{next(runs)}", 0, c, run_id, None), 120)
+        honest_only, lambda: fetch_checkpoint(tmp_path / f"w{next(runs)}", 0, c, rules, None), 120)
     bound = 2 * t_honest + CONNECT
     print(f"honest-only {t_honest:.2f} s; with the Sybils {elapsed:.2f} s; bound {bound:.2f} s")
     assert (got / "expert" / "manifest.json").is_file() and (got / "state" / "manifest.json").is_file()
