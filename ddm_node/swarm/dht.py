@@ -34,6 +34,7 @@ import hivemind
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
+from ddm_node.core.meter import Meter, Timer, timed
 from ddm_node.swarm.dht_process import DHTChild
 from ddm_node.swarm.keys import (  # noqa: F401 (dht_key, dht_time, Entry and KINDS are this module's API too)
     HEX64,
@@ -85,6 +86,7 @@ class Swarm:
         announce_host: str | None = None,
         client_mode: bool = False,
         limits: StorageLimits | None = None,
+        meter: Meter | None = None,
     ):
         """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
         `port`). `client_mode`: a reader that joins through others but accepts no connections and never
@@ -92,6 +94,7 @@ class Swarm:
         self.identity = identity
         self.run_id = check_run_id(run_id)
         self.public_key = identity.public_hex
+        self.meter = meter  # the latency of every DHT get and store is observed here (Timer.DHT_CALL)
         self.validator = Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
         self._lock = threading.Lock()
@@ -207,7 +210,7 @@ class Swarm:
         try:
             ok = bool(
                 self._call_future(
-                    lambda: self._dht.store(key, value, expiration, subkey=self.marker, return_future=True)
+                    lambda: self._dht.store(key, value, expiration, subkey=self.marker, return_future=True), "store"
                 )
             )
         except Exception as exc:
@@ -225,7 +228,7 @@ class Swarm:
         key = dht_key(run_id or self.run_id, kind, shard)
         self._ensure_open()
         try:
-            found = self._call_future(lambda: self._dht.get(key, latest=True, return_future=True))
+            found = self._call_future(lambda: self._dht.get(key, latest=True, return_future=True), "get")
         except Exception as exc:
             logger.warning("DHT get of %s failed: %s", key, exc)
             return []
@@ -306,12 +309,13 @@ class Swarm:
             self._ensure_open()
             return fn()
 
-    def _call_future(self, fn: Any) -> Any:
+    def _call_future(self, fn: Any, op: str = "other") -> Any:
         """Send a request under the lock, wait for its MPFuture outside it (calls overlap)."""
-        with self._lock:
-            self._ensure_open()
-            future = fn()
-        return future.result(timeout=RPC_TIMEOUT)
+        with timed(self.meter, Timer.DHT_CALL, op):
+            with self._lock:
+                self._ensure_open()
+                future = fn()
+            return future.result(timeout=RPC_TIMEOUT)
 
 
 async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) -> int:

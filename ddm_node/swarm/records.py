@@ -21,6 +21,10 @@ MAX_STR = 256
 MAX_MADDRS = 16
 MAX_SHARD = 65535
 MAX_STEP = 2**62
+# Bounds of a peer record's live training fields (a writer clamps to them; readers reject anything else).
+MAX_RATE = 1e9  # images/s
+MAX_LOSS = 1e6
+MAX_ETA = 1e9  # seconds
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")  # libp2p peer ids are base58
 # host:port, host a name, IPv4 or [IPv6]; no whitespace, no scheme
@@ -74,6 +78,17 @@ def _time(v: Any, c: str, name: str) -> float:
     if not math.isfinite(v) or v < 0 or v > 1e11:
         raise _bad(c, name, f"is not a plausible time: {v}")
     return v
+
+
+def _opt_number(v: Any, c: str, name: str, hi: float) -> float | None:
+    """None, or a finite number in [0, hi]."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(c, name, f"must be a number, got {type(v).__name__}")
+    if not math.isfinite(v) or not 0 <= v <= hi:
+        raise _bad(c, name, f"out of range [0, {hi:g}]: {v}")
+    return float(v)
 
 
 def _bool(v: Any, c: str, name: str) -> bool:
@@ -139,7 +154,8 @@ class _Record:
 
 @dataclass(frozen=True)
 class PeerRecord(_Record):
-    """A node's heartbeat: where to reach it and what it is doing (shard -1 = none)."""
+    """A node's heartbeat: where to reach it and what it is doing (shard -1 = none), and while it trains a shard
+    its live progress: step, images/s, smoothed loss, seconds to the budget (None: unknown or not training)."""
 
     KIND: ClassVar[RecordKind] = RecordKind.PEERS
     peer_id: str
@@ -150,6 +166,10 @@ class PeerRecord(_Record):
     heartbeat: float
     state: str
     shard: int
+    step: int | None = None
+    images_per_s: float | None = None
+    loss: float | None = None
+    eta: float | None = None
 
     @classmethod
     def from_value(cls, value: Any) -> PeerRecord:
@@ -167,6 +187,11 @@ class PeerRecord(_Record):
             heartbeat=_time(_field(v, c, "heartbeat"), c, "heartbeat"),
             state=_text(_field(v, c, "state"), c, "state", max_len=64),
             shard=_int(_field(v, c, "shard"), c, "shard", -1, MAX_SHARD),
+            # live fields: optional (older peers do not send them)
+            step=None if v.get("step") is None else _int(v["step"], c, "step", 0, MAX_STEP),
+            images_per_s=_opt_number(v.get("images_per_s"), c, "images_per_s", MAX_RATE),
+            loss=_opt_number(v.get("loss"), c, "loss", MAX_LOSS),
+            eta=_opt_number(v.get("eta"), c, "eta", MAX_ETA),
         )
 
 
