@@ -5,6 +5,11 @@ lowers the level one step, each `-q` raises it. The flags are accepted before an
 On a terminal the console handler is rich's (log lines and progress bars share one console); otherwise
 plain lines. `--log-format json` writes one JSON object per line (to the console and the file);
 `--log-file PATH` adds a size-rotated file.
+
+A failing start-up must still end in one error line (a clear one-line error for bad input), so `start`
+holds its INFO lines back from the console until the island is ready (`release_held`, called on its ready
+event) and drops them when it fails before that; warnings pass at once, and the log file gets everything.
+With -v nothing is held.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import logging
 import logging.handlers
 import sys
 import time
+from collections import deque
 
 CHATTY = ("start", "dashboard")  # commands that log at INFO by default
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE_BYTES = 10 << 20  # per file, then rotated
 LOG_FILE_BACKUPS = 5
+HOLD_MAX = 500  # INFO records held back until ready (the oldest are dropped past this)
 _console = None  # the stderr Console shared with progress bars, once made
+_hold: HoldUntilReady | None = None
 
 
 def add_log_flags(parser: argparse.ArgumentParser, in_subcommand: bool) -> None:
@@ -53,6 +61,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class HoldUntilReady(logging.Filter):
+    """A console handler's filter: records below WARNING wait until `release()`, then go out in order."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+        self.held: deque[logging.LogRecord] | None = deque(maxlen=HOLD_MAX)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = self.held
+        if held is None or record.levelno >= logging.WARNING:
+            return True
+        held.append(record)
+        return False
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        for record in held or ():
+            self.handler.handle(record)
+
+
+def release_held() -> None:
+    """The node is ready: print the INFO lines held back since start-up, and print them as they come from now."""
+    if _hold is not None:
+        _hold.release()
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a redirected stream, a test's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it once; the property always answers sys.stderr
+        pass
+
+
 def stderr_console():
     """The rich Console on stderr that log lines and progress bars share."""
     global _console
@@ -65,13 +115,15 @@ def stderr_console():
 
 def setup_logging(command: str | None, verbose: int = 0, quiet: int = 0, log_file: str | None = None,
                   log_format: str = "text") -> int:
-    """Configure the root logger (replacing handlers set before); returns the level."""
+    """Configure the root logger (replacing the handlers an earlier call added, and only those); returns the level."""
+    global _hold
     level = level_for(command, verbose, quiet)
     root = logging.getLogger()
-    for h in list(root.handlers):
+    for h in [h for h in root.handlers if getattr(h, "ddm_node", False)]:
         root.removeHandler(h)
+        h.close()
     if log_format == "json":
-        console: logging.Handler = logging.StreamHandler(sys.stderr)
+        console: logging.Handler = StderrHandler()
         console.setFormatter(JsonFormatter())
     elif sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -79,12 +131,18 @@ def setup_logging(command: str | None, verbose: int = 0, quiet: int = 0, log_fil
         console = RichHandler(console=stderr_console(), show_path=False, rich_tracebacks=False, markup=False)
         console.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
-        console = logging.StreamHandler(sys.stderr)
+        console = StderrHandler()
         console.setFormatter(logging.Formatter(FORMAT))
-    root.addHandler(console)
+    _hold = HoldUntilReady(console) if command == "start" and verbose == 0 else None
+    if _hold is not None:
+        console.addFilter(_hold)
+    handlers = [console]
     if log_file:
         handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS)
         handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(FORMAT))
-        root.addHandler(handler)
+        handlers.append(handler)
+    for h in handlers:
+        h.ddm_node = True  # ours: a later call replaces it; others' (a test's capture) stay
+        root.addHandler(h)
     root.setLevel(level)
     return level

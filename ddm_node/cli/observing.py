@@ -49,9 +49,12 @@ def island_observers(args) -> Iterator[Callable]:
     the island's run ends."""
     with ExitStack() as stack:
         def attach(island) -> None:
+            from ddm_node.cli.logs import release_held
             from ddm_node.cli.progress import ConsoleProgress
+            from ddm_node.core.events import EventKind
             from ddm_node.observe.watch import IslandMonitor
 
+            island.events.subscribe(lambda event: event.kind is EventKind.START and release_held())
             monitor = IslandMonitor(island, settings(args))
             stack.callback(monitor.close)
             monitor.start()

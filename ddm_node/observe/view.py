@@ -80,9 +80,10 @@ class SwarmView:
 
     def __init__(self, source: Callable[[], tuple[Swarm, Plan] | None], feed: Feed, interval: float = 2.0,
                  me: str | None = None, live: Callable[[], LiveProgress | None] = lambda: None,
-                 node: Callable[[], dict] = dict, samples: Path | None = None):
+                 node: Callable[[], dict] = dict, samples: Path | None = None,
+                 clock: Callable[[], float] = time.time):
         self.source, self.feed, self.interval, self.me, self.live = source, feed, interval, me, live
-        self.node, self.samples = node, samples
+        self.node, self.samples, self.clock = node, samples, clock
         self._lock = threading.Lock()
         self._status: RunStatus | None = None
         self._heartbeat = 5.0
@@ -127,11 +128,11 @@ class SwarmView:
         with self._lock:
             self._heartbeat = plan.cfg.swarm.heartbeat
             self._observe(status)
-            self._status, self._updated, self._error = status, time.time(), None
+            self._status, self._updated, self._error = status, self.clock(), None
 
     def _observe(self, status: RunStatus) -> None:
         """Curves, peers last seen, and feed entries for what changed since the previous poll."""
-        now, old = time.time(), self._status
+        now, old = self.clock(), self._status
         for s in status.shards:
             curve = self._curves.setdefault(s.shard, [])
             if s.loss is not None and s.live_step is not None and (not curve or s.live_step != curve[-1][0]):
@@ -180,7 +181,7 @@ class SwarmView:
         live = self.live()
         if live is not None:
             curves[live.shard] = live.curve()  # our own shard: every point the trainer reported
-        now = time.time()
+        now = self.clock()
         silent_after = SILENT_BEATS * heartbeat + 2.0
         doc = {"now": now, "updated": updated, "interval": self.interval, "stale_after": 3 * self.interval + 5,
                "silent_after": silent_after, "error": error, "node": self.node(), "run": None, "shards": [],
