@@ -138,13 +138,14 @@ def _check_dict(value: Any, c: str) -> dict:
 
 
 class _Record:
-    """Shared helpers: `to_value` is the dataclass as a dict (tuples become lists)."""
+    """Shared helpers: `to_value` is the dataclass as a dict (tuples become lists, None fields are left out)."""
 
     def to_value(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            if v is not None:  # an optional field left out reads back as None (and costs no bytes)
+                out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
     def validated(self: R) -> R:
