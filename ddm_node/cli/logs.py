@@ -103,6 +103,20 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
+class ConsoleHandler(logging.Handler):
+    """On a terminal: lines through the rich console that progress bars use (they scroll above the bars), never cut
+    into columns (a multiaddr stays one piece to copy), warnings and errors in colour."""
+
+    STYLES = {logging.WARNING: "yellow", logging.ERROR: "bold red", logging.CRITICAL: "bold red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stderr_console().print(self.format(record), markup=False, highlight=False, soft_wrap=True,
+                                   style=self.STYLES.get(record.levelno))
+        except Exception:
+            self.handleError(record)
+
+
 def stderr_console():
     """The rich Console on stderr that log lines and progress bars share."""
     global _console
@@ -126,10 +140,8 @@ def setup_logging(command: str | None, verbose: int = 0, quiet: int = 0, log_fil
         console: logging.Handler = StderrHandler()
         console.setFormatter(JsonFormatter())
     elif sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        console = RichHandler(console=stderr_console(), show_path=False, rich_tracebacks=False, markup=False)
-        console.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        console = ConsoleHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     else:
         console = StderrHandler()
         console.setFormatter(logging.Formatter(FORMAT))

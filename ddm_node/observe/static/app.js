@@ -173,7 +173,7 @@ function renderChart(doc) {
     $("legend").replaceChildren();
     return;
   }
-  const svgNS = "http://www.w3.org/2000/svg", W = Math.max(box.clientWidth, 300), H = 230, L = 50, R = 14, T = 10, B = 24;
+  const svgNS = "http://www.w3.org/2000/svg", W = Math.max(box.clientWidth, 300), H = 262, L = 50, R = 14, T = 10, B = 24;
   const all = series.flatMap((s) => s.curve);
   const x1 = Math.max(...all.map((p) => p[0]), 1), ys = all.map((p) => p[1]);
   const y0 = Math.min(...ys), y1 = Math.max(...ys), span = Math.max(y1 - y0, 1e-9);
