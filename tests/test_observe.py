@@ -414,3 +414,39 @@ def test_tensorboard_is_skipped_cleanly_without_the_package(monkeypatch, tmp_pat
     assert any(tag == "shard_2/images_per_s" for tag, _, _ in writer.scalars)
     scalars.close()
     assert writer.closed
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_status_watch_refreshes_until_interrupted(monkeypatch, capsys, as_json):
+    from ddm_node.clients import status as st
+
+    def status_at(step):
+        shard = st.ShardStatus(0, "training", st.Owner(PEER, K1), step, 300, 0.5, 0, 0, 0, None, live_step=step,
+                               loss=0.5, images_per_s=640.0, eta_s=10.0)
+        return st.RunStatus("cd" * 32, "digits", 1, 300, False, [shard],
+                            st.RouterStatus("disabled", None, None, 0, None, None))
+
+    class Swarm:
+        closed = False
+
+        def shutdown(self):
+            self.closed = True
+
+    swarm, steps, sleeps = Swarm(), iter([10, 20, 30, 40]), []
+    monkeypatch.setattr(st, "join_swarm", lambda peers, run: swarm)
+    monkeypatch.setattr(st, "fetch_plan", lambda *a, **k: None)
+    monkeypatch.setattr(st, "collect_status", lambda s, plan: status_at(next(steps)))
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt  # Ctrl-C: a clean exit
+
+    monkeypatch.setattr(st.time, "sleep", sleep)
+    assert st.run_status(["/p2p/x"], "cd" * 32, as_json=as_json, watch=2.5) == 0
+    out = capsys.readouterr().out
+    assert sleeps == [2.5, 2.5, 2.5] and swarm.closed
+    if as_json:
+        assert [json.loads(line)["shards"][0]["step"] for line in out.splitlines()] == [10, 20, 30]
+    else:
+        assert "30 / 300" in out  # the newest refresh is what is left on screen
