@@ -250,12 +250,16 @@ def test_supervised_group_stops_with_a_final_checkpoint_and_resumes_in_one_proce
         announced.append(step_dir)
         stop.set()  # as a lost lease would: stop once the first checkpoint is out
 
+    heard: list[tuple[int, list[float]]] = []  # rank 0's live progress, relayed through the progress file
     final = train_shard_distributed(plan, 0, work, 2, identity_path=key, device="cpu", on_checkpoint=on_checkpoint,
-                                    should_stop=stop.is_set, on_event=lambda k, f: events.append((k, f)), poll=0.2)
+                                    should_stop=stop.is_set, on_event=lambda k, f: events.append((k, f)), poll=0.2,
+                                    on_losses=lambda step, losses: heard.append((step, losses)))
     expert, state = ckpt.verify_checkpoint(final, require_signature=True)
     assert expert.publisher == identity.public_hex and expert.step == state.step
     assert announced and step_of(announced[0]) % 10 == 0  # the periodic checkpoint rank 0 wrote
     assert 10 <= expert.step < 5000  # stopped early, after the first checkpoint
+    assert heard and all(0 < step <= expert.step for step, _ in heard)
+    assert heard[0][1] and all(0 < v < 10 for _, losses in heard for v in losses)
     kinds = [k for k, _ in events]
     assert kinds == [EventKind.WORKERS_START, EventKind.WORKERS_EXIT] and events[1][1]["stopped"]
     assert all(isinstance(k, EventKind) for k in kinds)

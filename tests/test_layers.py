@@ -35,7 +35,8 @@ LAYERS: dict[str, int] = {
     "ddm_node/ensemble": 3,  # bundle, generate, metrics
     "ddm_node/node": 4,
     "ddm_node/clients": 4,  # assemble, status
-    "ddm_node/cli": 5,  # main, demo, localnet
+    "ddm_node/observe": 5,  # metrics, dashboard server and view, tensorboard (reads node and clients)
+    "ddm_node/cli": 6,  # main, demo, localnet
 }
 # Folders that count as one: they may import each other although they share a level.
 GROUP: dict[str, str] = {"ddm_node": "ground", "ddm_node/core": "ground", "proto": "transfer",
@@ -280,7 +281,7 @@ def test_checker_finds_upward_sideways_lazy_and_type_checking_imports(tmp_path):
     assert bad[0] == ("ddm_node/core/config.py:3: ddm_node.core.config (ddm_node/core, level 0) imports "
                       "ddm_node.swarm.dht (ddm_node/swarm, level 2): a higher level")
     assert "ddm_node.train (ddm_node/train, level 2): another folder of the same level" in bad[1]
-    assert "ddm_node.cli.main (ddm_node/cli, level 5)" in bad[2]
+    assert "ddm_node.cli.main (ddm_node/cli, level 6)" in bad[2]
     assert "ddm_node.data.plan (ddm_node/data, level 1): another folder of the same level" in bad[3]
     # The upward imports close cycles (config -> dht -> errors -> config through TYPE_CHECKING, and the one
     # below): the modules on them form one component, reported by one shortest cycle through its first module.

@@ -87,7 +87,7 @@ class LocalNet:
         work.mkdir(parents=True, exist_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         (work / "announce.json").unlink(missing_ok=True)
-        cmd = [*wrap, sys.executable, "-m", "ddm_node.cli", "-v", "start", *args, "--identity", str(self.key(name)),
+        cmd = [*wrap, sys.executable, "-m", "ddm_node.cli", "start", *args, "--identity", str(self.key(name)),
                "--work-dir", str(work), "--announce-file", str(work / "announce.json"), "--threads", str(self.threads)]
         with open(log, "ab") as f:
             popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)

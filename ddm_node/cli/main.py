@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ddm_node import __version__
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
+from ddm_node.cli.logs import add_log_flags, setup_logging
+from ddm_node.cli.observing import add_dashboard_parser, add_monitor_flags, island_observers
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -23,9 +25,9 @@ log = logging.getLogger("ddm_node")
 
 
 def console():
-    from rich.console import Console
+    from ddm_node.cli.logs import stderr_console
 
-    return Console(stderr=True)
+    return stderr_console()
 
 
 @contextmanager
@@ -214,7 +216,8 @@ def cmd_start(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    return run_island(opts, early)
+    with island_observers(args) as attach:
+        return run_island(opts, early, attach)
 
 
 def island_options(args):
@@ -253,7 +256,7 @@ def island_options(args):
 def cmd_status(args) -> int:
     from ddm_node.clients.status import run_status
 
-    return run_status(args.initial_peers, args.run_id, as_json=args.json, timeout=args.timeout)
+    return run_status(args.initial_peers, args.run_id, as_json=args.json, timeout=args.timeout, watch=args.watch)
 
 
 def cmd_assemble(args) -> int:
@@ -301,7 +304,7 @@ def add_set_flag(p: argparse.ArgumentParser, what: str = "any config key") -> No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddm-node", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ddm-node {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    add_log_flags(parser, in_subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("partition", help="cluster a dataset into K shards and write the run plan")
@@ -379,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=positive("--nproc-per-node"), default=None, metavar="N",
                    help="train with N DDP processes (one per GPU) under torchrun; default: the config's "
                         "train.nproc_per_node (1)")
+    add_monitor_flags(p)
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("status", help="a table of the run's shards: owner, step, heartbeat, checkpoints, replicas")
@@ -386,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", dest="run_id", required=True, metavar="RUN_ID")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the plan")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("assemble", help="fetch the newest verified expert of every shard and write a bundle")
@@ -408,21 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     p.set_defaults(func=cmd_demo)
     add_features_parser(sub, positive)
+    add_dashboard_parser(sub)
+    for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
+        add_log_flags(p, in_subcommand=True)
     return parser
-
-
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
     # gRPC's C core logs to stderr on its own (a failed bind, fork warnings): keep errors to our one line.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE" if args.verbose < 2 else "ERROR")
     try:
+        setup_logging(args.command, args.verbose, args.quiet, args.log_file, args.log_format)
         return args.func(args)
     except DDMError as exc:
         print(f"ddm-node {args.command}: error: {exc}", file=sys.stderr)

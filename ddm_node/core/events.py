@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -38,6 +39,7 @@ class EventKind(str, Enum):
     WORKERS_START = "workers_start"  # a DDP worker group started (attempt, resume_step)
     WORKERS_EXIT = "workers_exit"  # a worker group exited (code, stopped)
     WORKERS_RESTART = "workers_restart"  # a crashed worker group is restarted
+    RELEASE = "release"  # gave a claimed shard back (`reason`: done, stopping, disk full, ...)
 
     def __str__(self) -> str:  # the value in f-strings and DHT keys, as on Python 3.12
         return self.value
@@ -68,6 +70,19 @@ class Event:
     code: int | None = None
     stopped: bool | None = None
     failures: int | None = None
+    maddrs: tuple[str, ...] | None = None
+    run_id: str | None = None
+
+    def line(self) -> str:
+        """The event as one console line (the island's log of what it does)."""
+        where = f"shard {self.shard}: " if self.shard is not None else ""
+        values = {f.name: " ".join(v) if isinstance(v, tuple) else v
+                  for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        text = _LINES.get(self.kind)
+        if text is not None:
+            return where + text.format(**values)
+        extra = {k: v for k, v in values.items() if k not in ("kind", "t", "island", "name", "shard") and v is not None}
+        return where + self.kind.value.replace("_", " ") + "".join(f" {k}={v}" for k, v in extra.items())
 
     def to_json(self) -> str:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("kind", "name")}
@@ -85,17 +100,40 @@ class Event:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: tuple(v) if k == "holders" and isinstance(v, list) else v for k, v in data.items() if k in known}
+        values = {k: tuple(v) if k in ("holders", "maddrs") and isinstance(v, list) else v for k, v in data.items()
+                  if k in known}
         return cls(kind=kind, name=name, **values)
 
 
+# Console lines of the kinds a user follows (fields by name; None fields are not used by their kind's text).
+_LINES: dict[EventKind, str] = {
+    EventKind.START: "ready: peer {peer_id}, gRPC {grpc}, run {run_id}, DHT {maddrs}",
+    EventKind.CLAIM: "claimed",
+    EventKind.TRAIN: "training from step {step}",
+    EventKind.RESUME: "resumed at step {step} from {source} (checkpoint by {publisher})",
+    EventKind.CHECKPOINT: "checkpoint at step {step} published",
+    EventKind.MIRROR: "mirrored step {step} (checkpoint by {publisher})",
+    EventKind.DONE: "done at step {step}",
+    EventKind.RELEASE: "handed back ({reason})",
+    EventKind.ROUTER: "router trained ({steps} steps) and published",
+}
+# Kinds whose cause is already logged, with more detail, where it happens: their event line goes to DEBUG.
+_LOGGED_ELSEWHERE = {EventKind.LEASE_LOST, EventKind.DISK_FULL, EventKind.REJECTED, EventKind.WORKERS_START,
+                     EventKind.WORKERS_RESTART}
+
+
 class EventLog:
-    """Appends events to one file; thread-safe, and never raises over a log line (a full disk must not end a node)."""
+    """Appends events to one file and logs each as one line; thread-safe, and never raises over a log line (a
+    full disk must not end a node). `subscribe` adds a listener (metrics, the dashboard) called per event."""
 
     def __init__(self, path: Path, island: str):
         self.path = Path(path)
         self.island = island
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
 
     def record(self, kind: EventKind, **fields) -> Event:
         event = Event(kind=kind, t=time.time(), island=self.island, **fields)
@@ -104,6 +142,12 @@ class EventLog:
                 f.write(event.to_json() + "\n")
         except OSError as exc:
             log.warning("could not record event %s: %s", kind.value, exc)
+        log.log(logging.DEBUG if kind in _LOGGED_ELSEWHERE else logging.INFO, "%s", event.line())
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception as exc:  # a listener's bug must not stop the node
+                log.debug("event listener failed on %s: %r", kind.value, exc)
         return event
 
 

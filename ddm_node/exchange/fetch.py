@@ -16,8 +16,11 @@ import shutil
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Literal
+
+import grpc
 
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import load_file as load_json_file
@@ -59,6 +62,34 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, DDMError):
         return str(exc)
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+class FetchFailure(str, Enum):
+    """Why a fetch failed, for the metrics (a few fixed labels, whatever the peer sent)."""
+
+    REJECTED = "rejected"  # the artifact itself is bad: never fetched again
+    INTEGRITY = "integrity"  # bytes or manifest did not verify in transit
+    UNREACHABLE = "unreachable"  # no holder answered
+    TIMEOUT = "timeout"
+    PEER = "peer"  # a holder answered with another error
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def failure_reason(exc: BaseException) -> FetchFailure:
+    """The metric label of a failed fetch."""
+    if isinstance(exc, RejectedArtifact):
+        return FetchFailure.REJECTED
+    if isinstance(exc, IntegrityError):
+        return FetchFailure.INTEGRITY
+    if isinstance(exc, PeerError):
+        return {grpc.StatusCode.UNAVAILABLE: FetchFailure.UNREACHABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED: FetchFailure.TIMEOUT}.get(exc.code, FetchFailure.PEER)
+    if isinstance(exc, TimeoutError):
+        return FetchFailure.TIMEOUT
+    return FetchFailure.OTHER
 
 
 @dataclass(frozen=True)
@@ -306,11 +337,12 @@ def fetch_verified(holders: list[str], manifest_id: str, dest: Path, expected: E
 
 
 def fetch_checkpoint(work_dir: Path, shard: int, c: Candidate, rules: ArtifactRules, trusted: list[str] | None,
-                     stats: Iterable[tuple[str, str]] = ()) -> Path:
+                     stats: Iterable[tuple[str, str]] = (), progress: Callable[[int], None] | None = None) -> Path:
     """Both artifacts of a checkpoint candidate (expert, state manifests) into WORK/shard_k/step_s, atomically.
 
     Both announcements are checked (and the disk has room for both) before any file is downloaded. `stats` are
     (manifest, holder) pairs for the shard's statistics artifact, fetched too when the work dir has none.
+    `progress(n)` hears the bytes received (from download threads).
     """
     kinds = (ckpt.EXPERT, ckpt.STATE)
     manifests = [check_announced(c.holders, manifest_id, Expected(kind, rules, shard, c.step), trusted)
@@ -320,7 +352,8 @@ def fetch_checkpoint(work_dir: Path, shard: int, c: Candidate, rules: ArtifactRu
     stage = staging_dir(final)
     try:
         for kind, manifest_id in zip(kinds, c.manifests):
-            download(c.holders, manifest_id, stage / kind, Expected(kind, rules, shard, c.step), trusted)
+            download(c.holders, manifest_id, stage / kind, Expected(kind, rules, shard, c.step), trusted,
+                     progress=progress)
         commit_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ddm_node import __version__
@@ -115,10 +116,10 @@ class Island:
         # The DHT first: hivemind forks its child, and a fork while gRPC's threads run can kill the child.
         self.swarm = Swarm(self.identity, self.plan.run_id if self.plan else self.opts.run_id,
                            initial_peers=self.opts.initial_peers, host=self.opts.host, port=self.opts.dht_port,
-                           announce_host=self.opts.announce_host)
+                           announce_host=self.opts.announce_host, meter=self.state.meter)
         self.server = TransferServer(self.store, NodeInfoData(peer_id=self.swarm.peer_id, public_key=self.me,
                                                               version=__version__),
-                                     host=self.opts.host, port=self.opts.grpc_port)
+                                     host=self.opts.host, port=self.opts.grpc_port, meter=self.state.meter)
         self.grpc = self.server.start()
         if self.opts.announce_host:
             self.grpc = f"{self.opts.announce_host}:{self.grpc.rsplit(':', 1)[1]}"
@@ -133,10 +134,10 @@ class Island:
                         "(set trusted_keys before partitioning to accept only your islands; docs/THREAT_MODEL.md)")
         self.publisher.local(len(self.plan.shards))
         self._write_announce_file()
-        self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id)
+        self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id, run_id=self.plan.run_id,
+                           maddrs=tuple(self.swarm.visible_maddrs()))  # the console's ready line
         self._spawn(self.keeper.run, "keeper")
         self._spawn(self.mirror.loop, "mirror")
-        log.info("island %s ready: grpc %s, run %s", self.me[:12], self.grpc, self.plan.run_id[:12])
 
     def _compose(self) -> None:
         """The island's parts, once the plan and the swarm settings are known."""
@@ -216,7 +217,7 @@ class Island:
         maddrs = record_maddrs(self.swarm.visible_maddrs(), self.swarm.peer_id)
         return PeerRecord(peer_id=self.swarm.peer_id, public_key=self.me, grpc=self.grpc, maddrs=maddrs,
                           version=__version__, heartbeat=dht_time(), state=self.state.phase.value,
-                          shard=-1 if active is None else active)
+                          shard=-1 if active is None else active, **self.state.live_fields())
 
     def _write_announce_file(self) -> None:
         if self.opts.announce_file is None:
@@ -300,11 +301,15 @@ class Island:
             pass
 
 
-def run_island(opts: IslandOptions, early_stop: threading.Event | None = None) -> int:
+def run_island(opts: IslandOptions, early_stop: threading.Event | None = None,
+               attach: Callable[[Island], None] | None = None) -> int:
     """`ddm-node start`: run an island in this process until SIGTERM/SIGINT (or `early_stop`, set by a signal
-    that arrived while the CLI was still importing)."""
+    that arrived while the CLI was still importing). `attach(island)` is called before it starts (observers:
+    metrics, dashboard, console progress)."""
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     island = Island(opts)
+    if attach is not None:
+        attach(island)
     main_pid = os.getpid()
 
     def on_signal(signum, _frame):

@@ -93,7 +93,6 @@ class LeaseKeeper:
         if job.exception() is not None:
             log.warning("rejoining the DHT failed: %s", job.exception())
         elif job.result():
-            log.info("rejoined %d DHT peers missing from the routing table", job.result())
             self.events.record(EventKind.REJOINED, peers=job.result())
             self._last_announce = 0.0  # hand the peers we found our records now
 

@@ -14,10 +14,18 @@ import threading
 from ddm_node.core.config import SwarmConfig
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
+from ddm_node.core.meter import Count, Gauge
 from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir, step_of
 from ddm_node.exchange.candidates import checkpoint_candidates
-from ddm_node.exchange.fetch import RejectedArtifact, RejectList, describe, fetch_checkpoint, signed_publisher
+from ddm_node.exchange.fetch import (
+    RejectedArtifact,
+    RejectList,
+    describe,
+    failure_reason,
+    fetch_checkpoint,
+    signed_publisher,
+)
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState
 from ddm_node.swarm.dht import Swarm
@@ -93,6 +101,14 @@ class Mirror:
             except Exception as exc:  # the shard's boundary: one shard's peer data never ends the sweep
                 log.warning("mirror of shard %d failed: %s", shard, describe(exc),
                             exc_info=None if isinstance(exc, DDMError) else exc)
+            self._lag(shard, checkpoints)
+
+    def _lag(self, shard: int, checkpoints: list[CheckpointRecord]) -> None:
+        """How many steps our copy of a mirrored shard is behind its newest announced checkpoint."""
+        if checkpoints:
+            newest = max(c.step for c in checkpoints)
+            held = step_of(ckpt.latest_checkpoint(self.work.root, shard))
+            self.state.meter.set(Gauge.MIRROR_LAG, newest - held if held >= 0 else newest, label=str(shard))
 
     def _mirror(self, shard: int, checkpoints: list[CheckpointRecord]) -> None:
         """Fetch the newest verified checkpoint of a shard newer than ours, if any."""
@@ -105,15 +121,16 @@ class Mirror:
                 continue
             try:
                 stats = [(r.manifest, r.grpc) for r in self.swarm.stats(shard)]
-                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, trusted, stats)
+                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, trusted, stats,
+                                            progress=self.state.meter.adder(Count.BYTES_FETCHED))
                 publisher = signed_publisher(step_dir)
                 self.publisher.checkpoint(step_dir, shard, mirrored_from=publisher)
                 ckpt.prune_checkpoints(self.work.root, shard, keep=KEEP)
-                log.info("mirrored shard %d step %d", shard, c.step)
                 self.events.record(EventKind.MIRROR, shard=shard, step=c.step, publisher=publisher[:12])
                 return
             except Exception as exc:  # one candidate's boundary: whatever its data does, the next one is tried
                 if isinstance(exc, RejectedArtifact):
                     self.rejects.add(c.key, str(exc))
+                self.state.meter.add(Count.FETCH_FAILURES, label=failure_reason(exc))
                 log.warning("mirror of shard %d step %d failed: %s", shard, c.step, describe(exc),
                             exc_info=None if isinstance(exc, DDMError) else exc)

@@ -19,10 +19,19 @@ from pathlib import Path
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.identity import Identity
+from ddm_node.core.live import LiveProgress
+from ddm_node.core.meter import Count
 from ddm_node.core.workdir import WorkDir, step_of
 from ddm_node.data.plan import Plan
 from ddm_node.exchange.candidates import checkpoint_candidates
-from ddm_node.exchange.fetch import RejectedArtifact, RejectList, describe, fetch_checkpoint, signed_publisher
+from ddm_node.exchange.fetch import (
+    RejectedArtifact,
+    RejectList,
+    describe,
+    failure_reason,
+    fetch_checkpoint,
+    signed_publisher,
+)
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState
@@ -60,7 +69,18 @@ class ShardJob:
         self._loaded = threading.Event()  # set once the trainer resumed (one process: the state loaded)
 
     def run(self, shard: int) -> None:
-        """Train `shard` (already claimed) until its budget, a stop, a lost lease or a full disk."""
+        """Train `shard` (already claimed) until its budget, a stop, a lost lease or a full disk; then the island
+        hands the claim back (recorded here, where the outcome is known)."""
+        try:
+            self._run(shard)
+        finally:
+            if not self.state.lease_lost.is_set():
+                done = step_of(ckpt.latest_checkpoint(self.work.root, shard)) >= self.plan.cfg.train.steps
+                reason = ("done" if done else "disk full" if self.state.disk_full
+                          else "stopping" if self.state.stop.is_set() else "training ended")
+                self.events.record(EventKind.RELEASE, shard=shard, reason=reason)
+
+    def _run(self, shard: int) -> None:
         self.resume_from_swarm(shard)
         if self.state.should_stop_training():
             return
@@ -83,20 +103,27 @@ class ShardJob:
 
     def _train(self, shard: int) -> None:
         s = self.settings
+        train = self.plan.cfg.train
+        live = LiveProgress(shard, train.steps, train.batch_size * train.grad_accum)
 
         def on_start(step: int) -> None:
             if s.nproc <= 1:  # one process: the state is loaded by now (a DDP group loads it after this call)
                 self._loaded.set()
+            live.start(step)
+            self.state.live = live  # the heartbeat, metrics and console read it from now on
             self.events.record(EventKind.TRAIN, shard=shard, step=step)
 
         hooks = dict(device=s.device, on_checkpoint=lambda d: self.publisher.checkpoint(d, shard),
-                     should_stop=self.state.should_stop_training, on_start=on_start)
-        if s.nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
-            train_shard_distributed(self.plan, shard, self.work.root, s.nproc, identity_path=s.identity_path,
-                                    on_event=lambda kind, fields: self.events.record(kind, shard=shard, **fields),
-                                    **hooks)
-        else:
-            train_shard(self.plan, shard, self.work.root, identity=s.identity, **hooks)
+                     should_stop=self.state.should_stop_training, on_start=on_start, on_losses=live.update)
+        try:
+            if s.nproc > 1:  # a DDP worker group under torchrun, supervised (ddm_node/train/supervisor.py)
+                train_shard_distributed(self.plan, shard, self.work.root, s.nproc, identity_path=s.identity_path,
+                                        on_event=lambda kind, fields: self.events.record(kind, shard=shard, **fields),
+                                        **hooks)
+            else:
+                train_shard(self.plan, shard, self.work.root, identity=s.identity, **hooks)
+        finally:
+            self.state.live = None
 
     def resume_from_swarm(self, shard: int) -> None:
         """Fetch the newest verified checkpoint of the shard from the swarm when it is newer than ours."""
@@ -108,9 +135,9 @@ class ShardJob:
             if c.key in self.rejects:
                 continue
             try:
-                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, self.trusted)
+                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, self.trusted,
+                                            progress=self.state.meter.adder(Count.BYTES_FETCHED))
                 publisher = signed_publisher(step_dir)
-                log.info("shard %d: resuming from step %d fetched from %s", shard, c.step, c.holders)
                 self.events.record(EventKind.RESUME, shard=shard, step=c.step, source="swarm",
                                    publisher=publisher[:12], holders=tuple(c.holders))
                 mine = publisher == self.publisher.me
@@ -119,10 +146,10 @@ class ShardJob:
             except Exception as exc:  # one candidate's boundary: whatever its data does, the next one is tried
                 if isinstance(exc, RejectedArtifact):
                     self.rejects.add(c.key, str(exc))
+                self.state.meter.add(Count.FETCH_FAILURES, label=failure_reason(exc))
                 log.warning("shard %d: checkpoint at step %d unusable: %s", shard, c.step, describe(exc),
                             exc_info=None if isinstance(exc, DDMError) else exc)
         if local:
-            log.info("shard %d: resuming from local step %d", shard, local_step)
             publisher = ckpt.verify_checkpoint(local)[0].publisher
             source = "local mirror" if publisher != self.publisher.me else "local"
             self.events.record(EventKind.RESUME, shard=shard, step=local_step, source=source, publisher=publisher[:12])

@@ -7,6 +7,10 @@ import threading
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ddm_node.core.live import LiveProgress
+from ddm_node.core.meter import Meter
+from ddm_node.swarm.records import MAX_ETA, MAX_LOSS, MAX_RATE
+
 
 class Phase(str, Enum):
     """An island's phase, published in its peer record."""
@@ -33,6 +37,21 @@ class NodeState:
     active: int | None = None  # the claim slot being worked on: a shard, or K for the router job
     trained: set[int] = field(default_factory=set)  # shards this island has trained (it does not mirror those)
     disk_full: bool = False  # a checkpoint did not fit: serve what we have, train and mirror nothing more
+    live: LiveProgress | None = None  # the shard being trained: step, loss, rate (set by ShardJob)
+    meter: Meter = field(default_factory=Meter)  # counters the parts bump; read by the metrics exporter
+
+    def live_fields(self) -> dict:
+        """The live training fields of the island's peer record (empty when it trains no shard)."""
+        live = self.live
+        if live is None:
+            return {}
+        s = live.stats()
+
+        def clamp(value: float | None, hi: float) -> float | None:  # readers reject values past the bounds
+            return None if value is None else min(max(value, 0.0), hi)
+
+        return {"step": s.step, "images_per_s": clamp(s.images_per_s, MAX_RATE), "loss": clamp(s.loss, MAX_LOSS),
+                "eta": clamp(s.eta_s, MAX_ETA)}
 
     def should_stop_training(self) -> bool:
         return self.stop.is_set() or self.lease_lost.is_set()

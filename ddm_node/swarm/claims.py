@@ -91,7 +91,7 @@ class ClaimManager:
         if best is not None and best.public_key == self._me:
             with self._lock:
                 self._held[shard] = mine
-            logger.info("claimed shard %d", shard)
+            logger.debug("claimed shard %d", shard)  # the island logs its claim event
             return True
         logger.info("lost the race for shard %d to %s", shard, best.public_key[:12] if best else "nobody visible")
         self.release(shard)

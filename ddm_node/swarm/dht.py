@@ -35,6 +35,7 @@ import hivemind
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
+from ddm_node.core.meter import Meter, Timer, timed
 from ddm_node.swarm.addresses import SwarmHosts, maddr_host
 from ddm_node.swarm.dht_process import DHTChild
 from ddm_node.swarm.keys import (  # noqa: F401 (dht_key, dht_time, Entry and KINDS are this module's API too)
@@ -88,11 +89,13 @@ class Swarm:
         announce_host: str | None = None,
         client_mode: bool = False,
         limits: StorageLimits | None = None,
+        meter: Meter | None = None,
     ):
         """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
         `port`). `client_mode`: a reader that joins through others but accepts no connections and never
         enters routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
         self.identity, self.run_id, self.public_key = identity, check_run_id(run_id), identity.public_hex
+        self.meter = meter  # the latency of every DHT get and store is observed here (Timer.DHT_CALL)
         self.validator = Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
         self._lock, self._closed = threading.Lock(), False
@@ -211,7 +214,7 @@ class Swarm:
         try:
             ok = bool(
                 self._call_future(
-                    lambda: self._dht.store(key, value, expiration, subkey=self.marker, return_future=True)
+                    lambda: self._dht.store(key, value, expiration, subkey=self.marker, return_future=True), "store"
                 )
             )
         except Exception as exc:
@@ -229,7 +232,7 @@ class Swarm:
         key = dht_key(run_id or self.run_id, kind, shard)
         self._ensure_open()
         try:
-            found = self._call_future(lambda: self._dht.get(key, latest=True, return_future=True))
+            found = self._call_future(lambda: self._dht.get(key, latest=True, return_future=True), "get")
         except Exception as exc:
             logger.warning("DHT get of %s failed: %s", key, exc)
             return []
@@ -311,12 +314,13 @@ class Swarm:
             self._ensure_open()
             return fn()
 
-    def _call_future(self, fn: Any) -> Any:
+    def _call_future(self, fn: Any, op: str = "other") -> Any:
         """Send a request under the lock, wait for its MPFuture outside it (calls overlap)."""
-        with self._lock:
-            self._ensure_open()
-            future = fn()
-        return future.result(timeout=RPC_TIMEOUT)
+        with timed(self.meter, Timer.DHT_CALL, op):
+            with self._lock:
+                self._ensure_open()
+                future = fn()
+            return future.result(timeout=RPC_TIMEOUT)
 
 
 async def _connected_hosts(_dht: hivemind.DHT, node: Any) -> list[str]:

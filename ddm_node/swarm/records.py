@@ -22,6 +22,10 @@ MAX_STR = 256
 MAX_MADDRS = 16
 MAX_SHARD = 65535
 MAX_STEP = 2**62
+# Bounds of a peer record's live training fields (a writer clamps to them; readers reject anything else).
+MAX_RATE = 1e9  # images/s
+MAX_LOSS = 1e6
+MAX_ETA = 1e9  # seconds
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")  # libp2p peer ids are base58
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
@@ -75,6 +79,17 @@ def _time(v: Any, c: str, name: str) -> float:
     return v
 
 
+def _opt_number(v: Any, c: str, name: str, hi: float) -> float | None:
+    """None, or a finite number in [0, hi]."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(c, name, f"must be a number, got {type(v).__name__}")
+    if not math.isfinite(v) or not 0 <= v <= hi:
+        raise _bad(c, name, f"out of range [0, {hi:g}]: {v}")
+    return float(v)
+
+
 def _bool(v: Any, c: str, name: str) -> bool:
     if not isinstance(v, bool):
         raise _bad(c, name, f"must be a boolean, got {type(v).__name__}")
@@ -119,13 +134,14 @@ def _check_dict(value: Any, c: str) -> dict:
 
 
 class _Record:
-    """Shared helpers: `to_value` is the dataclass as a dict (tuples become lists)."""
+    """Shared helpers: `to_value` is the dataclass as a dict (tuples become lists, None fields are left out)."""
 
     def to_value(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            if v is not None:  # an optional field left out reads back as None (and costs no bytes)
+                out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
     def validated(self: R) -> R:
@@ -135,7 +151,8 @@ class _Record:
 
 @dataclass(frozen=True)
 class PeerRecord(_Record):
-    """A node's heartbeat: where to reach it and what it is doing (shard -1 = none)."""
+    """A node's heartbeat: where to reach it and what it is doing (shard -1 = none), and while it trains a shard
+    its live progress: step, images/s, smoothed loss, seconds to the budget (None: unknown or not training)."""
 
     KIND: ClassVar[RecordKind] = RecordKind.PEERS
     peer_id: str
@@ -146,6 +163,10 @@ class PeerRecord(_Record):
     heartbeat: float
     state: str
     shard: int
+    step: int | None = None
+    images_per_s: float | None = None
+    loss: float | None = None
+    eta: float | None = None
 
     @classmethod
     def from_value(cls, value: Any) -> PeerRecord:
@@ -168,6 +189,11 @@ class PeerRecord(_Record):
             heartbeat=_time(_field(v, c, "heartbeat"), c, "heartbeat"),
             state=_text(_field(v, c, "state"), c, "state", max_len=64),
             shard=_int(_field(v, c, "shard"), c, "shard", -1, MAX_SHARD),
+            # live fields: optional (older peers do not send them)
+            step=None if v.get("step") is None else _int(v["step"], c, "step", 0, MAX_STEP),
+            images_per_s=_opt_number(v.get("images_per_s"), c, "images_per_s", MAX_RATE),
+            loss=_opt_number(v.get("loss"), c, "loss", MAX_LOSS),
+            eta=_opt_number(v.get("eta"), c, "eta", MAX_ETA),
         )
 
 

@@ -117,11 +117,13 @@ def train_shard(
     device: str | None = None,
     on_start: Callable[[int], None] | None = None,
     dist: DistContext | None = None,
+    on_losses: Callable[[int, list[float]], None] | None = None,
 ) -> Path | None:
     """Train shard `shard` of `plan` up to `steps` (default: the plan's budget), checkpointing into `work_dir`.
 
     Resumes from `resume_from` (a state artifact directory) or the newest valid local checkpoint.
-    `on_start(step)` is called once the trainer is built and resumed, right before the first step.
+    `on_start(step)` is called once the trainer is built and resumed, right before the first step;
+    `on_losses(step, losses)` whenever training losses are read back (live progress; see `Trainer.run`).
     `dist`: this process's rank in a DDP group (None: one process); rank 0 then writes the stats and the
     checkpoints and alone calls `on_checkpoint`, and `should_stop()` on any rank stops every rank.
     Returns the newest checkpoint directory (None if nothing was trained or written), the same on every rank.
@@ -148,7 +150,7 @@ def train_shard(
     if on_start is not None:
         on_start(trainer.step)
     reached = trainer.run(target, on_step=on_step, on_checkpoint=checkpoint,
-                          should_stop=_stop_check(should_stop, dist))
+                          should_stop=_stop_check(should_stop, dist), on_losses=on_losses)
     if main and saver.newest_step != reached:
         checkpoint(reached)  # a stop between periodic checkpoints, or a budget off the checkpoint grid
     # Every rank returns rank 0's newest step dir; waiting for it also holds the others until that is written.

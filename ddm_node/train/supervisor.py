@@ -12,6 +12,8 @@ in its own session (process group) and, while it runs:
 - stops it: when `should_stop()` turns true (SIGTERM to the daemon, lost lease), it SIGTERMs the group;
   torchrun forwards the signal, every rank stops after the same step and rank 0 writes a final
   checkpoint. After `stop_timeout` seconds the group and the workers' own sessions are SIGKILLed.
+- relays live progress: rank 0 writes its step and losses to a small file (train/progress_file.py), read at
+  each poll and handed to `on_losses`.
 - restarts it: a group that exits with an error (a crashed or killed rank) is started again and
   resumes from the newest valid checkpoint. Restarts are bounded: `max_restarts` consecutive failures
   without a new checkpoint raise a DDMError naming the exit code and the log. A worker's DDMError
@@ -44,6 +46,7 @@ from ddm_node.core.workdir import WorkDir, step_of
 from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.checkpointer import DiskFull
+from ddm_node.train.progress_file import PROGRESS_FILE, ProgressReader
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,8 @@ class Supervisor:
     def __init__(self, plan: Plan, shard: int, work_dir: Path, nproc: int, identity_path: Path | None,
                  steps: int | None, device: str | None, on_checkpoint: Callable[[Path], None] | None,
                  should_stop: Callable[[], bool] | None, on_event: EventHook | None, max_restarts: int,
-                 stop_timeout: float, poll: float, on_start: Callable[[int], None] | None = None):
+                 stop_timeout: float, poll: float, on_start: Callable[[int], None] | None = None,
+                 on_losses: Callable[[int, list[float]], None] | None = None):
         device = device or plan.cfg.train.device  # as train_shard: the flag, else the run config
         check_devices(nproc, device)
         self.plan, self.shard, self.work_dir, self.nproc = plan, shard, Path(work_dir), nproc
@@ -183,12 +187,13 @@ class Supervisor:
         self.target = plan.cfg.train.steps if steps is None else steps
         self.device = device or "auto"
         self.on_checkpoint, self.should_stop, self.on_event = on_checkpoint, should_stop, on_event
-        self.on_start = on_start
+        self.on_start, self.on_losses = on_start, on_losses
         self.policy = RestartPolicy(max_restarts)
         self.stop_timeout, self.poll = stop_timeout, poll
         self.dir = WorkDir(self.work_dir).workers(shard)
         self.log_path = self.dir / "worker.log"
         self.error_file = self.dir / "error.txt"
+        self.progress = ProgressReader(self.dir / PROGRESS_FILE)
         self.announced = step_of(ckpt.latest_checkpoint(self.work_dir, shard))
 
     # ------------------------------------------------------------------------------ helpers
@@ -222,7 +227,8 @@ class Supervisor:
                "--monitor-interval", "0.5", "-m", "ddm_node.train.worker",
                "--plan", str(self._plan_file()), "--run-id", self.plan.run_id, "--shard", str(self.shard),
                "--work-dir", str(self.work_dir), "--steps", str(self.target), "--device", self.device,
-               "--parent-pid", str(os.getpid()), "--error-file", str(self.error_file)]
+               "--parent-pid", str(os.getpid()), "--error-file", str(self.error_file),
+               "--progress-file", str(self.dir / PROGRESS_FILE)]
         if self.identity_path is not None:
             cmd += ["--identity", str(self.identity_path)]
         return cmd
@@ -285,6 +291,7 @@ class Supervisor:
         """Announce what the group left and record its exit; returns its exit code and the newest step (-1: none)."""
         code = group.poll()
         self.announce_new()
+        self._relay_progress()
         newest = step_of(ckpt.latest_checkpoint(self.work_dir, self.shard))
         self._event(EventKind.WORKERS_EXIT, pid=group.pid, code=code, attempt=attempt, step=max(newest, 0),
                     stopped=stopped)
@@ -303,11 +310,17 @@ class Supervisor:
         self._event(EventKind.WORKERS_RESTART, code=code, step=max(newest, 0), failures=self.policy.failures)
         time.sleep(min(float(self.policy.failures), 5.0))  # back off a little: a crash may repeat at once
 
+    def _relay_progress(self) -> None:
+        got = self.progress.read() if self.on_losses is not None else None
+        if got is not None:
+            self.on_losses(*got)
+
     def _watch(self, group: WorkerGroup) -> bool:
         """Poll until the group exits; returns True when it was stopped on request."""
         try:
             while group.poll() is None:
                 self.announce_new()
+                self._relay_progress()
                 if self.should_stop is not None and self.should_stop():
                     log.info("shard %d: stopping the worker group (rank 0 writes a final checkpoint)", self.shard)
                     group.stop(self.stop_timeout)
@@ -325,16 +338,18 @@ def train_shard_distributed(plan: Plan, shard: int, work_dir: str | Path, nproc:
                             device: str | None = None, on_checkpoint: Callable[[Path], None] | None = None,
                             should_stop: Callable[[], bool] | None = None, on_event: EventHook | None = None,
                             max_restarts: int = MAX_RESTARTS, stop_timeout: float = STOP_TIMEOUT_S,
-                            poll: float = 0.5, on_start: Callable[[int], None] | None = None) -> Path | None:
+                            poll: float = 0.5, on_start: Callable[[int], None] | None = None,
+                            on_losses: Callable[[int, list[float]], None] | None = None) -> Path | None:
     """Train shard `shard` with `nproc` DDP processes (torchrun) up to `steps` (default: the plan's budget).
 
     Same contract as `train_shard`: resumes from the newest valid local checkpoint, calls
     `on_checkpoint(step_dir)` for new checkpoints, stops (with a final checkpoint) when `should_stop()`,
     returns the newest checkpoint directory. `on_event(kind, fields)` hears EventKind.WORKERS_START,
     WORKERS_EXIT and WORKERS_RESTART (a str enum: each equals its value, e.g. "workers_start");
-    `on_start(step)` is called with the step each started group resumes at.
+    `on_start(step)` is called with the step each started group resumes at; `on_losses(step, losses)` with rank
+    0's progress (about once a second).
     Checkpoints are signed with the key file `identity_path` (unsigned without one).
     """
     sup = Supervisor(plan, shard, Path(work_dir), nproc, identity_path, steps, device, on_checkpoint, should_stop,
-                     on_event, max_restarts, stop_timeout, poll, on_start)
+                     on_event, max_restarts, stop_timeout, poll, on_start, on_losses)
     return sup.run()

@@ -321,27 +321,37 @@ class Trainer(TrainerState):
 
     def run(self, until: int, on_step: Callable[[int, float], None] | None = None,
             on_checkpoint: Callable[[int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> int:
+            should_stop: Callable[[], bool] | None = None,
+            on_losses: Callable[[int, list[float]], None] | None = None) -> int:
         """Train until `step == until` or `should_stop()` (checked after each step); returns the step reached.
 
-        `on_step(step, loss)` follows every step; `on_checkpoint(step)` every `checkpoint_every` steps.
+        `on_step(step, loss)` follows every step; `on_checkpoint(step)` every `checkpoint_every` steps;
+        `on_losses(step, losses)` whenever losses are read back (every step, or every LOSS_CHECK_STEPS steps and
+        at checkpoints when they stay on the GPU): live progress that never forces a GPU sync of its own.
         """
         every = self.train_cfg.checkpoint_every
         lazy = self.lazy_loss and on_step is None
         mark_time, mark_step, losses, pending = time.monotonic(), self.step, [], []
+
+        def read(values: list[float]) -> list[float]:
+            if on_losses is not None and values:
+                on_losses(self.step, values)
+            return values
+
         while self.step < until:
             if lazy:
                 pending.append(self._forward_backward().detach())
                 self._update()
                 if len(pending) >= LOSS_CHECK_STEPS:
-                    losses += self._drain(pending)
+                    losses += read(self._drain(pending))
             else:
                 loss = self.train_step()
                 losses.append(loss)
+                read([loss])
                 if on_step is not None:
                     on_step(self.step, loss)
             if self.step % every == 0:
-                losses += self._drain(pending)  # never checkpoint diverged weights
+                losses += read(self._drain(pending))  # never checkpoint diverged weights
                 rate = (self.step - mark_step) / max(time.monotonic() - mark_time, 1e-9)
                 logger.info("step %d/%d loss %.4f lr %.2e (%.1f steps/s)", self.step, until,
                             sum(losses) / len(losses), self.optimizer.param_groups[0]["lr"], rate)
@@ -351,6 +361,5 @@ class Trainer(TrainerState):
             if should_stop is not None and should_stop():
                 logger.info("stopping at step %d on request", self.step)
                 break
-        self._drain(pending)  # the caller may checkpoint now
+        read(self._drain(pending))  # the caller may checkpoint now
         return self.step
-

@@ -37,6 +37,7 @@ from ddm_node.core.manifest import write_atomic
 from ddm_node.data.plan import Plan
 from ddm_node.train.distributed import destroy_distributed, init_distributed
 from ddm_node.train.expert import train_shard
+from ddm_node.train.progress_file import ProgressWriter
 
 log = logging.getLogger("ddm_node.train.worker")
 EXIT_DDM_ERROR = 2
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (rank r uses cuda:LOCAL_RANK)")
     p.add_argument("--parent-pid", type=int, help="the daemon's pid: exit when it is gone")
     p.add_argument("--error-file", help="write a DDMError's message here")
+    p.add_argument("--progress-file", help="rank 0 writes its live step and losses here (about once a second)")
     return p.parse_args(argv)
 
 
@@ -123,8 +125,9 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     ctx, device = init_distributed(args.device)
     ok = False
     try:
+        progress = ProgressWriter(Path(args.progress_file)) if ctx.is_main and args.progress_file else None
         out = train_shard(plan, args.shard, Path(args.work_dir), steps=args.steps, identity=identity,
-                          should_stop=stop.is_set, device=str(device), dist=ctx)
+                          should_stop=stop.is_set, device=str(device), dist=ctx, on_losses=progress)
         if ctx.is_main:
             log.info("shard %d: rank 0 done, newest checkpoint %s", args.shard, out)
         ok = True

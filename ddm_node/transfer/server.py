@@ -21,6 +21,7 @@ import zstandard
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import KINDS
+from ddm_node.core.meter import Count, Meter
 from ddm_node.transfer.store import ANY_SHARD, DEFAULT_CHUNK, DEFAULT_MAX_MESSAGE, ArtifactStore, NodeInfoData, is_hex64
 from proto import ddm_pb2, ddm_pb2_grpc
 
@@ -237,6 +238,8 @@ class _Servicer(ddm_pb2_grpc.DDMNodeServicer):
             if block or pos == request.offset:
                 yield ddm_pb2.Chunk(offset=pos, data=data, compressed=compressed, total_size=size)
                 ticket.sent += len(data)  # the chunk was taken by the transport: the client reads
+                if self._server.meter is not None:
+                    self._server.meter.add(Count.BYTES_SERVED, len(data))
                 ticket.last_sent = time.monotonic()
             if not block:
                 return
@@ -249,7 +252,8 @@ class TransferServer:
     def __init__(self, store: ArtifactStore, info: NodeInfoData, host: str = "127.0.0.1", port: int = 0,
                  chunk_size: int = DEFAULT_CHUNK, max_message: int = DEFAULT_MAX_MESSAGE, workers: int = WORKERS,
                  streams_per_peer: int = STREAMS_PER_PEER, stream_deadline: float = STREAM_DEADLINE,
-                 min_read_rate: float = MIN_READ_RATE, read_grace: float = READ_GRACE) -> None:
+                 min_read_rate: float = MIN_READ_RATE, read_grace: float = READ_GRACE,
+                 meter: Meter | None = None) -> None:
         if chunk_size <= 0 or chunk_size + MESSAGE_OVERHEAD > max_message:
             raise DDMError(f"chunk_size {chunk_size} must be positive and fit in max_message {max_message} "
                            f"with {MESSAGE_OVERHEAD} bytes to spare")
@@ -259,6 +263,7 @@ class TransferServer:
             raise DDMError("streams_per_peer must be >= 1, stream_deadline > 0, min_read_rate and read_grace >= 0")
         self.store = store
         self.info = info
+        self.meter = meter  # bytes streamed to peers are counted here (Count.BYTES_SERVED)
         self.host = host
         self.port = port
         self.chunk_size = chunk_size
