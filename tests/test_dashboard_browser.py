@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.live_swarm import config, log_tail, net  # noqa: F401 (net is a fixture)
-from tests.test_watch_live import READY, free_port, wait_for
+from live_swarm import config, log_tail, net  # noqa: F401 (net is a fixture)
+from test_watch_live import READY, free_port, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.multiproc]
 REPO = Path(__file__).resolve().parents[1]

@@ -82,7 +82,8 @@ def test_trainer_reports_losses_without_a_per_step_sync_when_lazy(tiny_cfg):
     x, y = torch.rand(64, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (64,))
     train = dataclasses.replace(tiny_cfg.train, checkpoint_every=1000)  # no checkpoint drains in between
     for lazy in (False, True):
-        trainer = Trainer(tiny_cfg.model, train, x, y, device="cpu")
+        model = dataclasses.replace(tiny_cfg.model, image_size=8, channels=1, num_classes=10)  # as a plan fits it
+        trainer = Trainer(model, train, x, y, device="cpu")
         trainer.lazy_loss = lazy
         heard: list[tuple[int, int]] = []
         trainer.run(LOSS_CHECK_STEPS + 5, on_losses=lambda step, losses: heard.append((step, len(losses))))

@@ -11,9 +11,8 @@ import time
 import urllib.request
 
 import pytest
+from live_swarm import config, log_tail, net  # noqa: F401 (net is a fixture)
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.live_swarm import config, log_tail, net  # noqa: F401 (net is a fixture)
 
 READY = re.compile(r"ready: peer (\S+), gRPC (\S+), run ([0-9a-f]{64}), DHT (/\S+/p2p/\S+)")
 PROGRESS = re.compile(r"shard 0: step (\d+)/100000 \(\d+%\), (\d+) img/s, loss ([0-9.]+), ETA")
