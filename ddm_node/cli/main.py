@@ -230,15 +230,18 @@ def island_options(args):
         load_config(args.config)  # full validation with file-named errors
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
         overrides = raw.get("swarm", {}) or {}
-    check_flags(args.initial_peers, args.host, args.announce_host, args.run_id)
-    return IslandOptions(
+    opts = IslandOptions(
         identity=Identity.load(args.identity), work_dir=Path(args.work_dir),
         plan_path=Path(args.plan) if args.plan else None, run_id=args.run_id, initial_peers=list(args.initial_peers),
         host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
         announce_file=Path(args.announce_file) if args.announce_file else None,
-        announce_host=args.announce_host, swarm_overrides=overrides, config_source=args.config or "swarm config",
+        announce_host=args.announce_host, announce_port=args.announce_port,
+        announce_grpc_port=args.announce_grpc_port, join_wait=args.join_wait, leave_timeout=args.leave_timeout,
+        swarm_overrides=overrides, config_source=args.config or "swarm config",
         device=args.device, exit_when_done=args.exit_when_done, identity_path=Path(args.identity),
         nproc_per_node=resolve_nproc(getattr(args, "nproc_per_node", None), args.config))
+    check_flags(opts)
+    return opts
 
 
 def cmd_status(args) -> int:
@@ -351,9 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="where checkpoints, mirrors and the plan live")
     p.add_argument("--config", help="YAML whose swarm section (timing) and train.nproc_per_node apply to this node")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (DHT and gRPC)")
-    p.add_argument("--announce-host", help="address peers dial, when --host is a wildcard such as 0.0.0.0")
+    p.add_argument("--announce-host", help="address (IP or DNS name) peers dial, when not --host: a wildcard "
+                                           "--host such as 0.0.0.0, or a NAT's public address")
     p.add_argument("--grpc-port", type=positive("--grpc-port"), default=0)
     p.add_argument("--dht-port", type=positive("--dht-port"), default=0)
+    p.add_argument("--announce-port", type=positive("--announce-port"), default=None, metavar="PORT",
+                   help="DHT port peers dial, when a port mapping differs from --dht-port (default: --dht-port)")
+    p.add_argument("--announce-grpc-port", type=positive("--announce-grpc-port"), default=None, metavar="PORT",
+                   help="gRPC port peers dial, when a port mapping differs from --grpc-port (default: --grpc-port)")
+    p.add_argument("--join-wait", type=float, default=None, metavar="SECONDS",
+                   help="after a restart, hold back shards nobody visibly started this long, so the islands "
+                        "holding them can come back first (default: the run's lease TTL)")
+    p.add_argument("--leave-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, keep serving up to this long until a peer holds our newest "
+                        "checkpoints (default 30; a second signal leaves at once)")
     p.add_argument("--announce-file", help="write peer id, DHT multiaddrs and gRPC address here when ready")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive("--threads"), default=0, help="torch threads (0: torch default)")

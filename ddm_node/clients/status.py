@@ -67,6 +67,7 @@ class PeerStatus:
     state: str
     shard: int
     heartbeat_age: float
+    maddrs: list[str] = field(default_factory=list)  # where to dial it: any one is an --initial-peers value
 
 
 @dataclass
@@ -137,8 +138,8 @@ def collect_status(swarm: Swarm, plan: Plan) -> RunStatus:
     peer_records = {p.public_key: p for p in swarm.peers()}
     shards = [shard_status(swarm, s.index, target, peer_records, now) for s in plan.shards]
     router = router_status(swarm, len(plan.shards), cfg.swarm.router_job, peer_records, now)
-    peers = [PeerStatus(p.peer_id, p.public_key, p.grpc, p.version, p.state, p.shard, max(0.0, now - p.heartbeat))
-             for p in sorted(peer_records.values(), key=lambda p: p.peer_id)]
+    peers = [PeerStatus(p.peer_id, p.public_key, p.grpc, p.version, p.state, p.shard, max(0.0, now - p.heartbeat),
+                        list(p.maddrs)) for p in sorted(peer_records.values(), key=lambda p: p.peer_id)]
     return RunStatus(run_id=plan.run_id, dataset=plan.dataset, num_shards=len(plan.shards), target=target,
                      router_job=cfg.swarm.router_job, shards=shards, router=router, peers=peers)
 
@@ -177,11 +178,11 @@ def render(status: RunStatus):
     table.add_row("router", f"[{_STATE_STYLE[r.state]}]{r.state}[/]", _short_owner(r.owner), _opt(r.step),
                   _opt(r.heartbeat_age, "{:.1f}s ago"), str(r.records), "-", _opt(r.step))
     peers = Table(title=f"{len(status.peers)} peers")
-    for name in ("peer", "key", "state", "shard", "grpc", "version", "heartbeat"):
+    for name in ("peer", "key", "state", "shard", "grpc", "version", "heartbeat", "DHT address"):
         peers.add_column(name)
     for p in status.peers:
         peers.add_row(p.peer_id[-8:], p.public_key[:8], p.state, "-" if p.shard < 0 else str(p.shard), p.grpc or "-",
-                      p.version, f"{p.heartbeat_age:.1f}s ago")
+                      p.version, f"{p.heartbeat_age:.1f}s ago", p.maddrs[0] if p.maddrs else "-")
     return Group(table, peers)
 
 

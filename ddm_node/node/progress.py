@@ -1,5 +1,7 @@
 """What work is left in a run, as this island can prove it: a shard is done when a final checkpoint of it is
-here, or a peer announces one whose signed manifest says so (a DHT record alone proves nothing)."""
+here, or a peer announces one (its own, or a replica of someone's) whose signed manifest says so (a DHT record
+alone proves nothing). Replicas count so that after a whole-swarm restart a mirror's copy of a finished shard
+keeps it finished while its trainer is still down."""
 
 from __future__ import annotations
 
@@ -20,10 +22,17 @@ class Progress:
     def shard_done(self, shard: int) -> bool:
         if step_of(ckpt.latest_checkpoint(self.work.root, shard)) >= self.budget:
             return True
-        return any(r.final and r.step >= self.budget
-                   and self.checks.holds(r.expert_manifest, r.grpc, Expected(ckpt.EXPERT, self.plan.run_id, shard,
-                                                                              r.step))
-                   for r in self.swarm.checkpoints(shard))
+        finals = [(r.expert_manifest, r.grpc, r.step) for r in self.swarm.checkpoints(shard)
+                  if r.final and r.step >= self.budget]
+        finals += [(r.expert_manifest, r.grpc, r.step) for r in self.swarm.replicas(shard) if r.step >= self.budget]
+        return any(self.checks.holds(m, grpc, Expected(ckpt.EXPERT, self.plan.run_id, shard, step))
+                   for m, grpc, step in finals)
+
+    def has_state(self, shard: int) -> bool:
+        """Some training state of the shard is visible: a checkpoint here, or one announced (not verified: this
+        only decides whether to claim now or after the restart wait, `ClaimGate`)."""
+        return (ckpt.latest_checkpoint(self.work.root, shard) is not None or bool(self.swarm.checkpoints(shard))
+                or bool(self.swarm.replicas(shard)))
 
     def pending(self) -> list[int]:
         """Shards not done, in index order."""

@@ -28,12 +28,14 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import hivemind
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
+from ddm_node.swarm.addresses import check_initial_peers
 from ddm_node.swarm.dht_process import DHTChild
 from ddm_node.swarm.keys import (  # noqa: F401 (dht_key, dht_time, Entry and KINDS are this module's API too)
     HEX64,
@@ -82,13 +84,17 @@ class Swarm:
         initial_peers: Sequence[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
-        announce_host: str | None = None,
+        announce_maddrs: Sequence[str] | None = None,
+        identity_path: Path | None = None,
+        shielded: bool = False,
         client_mode: bool = False,
         limits: StorageLimits | None = None,
     ):
-        """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
-        `port`). `client_mode`: a reader that joins through others but accepts no connections and never
-        enters routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
+        """`announce_maddrs`: the DHT addresses peers should dial, if not those we listen on (swarm/addresses.py).
+        `identity_path`: a libp2p key file (written on first use): the same peer id and multiaddrs after restarts.
+        `shielded`: the DHT child leaves our process group and dies with us (swarm/dht_process.py; main thread
+        only). `client_mode`: a reader that joins through others but accepts no connections and never enters
+        routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
         self.identity = identity
         self.run_id = check_run_id(run_id)
         self.public_key = identity.public_hex
@@ -96,15 +102,12 @@ class Swarm:
         self.marker = self.validator.local_marker
         self._lock = threading.Lock()
         self._closed = False
-        if isinstance(initial_peers, str) or not all(isinstance(p, str) for p in initial_peers):
-            raise DDMError(f"initial peers must be a list of multiaddr strings, got {initial_peers!r}")
-        if announce_host is not None and not port:
-            raise DDMError("announcing an address needs a fixed DHT port (--dht-port)")
-        announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None
+        initial_peers = check_initial_peers(initial_peers)
         try:
-            self._child = DHTChild(initial_peers=list(initial_peers) or None, host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                                   announce_maddrs=announce, client_mode=client_mode,
-                                   record_validators=[self.validator], **NO_CACHE_OPTIONS)
+            self._child = DHTChild(shielded=shielded, identity_path=identity_path,
+                                   initial_peers=initial_peers or None, host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                                   announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+                                   client_mode=client_mode, record_validators=[self.validator], **NO_CACHE_OPTIONS)
         except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
             self._closed = True
             raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
@@ -299,6 +302,7 @@ class Swarm:
     def _ensure_open(self) -> None:
         if self._closed:
             raise DDMError("the swarm's DHT is shut down")
+        self._child.check()
 
     def _call(self, fn: Any) -> Any:
         """Run a blocking DHT call with the pipe lock held (hivemind's pipe is not thread-safe)."""
@@ -307,11 +311,12 @@ class Swarm:
             return fn()
 
     def _call_future(self, fn: Any) -> Any:
-        """Send a request under the lock, wait for its MPFuture outside it (calls overlap)."""
+        """Send a request under the lock, wait for its MPFuture outside it (calls overlap; a dead DHT child
+        ends the wait at once)."""
         with self._lock:
             self._ensure_open()
             future = fn()
-        return future.result(timeout=RPC_TIMEOUT)
+        return self._child.result(future, RPC_TIMEOUT)
 
 
 async def _rejoin(_dht: hivemind.DHT, node: Any, maddrs: list[str], limit: int) -> int:
