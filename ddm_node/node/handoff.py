@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.fetch import AnnouncementCheck, Expected
@@ -44,6 +45,13 @@ class Handoff:
         ours = [r for r in (self.announcer.current(RecordKind.CKPT, s) for s in range(self.num_shards)) if r]
         if timeout <= 0 or not ours:
             return True
+        try:
+            return self._wait(ours, timeout, abort)
+        except DDMError as exc:  # the DHT died: the checkpoints stay on disk, announced again at the next start
+            log.warning("leaving without a hand-off: %s", exc)
+            return False
+
+    def _wait(self, ours: list[CheckpointRecord], timeout: float, abort: threading.Event | None) -> bool:
         self.announce_leaving()
         t0 = time.monotonic()
         pending = ours

@@ -291,30 +291,29 @@ class Swarm:
         """Ping, in the background, up to `limit` peers (multiaddrs ending in /p2p/<id>) missing from our
         routing table (why: `_rejoin`). A future of the number that answered, or None when none to try."""
         addrs = [m for m in dict.fromkeys(maddrs) if isinstance(m, str) and "/p2p/" in m]
-        if not addrs:
-            return None
-        with self._lock:
-            self._ensure_open()
-            return self._dht.run_coroutine(partial(_rejoin, maddrs=addrs, limit=limit), return_future=True)
+        return self._call(lambda: self._dht.run_coroutine(partial(_rejoin, maddrs=addrs, limit=limit),
+                                                          return_future=True)) if addrs else None
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _ensure_open(self) -> None:
+    def _ensure_open(self, running: bool = False) -> None:
+        """DDMError when shut down or (`running`) when the DHT child died: put/read then give False/[] at once."""
         if self._closed:
             raise DDMError("the swarm's DHT is shut down")
-        self._child.check()
+        if running:
+            self._child.check()
 
     def _call(self, fn: Any) -> Any:
         """Run a blocking DHT call with the pipe lock held (hivemind's pipe is not thread-safe)."""
         with self._lock:
-            self._ensure_open()
+            self._ensure_open(running=True)
             return fn()
 
     def _call_future(self, fn: Any) -> Any:
         """Send a request under the lock, wait for its MPFuture outside it (calls overlap; a dead DHT child
         ends the wait at once)."""
         with self._lock:
-            self._ensure_open()
+            self._ensure_open(running=True)
             future = fn()
         return self._child.result(future, RPC_TIMEOUT)
 
