@@ -4,7 +4,8 @@ node/handoff.py. The live proofs are tests/test_restart.py and tests/test_stop.p
 - `ClaimGate`: an island returning to a run claims only work with visible state during its wait; a new one
   claims at once.
 - `Progress.shard_done`: a final checkpoint announced as a replica counts (its trainer may still be down after a
-  whole-swarm restart), if the holder's server confirms it; a record alone does not.
+  whole-swarm restart), if the holder's server confirms it and it is a copy of another's work (a node announces
+  its own checkpoints as checkpoint records); a record alone does not.
 - `Handoff.wait`: serves until another peer holds our newest checkpoint (confirmed), gives up when no live peer
   could take it, when the timeout passes or on a second signal, and never raises over a dead DHT.
 """
@@ -105,7 +106,8 @@ def test_a_replica_of_a_final_checkpoint_makes_the_shard_done(tmp_path):
     checks = FakeChecks({M1})
     progress = Progress(plan, WorkDir(tmp_path), swarm, checks, router_job=False)
     assert progress.pending() == [0, 1] and not progress.has_state(0)
-    swarm.reps[0] = [ReplicaRecord(0, 100, M2, S1, OTHER, PEER, "10.0.0.9:50051")]  # not confirmed by its holder
+    swarm.reps[0] = [ReplicaRecord(0, 100, M2, S1, OTHER, PEER, "10.0.0.9:50051"),  # not confirmed by its holder
+                     ReplicaRecord(0, 100, M1, S1, PEER, PEER, "10.0.0.9:50051")]  # a "copy" of its own: malformed
     assert not progress.shard_done(0) and progress.has_state(0)
     swarm.reps[0].append(ReplicaRecord(0, 100, M1, S1, OTHER, PEER, "10.0.0.9:50051"))
     swarm.reps[1] = [ReplicaRecord(1, 99, M1, S1, OTHER, PEER, "10.0.0.9:50051")]  # not final

@@ -24,7 +24,8 @@ class Progress:
             return True
         finals = [(r.expert_manifest, r.grpc, r.step) for r in self.swarm.checkpoints(shard)
                   if r.final and r.step >= self.budget]
-        finals += [(r.expert_manifest, r.grpc, r.step) for r in self.swarm.replicas(shard) if r.step >= self.budget]
+        finals += [(r.expert_manifest, r.grpc, r.step) for r in self.swarm.replicas(shard)
+                   if r.step >= self.budget and r.publisher_of_checkpoint != r.holder_key]  # a copy of another's
         return any(self.checks.holds(m, grpc, Expected(ckpt.EXPERT, self.plan.run_id, shard, step))
                    for m, grpc, step in finals)
 
