@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import time
 
 import psutil
 import pytest
@@ -105,3 +107,27 @@ def alive_after(proc: psutil.Process, grace: float) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_sigterm_to_every_process_of_the_island_exits_at_once_with_the_checkpoint_on_disk(training_pair):  # noqa: F811
+    """systemd's KillMode=control-group (docs/DEPLOY.md ships KillMode=mixed instead) signals every process of the
+    unit at once: p2pd exits on SIGTERM whatever it inherits, so the DHT is gone before the daemon can announce.
+    The daemon must notice instead of waiting out a 30 s timeout per DHT call (about 100 s in all before this
+    was fixed): exit 0 within GROUP_BOUND seconds, the step reached written, signed and verifying, on disk, where
+    the next start announces it."""
+    pair = training_pair
+    trainer = pair.trainer
+    procs = family(trainer.popen.pid)
+    t0 = time.monotonic()
+    for p in procs:  # the daemon, its DHT child and p2pd, as a cgroup-wide kill does
+        p.send_signal(signal.SIGTERM)
+    try:
+        code = trainer.popen.wait(timeout=GROUP_BOUND + 30)
+    except subprocess.TimeoutExpired:
+        code = None
+    seconds = time.monotonic() - t0
+    assert code == 0 and seconds < GROUP_BOUND, f"exit {code} after {seconds:.1f}s (bound {GROUP_BOUND})"
+    assert not [p.pid for p in procs if alive_after(p, 5.0)]
+    stops = re.findall(r"stopping at step (\d+) on request", trainer.log.read_text(errors="replace"))
+    assert stops and newest_step(trainer.work, 0) == int(stops[-1]) > pair.last_periodic
+    ckpt.verify_checkpoint(WorkDir(trainer.work).step(0, int(stops[-1])), require_signature=True)
