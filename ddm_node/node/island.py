@@ -5,7 +5,8 @@ then the router job), a `LeaseKeeper` thread (lease, heartbeat, re-announce), a 
 (copies of other shards' newest training states), a `ShardJob` (training one claimed shard), a
 `Publisher` (serve and announce) and an `Announcer` (records kept alive on the DHT). SIGTERM/SIGINT
 stop training after the current step; the island then writes and announces a checkpoint, releases
-its claim, and shuts down its gRPC server, DHT and p2pd before exiting 0.
+its claim, serves until another peer holds that checkpoint (`Handoff`, bounded by the leave timeout; a
+second signal cuts it short), and shuts down its gRPC server, DHT and p2pd before exiting 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from ddm_node import __version__
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.manifest import write_atomic
-from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.plan import Plan, check_dataset
@@ -30,6 +30,8 @@ from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.done import DoneCheck
 from ddm_node.exchange.fetch import RejectList
 from ddm_node.exchange.peers import fetch_plan
+from ddm_node.node.gate import ClaimGate
+from ddm_node.node.handoff import Handoff
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
@@ -37,12 +39,13 @@ from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
 from ddm_node.node.state import NodeState, Phase
+from ddm_node.node.work import WorkLoop
 from ddm_node.swarm.addresses import record_maddrs
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
+from ddm_node.swarm.own_addresses import reachability
 from ddm_node.swarm.records import PeerRecord, PlanRecord
 from ddm_node.train.limits import ArtifactRules
-from ddm_node.train.router_job import train_plan_router
 from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
 
@@ -77,6 +80,8 @@ class Island:
         self.timing: Timing | None = None
         self.keeper: LeaseKeeper | None = None
         self.progress: Progress | None = None
+        self.loop: WorkLoop | None = None
+        self.handoff: Handoff | None = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -102,6 +107,9 @@ class Island:
             self.work_loop()
             if not self.stop.is_set():
                 self._serve()
+            if self.stop.is_set():
+                self.state.phase = Phase.LEAVING
+                self.handoff.wait(self.timing.leave_timeout, abort=self.state.leave_now)
             return 0
         finally:
             self.shutdown()
@@ -112,34 +120,36 @@ class Island:
             self.work.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DDMError(f"--work-dir {self.work.root}: cannot create it ({exc.strerror or exc})") from None
+        returning = self.work.plan.exists()  # this work dir was in the run before: a restart (node/gate.py)
         self.plan = self._local_plan()
         # The DHT first: hivemind forks its child, and a fork while gRPC's threads run can kill the child.
-        self.swarm = Swarm(self.identity, self.plan.run_id if self.plan else self.opts.run_id,
-                           initial_peers=self.opts.initial_peers, host=self.opts.host, port=self.opts.dht_port,
-                           announce_host=self.opts.announce_host, meter=self.state.meter)
+        o = self.opts
+        self.swarm = Swarm(self.identity, self.plan.run_id if self.plan else o.run_id, initial_peers=o.initial_peers,
+                           host=o.host, port=o.dht_port, announce_maddrs=o.dht_announce(),
+                           identity_path=self.work.p2p_key, shielded=True, meter=self.state.meter)
         self.server = TransferServer(self.store, NodeInfoData(peer_id=self.swarm.peer_id, public_key=self.me,
                                                               version=__version__),
-                                     host=self.opts.host, port=self.opts.grpc_port, meter=self.state.meter)
-        self.grpc = self.server.start()
-        if self.opts.announce_host:
-            self.grpc = f"{self.opts.announce_host}:{self.grpc.rsplit(':', 1)[1]}"
+                                     host=o.host, port=o.grpc_port, meter=self.state.meter)
+        self.grpc = o.grpc_announce(self.server.start())
         self.server.info.grpc_address = self.grpc
         self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
         # The first optimizer imports torch._dynamo (1.5 s of CPU idle, 5-8 s on a loaded box): pay it now,
         # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
         import torch._dynamo  # noqa: F401
-        self._compose()
+        self._compose(returning)
         if not self.cfg.trusted_keys:
             log.warning("open run: the plan lists no swarm.trusted_keys, so any peer can publish checkpoints for it "
                         "(set trusted_keys before partitioning to accept only your islands; docs/THREAT_MODEL.md)")
-        self.publisher.local(len(self.plan.shards))
+        self.publisher.local(len(self.plan.shards))  # what we hold is announced before we claim anything
         self._write_announce_file()
         self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id, run_id=self.plan.run_id,
                            maddrs=tuple(self.swarm.visible_maddrs()))  # the console's ready line
         self._spawn(self.keeper.run, "keeper")
         self._spawn(self.mirror.loop, "mirror")
+        verdict = reachability(self.swarm.visible_maddrs(), self.grpc, self.opts.initial_peers)
+        (log.info if verdict.ok else log.warning)(verdict.line)
 
-    def _compose(self) -> None:
+    def _compose(self, returning: bool) -> None:
         """The island's parts, once the plan and the swarm settings are known."""
         trusted = list(self.cfg.trusted_keys) or None
         self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc,
@@ -155,9 +165,15 @@ class Island:
                                  self.identity, self.opts.identity_path)
         self.job = ShardJob(self.plan, rules, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
                             self.rejects, self.events, trusted)
-        self.timing = Timing(self.cfg)
+        self.timing = Timing(self.cfg, self.opts.join_wait, self.opts.leave_timeout)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
                                   self.me, self._heartbeat_record, self.opts.initial_peers)
+        self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress,
+                             ClaimGate(returning, self.timing.join_wait), self.job, self.mirror, self.publisher,
+                             self.events, self.timing)
+        self.handoff = Handoff(self.swarm, self.announcer, self.progress.checks, self.me, rules, len(self.plan.shards),
+                               self.events, lambda: self.swarm.announce(self._heartbeat_record(),
+                                                                        ttl=self.timing.heartbeat_ttl))
 
     def shutdown(self) -> None:
         """Stop background threads, release any claim, stop the gRPC server, the DHT and p2pd."""
@@ -229,67 +245,8 @@ class Island:
     # ------------------------------------------------------------------------------ the work
 
     def work_loop(self) -> None:
-        """Claim and train shards until none is left, then the router job."""
-        while not self.stop.is_set() and not self.state.disk_full:
-            pending = self.progress.pending()
-            if not pending:
-                if self.progress.router_done() or self._router_job():
-                    return
-                continue
-            for shard in rendezvous(self.me, pending):
-                if self.stop.is_set():
-                    return
-                if self._claim(shard):
-                    self._train(shard)
-                    break
-            else:
-                self.state.phase = Phase.WAITING
-                self.stop.wait(self.timing.claim_retry)
-
-    def _held_by_other(self, slot: int) -> bool:
-        owner = self.claims.owner(slot)
-        return owner is not None and owner.public_key != self.me
-
-    def _claim(self, shard: int) -> bool:
-        """Claim a shard unless another island holds it."""
-        if self._held_by_other(shard) or not self.claims.try_claim(shard):
-            return False
-        self.events.record(EventKind.CLAIM, shard=shard)
-        return True
-
-    def _train(self, shard: int) -> None:
-        self.state.active, self.state.phase = shard, Phase.TRAINING
-        self.state.trained.add(shard)
-        self.state.lease_lost.clear()
-        self.mirror.pause(shard)
-        try:
-            self.job.run(shard)
-        finally:
-            self.state.active = None
-            if not self.state.disk_full:
-                self.mirror.resume(shard)
-            if not self.state.lease_lost.is_set():
-                self.claims.release(shard)
-            self.state.phase = Phase.IDLE
-
-    def _router_job(self) -> bool:
-        """Claim the router job (claim slot K) and train it; False when someone else holds it."""
-        slot = len(self.plan.shards)
-        if self._held_by_other(slot):
-            self.state.phase = Phase.WAITING
-            self.stop.wait(2.0)
-            return False
-        if not self.claims.try_claim(slot):
-            return False
-        self.state.active, self.state.phase = slot, Phase.ROUTER
-        try:
-            out = train_plan_router(self.plan, self.work.router, identity=self.identity)
-            self.publisher.router(out)
-            self.events.record(EventKind.ROUTER, steps=self.plan.cfg.router.steps)
-            return True
-        finally:
-            self.state.active, self.state.phase = None, Phase.IDLE
-            self.claims.release(slot)
+        """Claim and train shards until none is left, then the router job (node/work.py)."""
+        self.loop.run()
 
     def _serve(self) -> None:
         """Keep serving and mirroring until stopped (or return at once with exit_when_done)."""
@@ -317,7 +274,11 @@ def run_island(opts: IslandOptions, early_stop: threading.Event | None = None,
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        log.warning("signal %d: finishing the step, checkpointing, leaving", signum)
+        if island.stop.is_set():
+            log.warning("signal %d again: leaving without waiting for a peer to hold our checkpoints", signum)
+            island.state.leave_now.set()
+            return
+        log.warning("signal %d: finishing the step, checkpointing, handing over, leaving", signum)
         island.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -25,9 +25,18 @@ MADDR_MEMORY = 600.0  # seconds a peer's multiaddrs are kept for rejoining after
 
 @dataclass(frozen=True)
 class Timing:
-    """Every period and TTL an island uses, derived from the run's swarm settings in one place."""
+    """Every period and TTL an island uses, derived from the run's swarm settings (and this node's
+    `--join-wait` / `--leave-timeout`) in one place."""
 
     cfg: SwarmConfig
+    join_wait_s: float | None = None  # None: one lease TTL
+    leave_timeout: float = 30.0  # seconds a stopped island serves until a peer holds its checkpoints
+
+    @property
+    def join_wait(self) -> float:
+        """How long an island returning to a run holds back work nobody visibly started (node/gate.py): long
+        enough for the islands that may hold it to restart and announce it, about one lease TTL."""
+        return self.cfg.lease_ttl if self.join_wait_s is None else self.join_wait_s
 
     @property
     def keeper_period(self) -> float:
@@ -62,11 +71,15 @@ class LeaseKeeper:
         self._last_announce = self._last_rejoin = time.monotonic()
 
     def run(self) -> None:
-        while not self.state.stop.wait(self.timing.keeper_period):
+        """Tick at once (peers see a restarted island, and stop waiting for it, without a period's delay), then
+        every `keeper_period` until stopped."""
+        while True:
             try:
                 self.tick()
             except Exception as exc:  # keep the keeper alive through transient DHT errors
                 log.warning("keeper: %s", exc)
+            if self.state.stop.wait(self.timing.keeper_period):
+                return
 
     def tick(self) -> None:
         self._renew()
