@@ -23,14 +23,16 @@ from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.manifest import write_atomic
 from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir
-from ddm_node.data.datasets import load_dataset
-from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.data.datasets import Dataset
+from ddm_node.data.packing import local_dataset
+from ddm_node.data.plan import Plan
 from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.fetch import AnnouncementCheck, RejectList
 from ddm_node.exchange.peers import fetch_plan
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
+from ddm_node.node.packs import PackKeeper, pack_sources
 from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
@@ -73,6 +75,7 @@ class Island:
         self.timing: Timing | None = None
         self.keeper: LeaseKeeper | None = None
         self.progress: Progress | None = None
+        self.packs: PackKeeper | None = None  # the run's data packs (node/packs.py)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -120,7 +123,7 @@ class Island:
         if self.opts.announce_host:
             self.grpc = f"{self.opts.announce_host}:{self.grpc.rsplit(':', 1)[1]}"
         self.server.info.grpc_address = self.grpc
-        self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
+        ds = self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
         # The first optimizer imports torch._dynamo (1.5 s of CPU idle, 5-8 s on a loaded box): pay it now,
         # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
         import torch._dynamo  # noqa: F401
@@ -129,10 +132,12 @@ class Island:
             log.warning("open run: the plan lists no swarm.trusted_keys, so any peer can publish checkpoints for it "
                         "(set trusted_keys before partitioning to accept only your islands; docs/THREAT_MODEL.md)")
         self.publisher.local(len(self.plan.shards))
+        self.packs.start(ds, pack_sources(self.opts.plan_path))  # serve the data packs held here or made from ds
         self._write_announce_file()
         self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id)
         self._spawn(self.keeper.run, "keeper")
         self._spawn(self.mirror.loop, "mirror")
+        self._spawn(self.packs.loop, "packs")
         log.info("island %s ready: grpc %s, run %s", self.me[:12], self.grpc, self.plan.run_id[:12])
 
     def _compose(self) -> None:
@@ -141,8 +146,8 @@ class Island:
         self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc,
                                    trusted_keys=self.cfg.trusted_keys)
         self.progress = Progress(self.plan, self.work, self.swarm, AnnouncementCheck(trusted), self.cfg.router_job)
-        self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc, self.budget, trusted,
-                                   self.events)
+        self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc,
+                                   self.plan.cfg.train.steps, trusted, self.events)
         self.mirror = Mirror(self.swarm, self.me, len(self.plan.shards), self.plan.run_id, self.cfg, self.work,
                              self.state, self.publisher, self.rejects, self.events)
         settings = TrainSettings(self.opts.device, self.opts.nproc_per_node or self.plan.cfg.train.nproc_per_node,
@@ -150,6 +155,7 @@ class Island:
         self.job = ShardJob(self.plan, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
                             self.rejects, self.events, trusted)
         self.timing = Timing(self.cfg)
+        self.packs = PackKeeper(self.plan, self.publisher, self.swarm, self.identity, self.cfg, self.state, self.rejects)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
                                   self.me, self._heartbeat_record, self.opts.initial_peers)
 
@@ -189,9 +195,9 @@ class Island:
             return Plan.load(self.work.plan, expected_run_id=self.opts.run_id)
         return None
 
-    def _adopt_plan(self, plan: Plan) -> None:
-        """Check the plan against the local dataset and this node's config, keep a copy, serve and announce it."""
-        check_dataset(plan, load_dataset(plan.dataset))  # a clear error (before writing anything), never other data
+    def _adopt_plan(self, plan: Plan) -> Dataset | None:
+        """Check the plan against the local dataset (returned; None: not here) and our config; keep, serve, announce."""
+        dataset = local_dataset(plan)  # a clear error before writing anything; None: the plan's packs bring it
         self.plan = plan
         self.cfg = swarm_config(plan, self.opts.swarm_overrides, self.opts.config_source)
         self.server.info.run_ids = [plan.run_id]
@@ -201,10 +207,7 @@ class Island:
         self.store.register_plan(raw)
         self.announcer = Announcer(self.swarm, self.cfg.announce_ttl)
         self.announcer.announce(PlanRecord(plan.run_id, self.grpc))
-
-    @property
-    def budget(self) -> int:
-        return self.plan.cfg.train.steps
+        return dataset
 
     def _heartbeat_record(self) -> PeerRecord:
         active = self.state.active
@@ -256,7 +259,8 @@ class Island:
         self.state.lease_lost.clear()
         self.mirror.pause(shard)
         try:
-            self.job.run(shard)
+            if self.packs.ensure([shard], self.timing.claim_retry):  # its data pack, when the dataset is not here
+                self.job.run(shard)
         finally:
             self.state.active = None
             if not self.state.disk_full:
@@ -276,7 +280,9 @@ class Island:
             return False
         self.state.active, self.state.phase = slot, Phase.ROUTER
         try:
-            out = train_plan_router(self.plan, self.work.router, identity=self.identity)
+            if not self.packs.ensure(range(slot), self.timing.claim_retry):  # it learns from every shard's pack
+                return False
+            out = train_plan_router(self.plan, self.work.router, identity=self.identity, work_dir=self.work.root)
             self.publisher.router(out)
             self.events.record(EventKind.ROUTER, steps=self.plan.cfg.router.steps)
             return True

@@ -14,6 +14,7 @@ from ddm_node.core.errors import DDMError
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,
+    PackRecord,
     PeerRecord,
     PlanRecord,
     RecordKind,
@@ -44,6 +45,7 @@ KINDS: dict[RecordKind, _Kind] = {k.record.KIND: k for k in (
     _Kind(StatsRecord, None),
     _Kind(RouterRecord, "publisher"),
     _Kind(PlanRecord, None),
+    _Kind(PackRecord, "holder"),
 )}
 
 
