@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ddm_node import __version__
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
+from ddm_node.cli.packs import add_pack_parser, add_packs_flag, with_packs
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -94,7 +95,7 @@ def cmd_partition(args) -> int:
     cfg = load_config(args.config, {"data.dataset": args.dataset, "partition.experts": args.experts,
                                     "train.steps": args.steps, **features_overrides(args.features)}, args.sets)
     ds = load_dataset(cfg.data.dataset)
-    plan = make_plan(cfg, ds)
+    plan = with_packs(make_plan(cfg, ds), ds, args.out, args.packs)  # the data packs under OUT/packs/
     path = plan.save(args.out)
     sizes = ", ".join(str(len(s.ids)) for s in plan.shards)
     console().print(f"plan written to {path}: {len(plan.shards)} shards of {sizes} samples, "
@@ -169,15 +170,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ddm_node.data.datasets import load_dataset
     from ddm_node.ensemble.bundle import load_bundle
-    from ddm_node.ensemble.generate import generate, score
+    from ddm_node.ensemble.generate import bundle_eval_data, generate, score
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
-    ds = load_dataset(bundle.plan.dataset)
-    s = generate(bundle, args.n, cfg, seed=args.seed, dataset=ds)
-    scores = score(s.x, bundle.plan, ds, seed=args.seed)
+    data = bundle_eval_data(bundle)  # the bundle's held-out pack, else the plan's dataset
+    s = generate(bundle, args.n, cfg, seed=args.seed, data=data)
+    scores = score(s.x, bundle.plan, seed=args.seed, data=data)
     if args.json:
         import dataclasses
 
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar=FEATURES_METAVAR, help="clustering features: PCA of pixels, the dataset's "
                    "own, or an [N, F] .npy file (ddm-node features writes one)")
     add_set_flag(p)
-    p.add_argument("--out", required=True, help="directory for plan.json")
+    add_packs_flag(p)
+    p.add_argument("--out", required=True, help="directory for plan.json (and packs/)")
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("train-expert", help="train one shard's expert alone (no network)")
@@ -408,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     p.set_defaults(func=cmd_demo)
     add_features_parser(sub, positive)
+    add_pack_parser(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ Layout (the shape of Bagel's Paris release):
     OUT/expert_k/                   config.json, model.safetensors, manifest.json, manifest.sig
     OUT/expert_k/stats/             stats.safetensors + manifest (for the centroid router)
     OUT/router/                     config.json, model.safetensors + manifest (learned router, optional)
+    OUT/eval_pack/                  the plan's held-out data pack + manifest (optional; `eval` without the dataset)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from router.ensemble import EnsembleVelocity, Expert
 
 log = logging.getLogger(__name__)
 INDEX = "model_index.json"
+EVAL_PACK = "eval_pack"
 FORMAT = "ddm-ensemble/1"
 
 
@@ -65,6 +67,12 @@ class Bundle:
     stats: dict[int, ClusterStats]
     learned: Router | None = None  # a LearnedRouter when the bundle has one
     missing: list[int] = field(default_factory=list)
+
+    @property
+    def eval_pack(self) -> Path | None:
+        """The held-out data pack's directory when the bundle has one (verified against the plan when read)."""
+        entry = self.index.get("eval_pack")
+        return self.path / EVAL_PACK if isinstance(entry, dict) and self.plan.packs is not None else None
 
     def router(self, kind: RouterChoice = "auto") -> Router:
         """The router over the experts present: learned when present (or asked), else centroid."""
@@ -111,8 +119,10 @@ def sources_from_work_dirs(dirs: Iterable[str | Path], shards: Iterable[int]) ->
 
 
 def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], router_dir: Path | None = None,
-                 require_signature: bool = False, trusted_keys: Iterable[str] | None = None) -> Path:
-    """Verify every source artifact and write the bundle atomically (staging directory, then rename)."""
+                 require_signature: bool = False, trusted_keys: Iterable[str] | None = None,
+                 eval_pack: Path | None = None) -> Path:
+    """Verify every source artifact and write the bundle atomically (staging directory, then rename). `eval_pack`:
+    the plan's held-out data pack (a verified pack artifact), copied in so that `eval` needs no dataset."""
     out = Path(out)
     if not sources:
         raise DDMError("no expert checkpoint found for any shard; nothing to bundle")
@@ -143,10 +153,18 @@ def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], 
                 raise IntegrityError(f"{router_dir}: not a router of run {plan.run_id[:12]}")
             copy_artifact(router_dir, stage / "router")
             router = {"kind": "learned", "dir": "router", "publisher": r.publisher, "manifest_id": r.id}
+        if eval_pack is not None:
+            p = verify_artifact(eval_pack, require_signature=require_signature, trusted_keys=trusted_keys)
+            if p.run_id != plan.run_id or p.kind != "pack" or plan.packs is None or p.config_hash != getattr(
+                    plan.packs.eval, "sha256", None):
+                raise IntegrityError(f"{eval_pack}: not the held-out pack of run {plan.run_id[:12]}")
+            copy_artifact(eval_pack, stage / EVAL_PACK)
         (stage / "plan.json").write_bytes(plan.to_bytes())
         index = {"format": FORMAT, "run_id": plan.run_id, "dataset": plan.dataset, "fingerprint": plan.fingerprint,
                  "shape": list(plan.shape), "num_classes": plan.num_classes, "num_shards": len(plan.shards),
                  "experts": experts, "missing": missing, "router": router}
+        if eval_pack is not None:
+            index["eval_pack"] = {"dir": EVAL_PACK, "sha256": plan.packs.eval.sha256, "manifest_id": p.id}
         write_atomic(stage / INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
         commit_dir(stage, out)
     except BaseException:
@@ -193,6 +211,8 @@ def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys
     listed = {e["dir"] for e in index.get("experts", [])} | {f"{e['dir']}/stats" for e in index.get("experts", [])}
     if index.get("router", {}).get("dir"):
         listed.add(index["router"]["dir"])
+    if index.get("eval_pack"):
+        listed.add(EVAL_PACK)
     for d in sorted(listed):
         if not (path / d / MANIFEST).is_file():
             raise IntegrityError(f"{path / d / MANIFEST}: missing")
