@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +20,6 @@ from ddm_node.core.config import load_config
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import MANIFEST, read_manifest
-from ddm_node.data import pack as packmod
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.pack import PACK_INDEX, parse_safetensors, read_pack, seal_pack
 from ddm_node.data.packing import (
@@ -41,37 +41,14 @@ from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.expert import train_shard
 from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
+from tests.pack_data import TINY, flip, make_packed, write_npz
 
 HONEST, EVIL = Identity.generate(), Identity.generate()
 
 
-def write_npz(path: Path, n: int = 240, size: int = 16, classes: int = 3, seed: int = 0) -> Path:
-    """A small labeled npz dataset with per-sample features: class c is a bright band at rows 5c..5c+4, plus noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    x = (rng.random((n, size, size)) * 60).astype(np.uint8)
-    for i, c in enumerate(y):
-        x[i, 5 * c:5 * c + 4] += 180
-    features = rng.normal(size=(n, 6)).astype(np.float32)
-    np.savez(path, x=x, y=y, features=features)
-    return path
-
-
 @pytest.fixture
-def packed(tmp_path, tiny_cfg, monkeypatch):
-    """A 3-shard plan of a 16x16 npz dataset with its packs under tmp/plan/packs (small chunks: several each)."""
-    monkeypatch.setattr(packmod, "CHUNK_BYTES", 16 << 10)
-    data = write_npz(tmp_path / "data.npz")
-    cfg = load_config(overrides={**_tiny(tiny_cfg), "data.dataset": f"npz:{data}", "partition.experts": 3})
-    ds = load_dataset(cfg.data.dataset)
-    plan = write_plan_packs(make_plan(cfg, ds), ds, tmp_path / "plan")
-    plan.save(tmp_path / "plan")
-    return plan, ds, tmp_path / "plan", data
-
-
-def _tiny(cfg) -> dict:
-    return {"model.hidden": 32, "model.depth": 2, "model.heads": 2, "train.steps": 8, "train.batch_size": 16,
-            "train.checkpoint_every": 4, "train.warmup_steps": 2, "router.steps": 4, "router.batch_size": 32}
+def packed(tmp_path, monkeypatch):
+    return make_packed(tmp_path, monkeypatch)
 
 
 def test_plan_records_packs_that_rebuild_identically_and_read_back_as_the_dataset(packed, tmp_path):
@@ -95,8 +72,8 @@ def test_plan_records_packs_that_rebuild_identically_and_read_back_as_the_datase
     assert len(plan_rows(plan, root)) == 3
 
 
-def test_version_one_plans_keep_their_bytes_and_run_id(tiny_cfg):
-    plan = make_plan(load_config(overrides=_tiny(tiny_cfg)), load_dataset("digits"))
+def test_version_one_plans_keep_their_bytes_and_run_id():
+    plan = make_plan(load_config(overrides=TINY), load_dataset("digits"))
     assert plan.version == PLAN_VERSION and plan.packs is None and b'"packs"' not in plan.to_bytes()
     assert Plan.from_bytes(plan.to_bytes()).run_id == plan.run_id
 
@@ -113,8 +90,8 @@ def test_a_shard_trains_from_its_pack_without_the_dataset(packed, tmp_path):
 
 
 @pytest.mark.parametrize("tamper, reason", [
-    (lambda p: _flip(p / "rows_00001.safetensors", -5), "rows_00001.safetensors does not match its sha256"),
-    (lambda p: _flip(p / PACK_INDEX, 40), "pack.json has sha256"),
+    (lambda p: flip(p / "rows_00001.safetensors", -5), "rows_00001.safetensors does not match its sha256"),
+    (lambda p: flip(p / PACK_INDEX, 40), "pack.json has sha256"),
     (lambda p: (p / "rows_00000.safetensors").unlink(), "rows_00000.safetensors: cannot read"),
 ])
 def test_a_tampered_pack_is_rejected_with_one_line_and_not_trained_on(packed, tmp_path, tamper, reason):
@@ -149,12 +126,6 @@ def test_pack_parsing_is_bounded_by_the_plan(packed, tmp_path):
             parse_safetensors(bad, "chunk")
 
 
-def _flip(path: Path, offset: int) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[offset] ^= 0x01
-    path.write_bytes(bytes(raw))
-
-
 # ------------------------------------------------------------------------------------------ over gRPC
 
 
@@ -166,7 +137,7 @@ def served(packed, tmp_path):
     FAILED_LISTINGS.clear()
     ref = plan.packs.shards[0]
     records, servers = [], []
-    for who, tamper in ((HONEST, None), (EVIL, lambda p: _flip(p / "rows_00000.safetensors", -9))):
+    for who, tamper in ((HONEST, None), (EVIL, lambda p: flip(p / "rows_00000.safetensors", -9))):
         d = tmp_path / f"served-{who.public_hex[:6]}" / ref.sha256
         shutil.copytree(pack_path(root, ref), d)
         if tamper:
@@ -199,13 +170,15 @@ def test_the_verified_fetch_takes_an_honest_pack_and_rejects_a_tampered_one(serv
     read_pack(dest, s, keep=False)
 
 
-def test_a_pack_whose_manifest_contradicts_the_plan_is_refused_before_download(served, tmp_path):
+def test_a_pack_whose_manifest_contradicts_the_plan_is_refused_before_download(served, tmp_path, caplog):
     plan, honest, _ = served
     s = spec(plan, 1)  # shard 1's pack, announced with shard 0's artifact
     lie = PackRecord(1, s.ref.sha256, honest.manifest, honest.publisher, EVIL.public_hex, honest.grpc)
     dest = tmp_path / "island" / "packs" / s.ref.sha256
+    caplog.set_level(logging.INFO, logger="ddm_node.transfer.download")
     m, reasons = fetch_any(pack_candidates([lie], s.ref.sha256), dest, plan.run_id, s, None, RejectList())
     assert m is None and not dest.exists() and not any(dest.parent.glob("*")), list(dest.parent.glob("*"))
+    assert not [r for r in caplog.records if "fetched artifact" in r.getMessage()]  # no file was downloaded
     assert "shard is 0, expected 1" in reasons[0] and "\n" not in reasons[0]
 
 

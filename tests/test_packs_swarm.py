@@ -21,7 +21,7 @@ from ddm_node.data.packing import pack_path, pack_slots, spec
 from ddm_node.data.plan import Plan
 from ddm_node.swarm.dht import Swarm
 from tests.live_swarm import holds, of, signal_island, timeline, wait_until
-from tests.test_packs import write_npz
+from tests.pack_data import write_npz
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = """
