@@ -13,6 +13,7 @@ import pytest
 
 from ddm_node.core.events import EventKind, EventLog, read_events
 from ddm_node.core.identity import Identity
+from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir
 from ddm_node.data.pack import seal_pack
 from ddm_node.data.packing import pack_path, pack_slots
@@ -52,8 +53,8 @@ class FakeSwarm:
 class Node:
     """One keeper with its own work dir, store, gRPC server and key."""
 
-    def __init__(self, root, name, plan, swarm, servers, replicas=2):
-        self.identity, self.work = Identity.generate(), WorkDir(root / name)
+    def __init__(self, root, name, plan, swarm, servers, replicas=2, identity=None):
+        self.identity, self.work = identity or Identity.generate(), WorkDir(root / name)
         self.work.root.mkdir(parents=True)
         self.store = ArtifactStore()
         server = TransferServer(self.store, NodeInfoData(name, self.identity.public_hex))
@@ -120,9 +121,14 @@ def test_an_island_without_the_dataset_fetches_verifies_serves_and_trains_from_i
 def test_pack_mirrors_are_the_first_r_peers_that_did_not_publish(packed, tmp_path, servers):
     plan, _, root, _ = packed
     swarm = FakeSwarm()
-    box = Node(tmp_path, "box", plan, swarm, servers, replicas=1)
-    box.keeper.start(None, pack_sources(root))
     nodes = [Node(tmp_path, f"n{i}", plan, swarm, servers, replicas=1) for i in range(3)]
+    keys = [n.identity.public_hex for n in nodes]
+    while True:  # a data box that would rank first for some pack if publishers were not left out
+        key = Identity.generate()
+        if any(rendezvous(f"pack/{s}", sorted([*keys, key.public_hex]))[0] == key.public_hex for s in pack_slots(plan)):
+            break
+    box = Node(tmp_path, "box", plan, swarm, servers, replicas=1, identity=key)
+    box.keeper.start(None, pack_sources(root))
     assert box.keeper.targets() == []  # it holds every pack
     chosen = {slot: [n for n in nodes if slot in n.keeper.targets()] for slot in pack_slots(plan)}
     assert all(len(c) == 1 for c in chosen.values()), chosen  # R = 1: exactly one mirror per pack, never the box
