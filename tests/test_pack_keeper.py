@@ -13,6 +13,7 @@ import pytest
 
 from ddm_node.core.events import EventKind, EventLog, read_events
 from ddm_node.core.identity import Identity
+from ddm_node.core.manifest import read_manifest
 from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir
 from ddm_node.data.pack import seal_pack
@@ -20,6 +21,7 @@ from ddm_node.data.packing import pack_path, pack_slots
 from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.candidates import FAILED_LISTINGS
 from ddm_node.exchange.fetch import RejectList
+from ddm_node.node import packs as keeper_mod
 from ddm_node.node.packs import PackKeeper, pack_sources
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState
@@ -116,6 +118,25 @@ def test_an_island_without_the_dataset_fetches_verifies_serves_and_trains_from_i
     assert mine.publisher == box.identity.public_hex and island.store.manifest(mine.manifest) is not None
     assert train_shard(plan, 1, island.work.root, identity=island.identity) is not None
     assert ckpt.latest_checkpoint(island.work.root, 1) is not None
+
+
+def test_an_island_with_the_dataset_rebuilds_its_shards_pack_and_checks_it_against_the_plan(packed, tmp_path,
+                                                                                           servers, monkeypatch):
+    plan, ds, _, _ = packed
+    swarm = FakeSwarm()
+    island = Node(tmp_path, "island", plan, swarm, servers)
+    island.keeper.start(ds)  # no packs beside a plan here: nothing is served until a shard needs one
+    assert island.keeper.held() == set() and not swarm.records
+    assert island.keeper.ensure([2])
+    assert [(e.shard, e.source) for e in island.pack_events()] == [(2, "built")]
+    mine = swarm.records[(RecordKind.PACK, 2)][island.identity.public_hex]
+    assert mine.publisher == island.identity.public_hex and mine.pack == plan.packs.shards[2].sha256
+    assert read_manifest(pack_path(island.work.root, plan.packs.shards[2])).config_hash == mine.pack
+    # rows that do not make the plan's pack (here: another shard's) are not served or trained on
+    real = keeper_mod.build_pack
+    monkeypatch.setattr(keeper_mod, "build_pack", lambda plan, ds, slot, dest: real(plan, ds, (slot + 1) % 3, dest))
+    assert not island.keeper.ensure([0])
+    assert not pack_path(island.work.root, plan.packs.shards[0]).exists() and 0 not in island.keeper.held()
 
 
 def test_pack_mirrors_are_the_first_r_peers_that_did_not_publish(packed, tmp_path, servers):

@@ -1,12 +1,12 @@
 """An island's data packs: serve the ones it holds or can make, fetch the ones its work needs, mirror R copies.
 
-- `start`: packs already in WORK/packs/<sha256>/ (a restart), else partition's copies beside the plan file,
-  else, when this box has the dataset, packs rebuilt from it (each must come out as the plan records it). Each
-  is sealed with this island's key (a copy it made) or keeps its publisher's signature (a copy it fetched),
-  registered with the gRPC store and announced as a pack record.
-- `ensure(slots)`: before training a shard (or the router, which needs every shard), fetch what is missing
-  through the verified pack fetch (`exchange/packs.py`); False when no copy verified (the caller gives the
-  claim back and tries later).
+- `start`: packs already in WORK/packs/<sha256>/ (a restart), and partition's copies beside the plan file (the
+  data box publishes every pack). Each is sealed with this island's key (a copy it made) or keeps its publisher's
+  signature (a copy it fetched), registered with the gRPC store and announced as a pack record.
+- `ensure(slots)`: before training a shard (or the router, which needs every shard), get what is missing: rebuilt
+  from the dataset when this box has it (so its shard is checked against the plan: the pack must come out with the
+  plan's sha256), else through the verified pack fetch (`exchange/packs.py`); False when no copy verified (the
+  caller gives the claim back and tries later).
 - `loop`: the pack mirror. For each pack, the live peers other than its publishers are ordered by rendezvous
   hashing (the same placement as checkpoints, `core/placement.py`) and the first R (`swarm.replicas`) fetch it,
   so the run keeps every pack after the box that partitioned it leaves.
@@ -29,7 +29,7 @@ from ddm_node.core.manifest import Manifest, commit_dir, read_manifest, staging_
 from ddm_node.core.placement import rendezvous
 from ddm_node.data.datasets import Dataset
 from ddm_node.data.pack import PACK_INDEX, manifest_problem, pack_files, read_pack, seal_pack
-from ddm_node.data.packing import PACKS_DIR, build_pack, pack_path, pack_ref, pack_slots, spec
+from ddm_node.data.packing import PACKS_DIR, build_pack, local_dataset, pack_path, pack_ref, pack_slots, spec
 from ddm_node.data.plan import Plan
 from ddm_node.exchange.fetch import RejectList, describe
 from ddm_node.exchange.packs import expected, fetch_any, pack_candidates
@@ -51,6 +51,7 @@ class PackKeeper:
         self.state, self.rejects, self.work, self.events = state, rejects, publisher.work, publisher.events
         self.me, self.trusted = identity.public_hex, list(cfg.trusted_keys) or None
         self.sources: list[Path] = []
+        self.local = False  # the plan's dataset is on this box (checked at start; loaded again when packs are made)
         self._locks = {slot: threading.Lock() for slot in pack_slots(plan)}
         self._held: dict[int, Manifest] = {}
 
@@ -61,13 +62,13 @@ class PackKeeper:
     # -- start --------------------------------------------------------------------------------
 
     def start(self, dataset: Dataset | None, sources: Iterable[Path] = ()) -> None:
-        """Serve and announce every pack this island holds or can make (see the module docstring); `sources` are
-        directories that may hold partition's packs (`pack_sources`)."""
-        self.sources = list(sources)
+        """Serve and announce the packs this island holds (see the module docstring); `sources` are directories that
+        may hold partition's packs (`pack_sources`); `dataset`: the plan's dataset when this box has it."""
+        self.sources, self.local = list(sources), dataset is not None
         for slot in pack_slots(self.plan):
             with self._locks[slot]:
                 try:
-                    self._serve(slot) or self._import(slot) or (dataset is not None and self._build(slot, dataset))
+                    self._serve(slot) or self._import(slot)
                 except DDMError as exc:  # this pack is not served (from here); the others still are
                     log.warning("data pack of slot %d: %s", slot, exc)
         if self._held:
@@ -142,15 +143,24 @@ class PackKeeper:
         """Hold the packs of `slots` (fetching what is missing); True at once for a plan without packs. When a pack
         has no verified copy, wait `retry` seconds (or until the island stops) and return False: the caller gives
         its claim back and looks again."""
-        if all(self._fetch(slot, "fetched") for slot in slots if slot in self._locks):
+        wanted = [slot for slot in slots if slot in self._locks]
+        missing = [slot for slot in wanted if slot not in self._held]
+        dataset = local_dataset(self.plan) if self.local and missing else None
+        if all(self._obtain(slot, "fetched", dataset) for slot in wanted):
             return True
         self.state.stop.wait(retry)
         return False
 
-    def _fetch(self, slot: int, source: str) -> bool:
+    def _obtain(self, slot: int, source: str, dataset: Dataset | None = None) -> bool:
+        """Hold the pack of `slot`: ours already, rebuilt from `dataset`, or fetched from a peer."""
         with self._locks[slot]:
             if self._serve(slot):
                 return True
+            if dataset is not None:
+                try:
+                    return self._build(slot, dataset)
+                except DDMError as exc:  # a pack that does not come out as the plan says: fetch the plan's instead
+                    log.warning("data pack of slot %d: %s", slot, exc)
             s = spec(self.plan, slot)
             records = [e.record for e in self.swarm.read(RecordKind.PACK, slot)]
             candidates = pack_candidates(records, s.ref.sha256, exclude_holder=self.me)
@@ -194,7 +204,7 @@ class PackKeeper:
                 for slot in self.targets():
                     if self.state.stop.is_set():
                         return
-                    self._fetch(slot, "mirrored")
+                    self._obtain(slot, "mirrored")
             except Exception as exc:  # one bad pass must not end mirroring
                 log.warning("pack mirror pass failed: %s", describe(exc), exc_info=None if isinstance(exc, DDMError)
                             else exc)
