@@ -4,6 +4,7 @@ takes an honest copy and rejects a tampered one with a one-line reason, before o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from ddm_node.data.pack import PACK_INDEX, parse_safetensors, read_pack, seal_pa
 from ddm_node.data.packing import (
     eval_data,
     eval_slot,
+    local_dataset,
     pack_path,
     plan_rows,
     read_eval_data,
@@ -76,6 +78,20 @@ def test_version_one_plans_keep_their_bytes_and_run_id():
     plan = make_plan(load_config(overrides=TINY), load_dataset("digits"))
     assert plan.version == PLAN_VERSION and plan.packs is None and b'"packs"' not in plan.to_bytes()
     assert Plan.from_bytes(plan.to_bytes()).run_id == plan.run_id
+
+
+def test_an_island_uses_the_dataset_when_it_is_here_and_packs_only_when_it_is_absent(packed, tmp_path):
+    plan, ds, _, data = packed
+    assert local_dataset(plan).fingerprint() == plan.fingerprint
+    old = dataclasses.replace(plan, version=PLAN_VERSION, packs=None)
+    write_npz(data, seed=1)  # another dataset at the plan's path: an error, packs or not
+    for p in (plan, old):
+        with pytest.raises(DDMError, match="fingerprint"):
+            local_dataset(p)
+    data.unlink()
+    assert local_dataset(plan) is None  # absent: the packs bring the data
+    with pytest.raises(DDMError, match="no such file"):
+        local_dataset(old)  # absent and no packs: the one-line error it always was
 
 
 def test_a_shard_trains_from_its_pack_without_the_dataset(packed, tmp_path):

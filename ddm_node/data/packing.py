@@ -19,7 +19,7 @@ import numpy as np
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import commit_dir
-from ddm_node.data.datasets import Dataset, load_dataset
+from ddm_node.data.datasets import Dataset, load_dataset, spec_path
 from ddm_node.data.pack import Column, PackRef, PackSpec, PartSpec, Take, read_pack, write_pack
 from ddm_node.data.plan import PACKS_VERSION, Packs, Plan, check_dataset
 
@@ -164,17 +164,22 @@ def pack_path(root: str | Path, ref: PackRef) -> Path:
 
 
 def local_dataset(plan: Plan) -> Dataset | None:
-    """The plan's dataset when this box has it (fingerprint checked), else None when the plan's packs can bring
-    the data; without packs a missing or different dataset is the one-line error it always was."""
+    """The plan's dataset when this box has it (fingerprint checked). None when it is absent (no file at its path,
+    or a built-in dataset that does not load here) and the plan's packs bring the data. A dataset that is here but
+    is not the plan's, or any absence without packs, is the one-line error it always was."""
+    path = spec_path(plan.dataset)
+    if plan.packs is not None and path is not None and not path.exists():
+        log.info("dataset %s is not on this box; shards come from the swarm's data packs", plan.dataset)
+        return None
     try:
         ds = load_dataset(plan.dataset)
-        check_dataset(plan, ds)
-        return ds
     except DDMError as exc:
-        if plan.packs is None:
+        if plan.packs is None or path is not None:
             raise
         log.info("dataset not used here (%s); shards come from the swarm's data packs", exc)
         return None
+    check_dataset(plan, ds)
+    return ds
 
 
 def shard_rows(plan: Plan, shard: int, work_dir: str | Path | None = None, dataset: Dataset | None = None) -> Rows:
