@@ -39,7 +39,7 @@ from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import RecordKind
 
 log = logging.getLogger(__name__)
-MIN_SWEEP = 2.0  # seconds between pack mirror passes, at least (packs never change; peers come and go)
+MIN_SWEEP = 5.0  # seconds between pack mirror passes, at least (packs never change; peers come and go slowly)
 
 
 class PackKeeper:
@@ -129,7 +129,7 @@ class PackKeeper:
                 raise DDMError(f"{path}: {problem}")
             m = self.publisher.pack(path, slot, ref.sha256)  # every file hashed against the manifest, announced
         except DDMError as exc:
-            log.warning("removing the damaged pack copy %s: %s", path, exc)
+            log.warning("not serving the pack copy %s (removed): %s", path, exc)
             doomed = path.with_name(f".{path.name}.bad-{os.getpid()}")
             os.rename(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
