@@ -16,8 +16,8 @@ from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import read_manifest
 from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir
-from ddm_node.data.pack import seal_pack
-from ddm_node.data.packing import pack_path, pack_slots
+from ddm_node.data.pack import read_pack, seal_pack
+from ddm_node.data.packing import pack_path, pack_slots, spec
 from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.candidates import FAILED_LISTINGS
 from ddm_node.exchange.fetch import RejectList
@@ -118,6 +118,17 @@ def test_an_island_without_the_dataset_fetches_verifies_serves_and_trains_from_i
     assert mine.publisher == box.identity.public_hex and island.store.manifest(mine.manifest) is not None
     assert train_shard(plan, 1, island.work.root, identity=island.identity) is not None
     assert ckpt.latest_checkpoint(island.work.root, 1) is not None
+
+
+def test_a_work_dir_that_is_the_plan_directory_keeps_partitions_packs(packed, tmp_path, servers):
+    plan, _, root, _ = packed
+    swarm = FakeSwarm()
+    box = Node(tmp_path, "box", plan, swarm, servers)
+    box.keeper.publisher.work = box.keeper.work = WorkDir(root)  # started with --plan DIR --work-dir DIR
+    box.keeper.start(None, pack_sources(root))
+    assert box.keeper.held() == set(pack_slots(plan))
+    for slot in pack_slots(plan):  # sealed where they are, nothing removed
+        read_pack(pack_path(root, spec(plan, slot).ref), spec(plan, slot), keep=False)
 
 
 def test_an_island_with_the_dataset_rebuilds_its_shards_pack_and_checks_it_against_the_plan(packed, tmp_path,

@@ -25,7 +25,7 @@ from ddm_node.core.config import SwarmConfig
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
-from ddm_node.core.manifest import Manifest, commit_dir, read_manifest, staging_dir
+from ddm_node.core.manifest import MANIFEST, Manifest, commit_dir, read_manifest, staging_dir
 from ddm_node.core.placement import rendezvous
 from ddm_node.data.datasets import Dataset
 from ddm_node.data.pack import PACK_INDEX, manifest_problem, pack_files, read_pack, seal_pack
@@ -86,6 +86,10 @@ class PackKeeper:
             except DDMError as exc:
                 log.warning("not using %s: %s", src, exc)
                 continue
+            if src.resolve() == pack_path(self.work.root, ref).resolve():  # the work dir is the plan's directory
+                seal_pack(src, self.plan.run_id, slot, ref, self.identity)
+                self.events.record(EventKind.PACK, shard=slot, source="imported")
+                return self._serve(slot)
             return self._commit(slot, lambda stage, src=src: _link_files(src, stage), "imported")
         return False
 
@@ -120,7 +124,7 @@ class PackKeeper:
             return True
         ref = pack_ref(self.plan, slot)
         path = pack_path(self.work.root, ref)
-        if not path.is_dir():
+        if not (path / MANIFEST).is_file():  # none, or partition's own unsealed pack (`_import` seals it)
             return False
         try:
             m = read_manifest(path)
