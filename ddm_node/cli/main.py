@@ -16,6 +16,7 @@ from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, feature
 from ddm_node.cli.flags import add_set_flag, positive
 from ddm_node.cli.logs import add_log_flags, setup_logging
 from ddm_node.cli.observing import add_dashboard_parser
+from ddm_node.cli.packs import add_pack_parser, add_packs_flag, with_packs
 from ddm_node.cli.start import add_start_parser
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
@@ -85,7 +86,7 @@ def cmd_partition(args) -> int:
     cfg = load_config(args.config, {"data.dataset": args.dataset, "partition.experts": args.experts,
                                     "train.steps": args.steps, **features_overrides(args.features)}, args.sets)
     ds = load_dataset(cfg.data.dataset)
-    plan = make_plan(cfg, ds)
+    plan = with_packs(make_plan(cfg, ds), ds, args.out, args.packs)  # the data packs under OUT/packs/
     path = plan.save(args.out)
     sizes = ", ".join(str(len(s.ids)) for s in plan.shards)
     console().print(f"plan written to {path}: {len(plan.shards)} shards of {sizes} samples, "
@@ -160,15 +161,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ddm_node.data.datasets import load_dataset
     from ddm_node.ensemble.bundle import load_bundle
-    from ddm_node.ensemble.generate import generate, score
+    from ddm_node.ensemble.generate import bundle_eval_data, generate, score
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
-    ds = load_dataset(bundle.plan.dataset)
-    s = generate(bundle, args.n, cfg, seed=args.seed, dataset=ds)
-    scores = score(s.x, bundle.plan, ds, seed=args.seed)
+    data = bundle_eval_data(bundle)  # the bundle's held-out pack, else the plan's dataset
+    s = generate(bundle, args.n, cfg, seed=args.seed, data=data)
+    scores = score(s.x, bundle.plan, seed=args.seed, data=data)
     if args.json:
         import dataclasses
 
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar=FEATURES_METAVAR, help="clustering features: PCA of pixels, the dataset's "
                    "own, or an [N, F] .npy file (ddm-node features writes one)")
     add_set_flag(p)
-    p.add_argument("--out", required=True, help="directory for plan.json")
+    add_packs_flag(p)
+    p.add_argument("--out", required=True, help="directory for plan.json (and packs/)")
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("train-expert", help="train one shard's expert alone (no network)")
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)
+    add_pack_parser(sub)
     return parser
 
 

@@ -24,8 +24,9 @@ from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.manifest import write_atomic
 from ddm_node.core.workdir import WorkDir
-from ddm_node.data.datasets import load_dataset
-from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.data.datasets import Dataset
+from ddm_node.data.packing import local_dataset
+from ddm_node.data.plan import Plan
 from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.done import DoneCheck
 from ddm_node.exchange.fetch import RejectList
@@ -35,6 +36,7 @@ from ddm_node.node.handoff import Handoff
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
+from ddm_node.node.packs import PackKeeper, pack_sources
 from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
@@ -82,6 +84,7 @@ class Island:
         self.progress: Progress | None = None
         self.loop: WorkLoop | None = None
         self.handoff: Handoff | None = None
+        self.packs: PackKeeper | None = None  # the run's data packs (node/packs.py)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -132,7 +135,7 @@ class Island:
                                      host=o.host, port=o.grpc_port, meter=self.state.meter)
         self.grpc = o.grpc_announce(self.server.start())
         self.server.info.grpc_address = self.grpc
-        self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
+        ds = self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
         # The first optimizer imports torch._dynamo (1.5 s of CPU idle, 5-8 s on a loaded box): pay it now,
         # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
         import torch._dynamo  # noqa: F401
@@ -141,11 +144,13 @@ class Island:
             log.warning("open run: the plan lists no swarm.trusted_keys, so any peer can publish checkpoints for it "
                         "(set trusted_keys before partitioning to accept only your islands; docs/THREAT_MODEL.md)")
         self.publisher.local(len(self.plan.shards))  # what we hold is announced before we claim anything
+        self.packs.start(ds, pack_sources(self.opts.plan_path))  # serve the data packs held here or made from ds
         self._write_announce_file()
         self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id, run_id=self.plan.run_id,
                            maddrs=tuple(self.swarm.visible_maddrs()))  # the console's ready line
         self._spawn(self.keeper.run, "keeper")
         self._spawn(self.mirror.loop, "mirror")
+        self._spawn(self.packs.loop, "packs")
         verdict = reachability(self.swarm.visible_maddrs(), self.grpc, self.opts.initial_peers)
         (log.info if verdict.ok else log.warning)(verdict.line)
 
@@ -157,8 +162,8 @@ class Island:
         rules = ArtifactRules.for_plan(self.plan)  # the files, sizes and configs peers' artifacts may have
         self.progress = Progress(self.plan, self.work, self.swarm, DoneCheck(rules, trusted, self.work.root),
                                  self.cfg.router_job)
-        self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc, self.budget, trusted,
-                                   self.events)
+        self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc,
+                                   self.plan.cfg.train.steps, trusted, self.events)
         self.mirror = Mirror(self.swarm, self.me, len(self.plan.shards), rules, self.cfg, self.work,
                              self.state, self.publisher, self.rejects, self.events)
         settings = TrainSettings(self.opts.device, self.opts.nproc_per_node or self.plan.cfg.train.nproc_per_node,
@@ -166,11 +171,12 @@ class Island:
         self.job = ShardJob(self.plan, rules, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
                             self.rejects, self.events, trusted)
         self.timing = Timing(self.cfg, self.opts.join_wait, self.opts.leave_timeout)
+        self.packs = PackKeeper(self.plan, self.publisher, self.swarm, self.identity, self.cfg, self.state, self.rejects)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
                                   self.me, self._heartbeat_record, self.opts.initial_peers)
         self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress,
                              ClaimGate(returning, self.timing.join_wait), self.job, self.mirror, self.publisher,
-                             self.events, self.timing)
+                             self.events, self.timing, self.packs)
         self.handoff = Handoff(self.swarm, self.announcer, self.progress.checks, self.me, rules, len(self.plan.shards),
                                self.events, lambda: self.swarm.announce(self._heartbeat_record(),
                                                                         ttl=self.timing.heartbeat_ttl))
@@ -211,9 +217,9 @@ class Island:
             return Plan.load(self.work.plan, expected_run_id=self.opts.run_id)
         return None
 
-    def _adopt_plan(self, plan: Plan) -> None:
-        """Check the plan against the local dataset and this node's config, keep a copy, serve and announce it."""
-        check_dataset(plan, load_dataset(plan.dataset))  # a clear error (before writing anything), never other data
+    def _adopt_plan(self, plan: Plan) -> Dataset | None:
+        """Check the plan against the local dataset (returned; None: not here) and our config; keep, serve, announce."""
+        dataset = local_dataset(plan)  # a clear error before writing anything; None: the plan's packs bring it
         self.plan = plan
         self.cfg = swarm_config(plan, self.opts.swarm_overrides, self.opts.config_source)
         self.server.info.run_ids = [plan.run_id]
@@ -223,10 +229,7 @@ class Island:
         self.store.register_plan(raw)
         self.announcer = Announcer(self.swarm, self.cfg.announce_ttl)
         self.announcer.announce(PlanRecord(plan.run_id, self.grpc))
-
-    @property
-    def budget(self) -> int:
-        return self.plan.cfg.train.steps
+        return dataset
 
     def _heartbeat_record(self) -> PeerRecord:
         active = self.state.active

@@ -18,6 +18,7 @@ from ddm_node.data.plan import Plan
 from ddm_node.node.gate import ClaimGate
 from ddm_node.node.lease import Timing
 from ddm_node.node.mirror import Mirror
+from ddm_node.node.packs import PackKeeper
 from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob
@@ -33,10 +34,10 @@ class WorkLoop:
 
     def __init__(self, plan: Plan, work: WorkDir, identity: Identity, state: NodeState, claims: ClaimManager,
                  progress: Progress, gate: ClaimGate, job: ShardJob, mirror: Mirror, publisher: Publisher,
-                 events: EventLog, timing: Timing):
+                 events: EventLog, timing: Timing, packs: PackKeeper):
         self.plan, self.work, self.identity, self.state, self.claims = plan, work, identity, state, claims
         self.progress, self.gate, self.job, self.mirror, self.publisher = progress, gate, job, mirror, publisher
-        self.events, self.timing = events, timing
+        self.events, self.timing, self.packs = events, timing, packs
         self.me = identity.public_hex
         self.stop = state.stop
 
@@ -77,7 +78,8 @@ class WorkLoop:
         self.state.lease_lost.clear()
         self.mirror.pause(shard)
         try:
-            self.job.run(shard)
+            if self.packs.ensure([shard], self.timing.claim_retry):  # its data pack, when the dataset is not here
+                self.job.run(shard)
         finally:
             self.state.active = None
             if not self.state.disk_full:
@@ -98,7 +100,9 @@ class WorkLoop:
             return False
         self.state.active, self.state.phase = slot, Phase.ROUTER
         try:
-            out = train_plan_router(self.plan, self.work.router, identity=self.identity)
+            if not self.packs.ensure(range(slot), self.timing.claim_retry):  # it learns from every shard's pack
+                return False
+            out = train_plan_router(self.plan, self.work.router, identity=self.identity, work_dir=self.work.root)
             self.publisher.router(out)
             self.events.record(EventKind.ROUTER, steps=self.plan.cfg.router.steps)
             return True
