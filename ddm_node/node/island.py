@@ -33,6 +33,7 @@ from ddm_node.node.handoff import Handoff
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
+from ddm_node.node.peer_memory import PeerMemory
 from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
@@ -141,9 +142,10 @@ class Island:
         self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id)
         self._spawn(self.keeper.run, "keeper")
         self._spawn(self.mirror.loop, "mirror")
+        maddrs = self.swarm.visible_maddrs()
         log.info("island %s ready: grpc %s, run %s, DHT %s", self.me[:12], self.grpc, self.plan.run_id[:12],
-                 " ".join(self.swarm.visible_maddrs()[:2]))
-        verdict = reachability(self.swarm.visible_maddrs(), self.grpc, self.opts.initial_peers)
+                 " ".join(maddrs[:2]))
+        verdict = reachability(maddrs, self.grpc, self.opts.initial_peers)
         (log.info if verdict.ok else log.warning)(verdict.line)
 
     def _compose(self, returning: bool) -> None:
@@ -162,11 +164,14 @@ class Island:
         self.job = ShardJob(self.plan, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
                             self.rejects, self.events, trusted)
         self.timing = Timing(self.cfg, self.opts.join_wait, self.opts.leave_timeout)
+        memory = PeerMemory(self.work.peers)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
-                                  self.me, self._heartbeat_record, self.opts.initial_peers)
-        self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress,
-                             ClaimGate(returning, self.timing.join_wait), self.job, self.mirror, self.publisher,
-                             self.events, self.timing)
+                                  self.me, self._heartbeat_record, self.opts.initial_peers, memory)
+        expected = frozenset(memory.alive_at_exit() - {self.me}) if memory.loaded else None
+        gate = ClaimGate(returning, expected, lambda: {p.public_key for p in self.swarm.peers()},
+                         max_wait=self.timing.join_wait, blind_wait=self.cfg.lease_ttl)
+        self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress, gate,
+                             self.job, self.mirror, self.publisher, self.events, self.timing)
         self.handoff = Handoff(self.swarm, self.announcer, checks, self.me, self.plan.run_id, len(self.plan.shards),
                                self.events, lambda: self.swarm.announce(self._heartbeat_record(),
                                                                         ttl=self.timing.heartbeat_ttl))
