@@ -1,8 +1,11 @@
 """The restart and leave rules of an island, on fakes (no processes): node/gate.py, node/progress.py and
 node/handoff.py. The live proofs are tests/test_restart.py and tests/test_stop.py.
 
-- `ClaimGate`: an island returning to a run claims only work with visible state during its wait; a new one
+- `ClaimGate`: an island returning to a run claims only work with visible state until the peers it saw up when
+  it stopped are back (bounded; one lease TTL when it does not know them); a new one, or one that was alone,
   claims at once.
+- `PeerMemory` and the keeper: the peers seen are written to WORK/peers.json and read back at the next start;
+  a damaged file is ignored.
 - `Progress.shard_done`: a final checkpoint announced as a replica counts (its trainer may still be down after a
   whole-swarm restart), if the holder's server confirms it and it is a copy of another's work (a node announces
   its own checkpoints as checkpoint records); a record alone does not.
@@ -39,19 +42,36 @@ class Clock:
         return self.t
 
 
-def test_a_returning_island_claims_only_visible_work_until_its_wait_ends():
+def test_a_returning_island_claims_only_visible_work_until_the_peers_it_saw_are_back():
     clock = Clock()
-    gate = ClaimGate(returning=True, wait=30.0, clock=clock)
+    up: set[str] = set()
+    gate = ClaimGate(True, frozenset({PEER, OTHER}), lambda: up, max_wait=120.0, blind_wait=30.0, clock=clock)
     asked = []
     assert not gate.may_claim(lambda: asked.append(1) or False)  # nobody holds it: wait
     assert gate.may_claim(lambda: True)  # someone holds state: claim (and resume from it) now
-    clock.t += 29.9
-    assert not gate.open and not gate.may_claim(lambda: False)
-    clock.t += 0.2
+    up.add(PEER)
+    clock.t += 60.0
+    assert not gate.open and not gate.may_claim(lambda: False)  # OTHER is not back yet
+    up.add(OTHER)
     assert gate.open and gate.may_claim(lambda: pytest.fail("not asked once the gate is open"))
+    up.clear()
+    assert gate.open  # once open, it stays open
     assert asked == [1]
-    fresh = ClaimGate(returning=False, wait=30.0, clock=clock)
-    assert fresh.open and fresh.may_claim(lambda: False)
+
+
+def test_the_restart_wait_is_bounded_and_skipped_when_nobody_was_there():
+    clock = Clock()
+    never = ClaimGate(True, frozenset({PEER}), set, max_wait=120.0, blind_wait=30.0, clock=clock)
+    blind = ClaimGate(True, None, set, max_wait=120.0, blind_wait=30.0, clock=clock)  # no peers file: one TTL
+    alone = ClaimGate(True, frozenset(), lambda: pytest.fail("nobody to wait for"), 120.0, 30.0, clock=clock)
+    fresh = ClaimGate(False, frozenset({PEER}), lambda: pytest.fail("a new island waits for nobody"), 120.0, 30.0,
+                      clock=clock)
+    assert alone.open and fresh.open and fresh.may_claim(lambda: False)
+    assert not never.open and not blind.open
+    clock.t += 30.0
+    assert blind.open and not never.open
+    clock.t += 90.0
+    assert never.open
 
 
 class FakeSwarm:
@@ -178,3 +198,24 @@ def test_handoff_gives_up_without_takers_on_a_second_signal_and_over_a_dead_dht(
     assert reasons == ["no live peer could take it", "asked to leave at once"], reasons
     nothing, _ = handoff(tmp_path, swarm, FakeChecks(set()), ours=())
     assert nothing.wait(timeout=30.0)  # nothing of ours announced: nothing to hand over
+
+
+def test_the_peers_seen_are_remembered_for_the_next_start(tmp_path):
+    from ddm_node.node.lease import LeaseKeeper, Timing
+    from ddm_node.node.peer_memory import PeerMemory, Seen
+
+    memory = PeerMemory(tmp_path / "peers.json")
+    assert not memory.loaded and memory.alive_at_exit() == set()
+    swarm = FakeSwarm()
+    swarm.peer_records = [peer(PEER, "training"), peer(ME, "training")]
+    cfg = SimpleNamespace(lease_ttl=30.0, heartbeat=5.0, announce_ttl=120.0)
+    keeper = LeaseKeeper(swarm, None, None, Timing(cfg), None, None, ME, None, ["/ip4/1.2.3.4/tcp/1/p2p/x"], memory)
+    keeper._known_maddrs()
+    again = PeerMemory(tmp_path / "peers.json")
+    assert again.loaded and again.alive_at_exit() == {PEER}  # not ourselves
+    # a peer last seen long before the last save was not up when we stopped
+    again.save({PEER: Seen(time.time(), ()), OTHER: Seen(time.time() - 3600, ())})
+    assert PeerMemory(tmp_path / "peers.json").alive_at_exit() == {PEER}
+    (tmp_path / "peers.json").write_text('{"saved_at": "yesterday", "peers": []}')
+    broken = PeerMemory(tmp_path / "peers.json")
+    assert not broken.loaded and broken.alive_at_exit() == set()

@@ -37,6 +37,7 @@ from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
 from ddm_node.node.packs import PackKeeper, pack_sources
+from ddm_node.node.peer_memory import PeerMemory
 from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
@@ -172,11 +173,14 @@ class Island:
                             self.rejects, self.events, trusted)
         self.timing = Timing(self.cfg, self.opts.join_wait, self.opts.leave_timeout)
         self.packs = PackKeeper(self.plan, self.publisher, self.swarm, self.identity, self.cfg, self.state, self.rejects)
+        memory = PeerMemory(self.work.peers)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
-                                  self.me, self._heartbeat_record, self.opts.initial_peers)
-        self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress,
-                             ClaimGate(returning, self.timing.join_wait), self.job, self.mirror, self.publisher,
-                             self.events, self.timing, self.packs)
+                                  self.me, self._heartbeat_record, self.opts.initial_peers, memory)
+        expected = frozenset(memory.alive_at_exit() - {self.me}) if memory.loaded else None
+        gate = ClaimGate(returning, expected, lambda: {p.public_key for p in self.swarm.peers()},
+                         max_wait=self.timing.join_wait, blind_wait=self.cfg.lease_ttl)
+        self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress, gate,
+                             self.job, self.mirror, self.publisher, self.events, self.timing, self.packs)
         self.handoff = Handoff(self.swarm, self.announcer, self.progress.checks, self.me, rules, len(self.plan.shards),
                                self.events, lambda: self.swarm.announce(self._heartbeat_record(),
                                                                         ttl=self.timing.heartbeat_ttl))
