@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog, read_events
 from ddm_node.core.workdir import WorkDir
+from ddm_node.exchange.done import DoneCheck
 from ddm_node.node import handoff as handoff_mod
 from ddm_node.node.gate import ClaimGate
 from ddm_node.node.handoff import Handoff
@@ -104,15 +106,21 @@ class FakeSwarm:
         return True
 
 
-class FakeChecks:
-    """`holds` is true for the manifests a holder's server would confirm."""
+class FakeChecks(DoneCheck):
+    """The real choice of which records count (`DoneCheck.shard`); what a holder's server would confirm, and the
+    download-and-load of a final expert, faked: true for the manifests in `good`."""
 
     def __init__(self, good: set[str]):
+        super().__init__(SimpleNamespace(steps=100), None, Path("/nonexistent"))
         self.good, self.asked = good, []
 
-    def holds(self, manifest_id, holder, expected):
+    def announced(self, manifest_id, holder, expected):
         self.asked.append((manifest_id, holder, expected.step))
         return manifest_id in self.good
+
+    def _final(self, shard, step, expert_id, state_id, holders):
+        if expert_id not in self.good:
+            raise DDMError(f"{expert_id[:8]} does not verify")
 
 
 def peer(key: str, state: str) -> PeerRecord:
