@@ -66,6 +66,8 @@ def test_samples_beat_noise_and_mean_image(run, capsys, bundle, routing):
     gen = torch.Generator().manual_seed(0)
     noise = score(torch.randn((400, *plan.shape), generator=gen).clamp(-1, 1), plan, ds)
     mean = score(x_train.mean(0, keepdim=True).expand(400, *plan.shape).clone(), plan, ds)
+    print(f"FD_dom {bundle} {routing}: {got['fd_dom']:.3f} (bound {FD_DOM_MAX}; noise {noise.fd_dom:.1f}, "
+          f"mean image {mean.fd_dom:.1f})")  # -s shows it
     assert got["classifier_hash"] == noise.classifier_hash == mean.classifier_hash
     assert got["fd_dom"] < FD_DOM_MAX, got
     assert got["fd_dom"] < 0.5 * noise.fd_dom, (got, noise)
