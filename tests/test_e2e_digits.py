@@ -23,9 +23,10 @@ router: {steps: 200, batch_size: 128}
 sample: {steps: 16, solver: heun}
 """
 # FD_dom of 400 samples measured here (torch 2.13 CPU, one thread): learned top1 2.575, centroid top1 2.639,
-# centroid full 2.928, the same to the last digit in 3 runs (training and sampling are seeded); Gaussian noise
-# scores 31.3 and the mean image repeated 121.3. The bound is 1.5x the typical (~2.7) value: a model that
-# trains measurably worse fails, run-to-run noise (none here; other CPUs may round differently) does not.
+# centroid full 2.928, the same to the last digit in 4 runs, the last on 2026-12-03 (training and sampling are
+# seeded); Gaussian noise scores 31.3 and the mean image repeated 121.3. The bound is 1.5x the typical (~2.7) value:
+# a model that trains measurably worse fails (half the optimizer steps scores 9.0-9.2), run-to-run noise (none here;
+# other CPUs may round differently) does not.
 FD_DOM_MAX = 4.0
 
 
