@@ -50,9 +50,14 @@ def test_every_shard_gets_exactly_r_live_copies_on_its_rendezvous_top_r(net):  #
             return {k: {p.name for p in procs if p.name not in publishers[k] and holds(p.work, k, STEPS)}
                     for k in range(K)}
 
-        t_done = max(finals)
-        wait_until(net, lambda _ev: all(len(c) >= R for c in copies().values()), COPY_BOUND,
-                   f"{R} copies of every shard's final step: {copies()}")
+        t_done, deadline = max(finals), time.time() + COPY_BOUND
+        held = copies()
+        while any(len(c) < R for c in held.values()) and time.time() < deadline:
+            time.sleep(0.25)
+            held = copies()
+        assert all(len(c) >= R for c in held.values()), (
+            f"{COPY_BOUND:.0f}s after both shards were done, copies of the final steps {held} (besides the publishers "
+            f"{publishers}), not {R} each; rendezvous top-{R}: {expected}")
         took = time.time() - t_done
         time.sleep(3.0)  # six mirror intervals: nobody else copies it
         placed = copies()

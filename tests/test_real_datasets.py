@@ -89,7 +89,9 @@ def check_images(ds, spec: str) -> None:
     assert (d2.argmin(1) == ds.y[50000:]).mean() > 0.6
     # upright: class 1 (a digit one, a pair of trousers) is a tall shape, brighter across columns than down rows
     one = mean_of(ds, 1)
-    assert np.ptp(one.mean(axis=0)) > 2 * np.ptp(one.mean(axis=1)[6:22])
+    across, down = float(np.ptp(one.mean(axis=0))), float(np.ptp(one.mean(axis=1)[6:22]))
+    assert across > 2 * down, (f"{spec}: class 1 is not a tall shape (across {across:.2f}, down {down:.2f}): "
+                               "images transposed or rows scrambled?")
 
 
 def mean_of(ds, c: int) -> np.ndarray:

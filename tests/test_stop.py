@@ -70,7 +70,8 @@ def test_a_signal_stops_training_with_a_checkpoint_announced_and_the_claim_relea
     stops = re.findall(r"stopping at step (\d+) on request", trainer.log.read_text(errors="replace"))
     assert stops, f"{trainer.name} never stopped its training on the signal"
     reached = int(stops[-1])  # the step training reached, from the trainer itself
-    assert [e.step for e in after] == ([] if reached in periodic else [reached]), (reached, periodic, after)
+    assert [e.step for e in after] == ([] if reached in periodic else [reached]), (
+        f"stopped at step {reached}: checkpoints after the signal {[e.step for e in after]}, periodic {periodic}")
     assert reached >= max(periodic) >= pair.last_periodic, (reached, periodic)
     assert newest_step(trainer.work, 0) == reached
     expert, state = ckpt.verify_checkpoint(WorkDir(trainer.work).step(0, reached), require_signature=True)

@@ -330,6 +330,8 @@ class Rounds:
             assert time.time() < deadline, f"no takeover of shard {kill.shard} after killing {kill.victim}"
             time.sleep(0.2)
         self.report.note(kill.line())
+        if kill.shard is not None:
+            check_kill(kill)  # at once: a later round must not hide this kill's loss behind another failure
 
     def restart(self, name: str) -> None:
         """Start the island again with its key and work dir, joining through every live island."""
@@ -342,6 +344,20 @@ class Rounds:
         while len(ready(self.net)) < count:
             assert time.time() < deadline, "a restarted island did not come back"
             time.sleep(0.3)
+
+
+def check_kill(k: Kill) -> None:
+    """The steps-lost bound and what it rests on, for one kill of a training island."""
+    assert k.published is not None and k.resumed is not None, k.line()
+    # steps lost: at most the write in flight without mirror lag, at most a mirror window's worth of announced
+    # checkpoints more with it (Kill.bound; both measured from the victim's own events)
+    assert k.lost <= k.bound, f"steps lost past the bound: {k.line()}"
+    # a checkpoint write in flight is the next one: at most one interval past the last announced step
+    assert k.last_step - k.published <= EVERY, k.line()
+    # the takeover resumes from the newest verified copy a survivor held at the kill
+    assert k.resumed >= (k.mirrored or 0), f"resumed older than a survivor's copy: {k.line()}"
+    if not k.mirror_lag:
+        assert k.resumed >= k.published, f"resumed older than the published step, no mirror lag: {k.line()}"
 
 
 def run_kill_rounds(net: LocalNet, rng, report, phases: list[str]) -> None:
@@ -387,17 +403,8 @@ def run_kill_rounds(net: LocalNet, rng, report, phases: list[str]) -> None:
     assert len(kills) >= min(2, len(phases)), "fewer than two kills happened: the budget ran out too early"
     assert not scan.bad, scan.bad
     assert skipped == 0, f"{skipped} corrupt step dirs were seen by islands"
-    for k in training_kills:
-        assert k.published is not None and k.resumed is not None
-        # a checkpoint write in flight is the next one: at most one interval past the last announced step
-        assert k.last_step - k.published <= EVERY, k.line()
-        # the takeover resumes from the newest verified copy a survivor held at the kill
-        assert k.resumed >= (k.mirrored or 0), k.line()
-        if not k.mirror_lag:
-            assert k.resumed >= k.published, k.line()
-        # steps lost: at most the write in flight without mirror lag, at most a mirror window's worth of
-        # announced checkpoints more with it (Kill.bound; both measured from the victim's own events)
-        assert k.lost <= k.bound, k.line()
+    for k in training_kills:  # checked as each kill was measured (Rounds.recover); again here, for the record
+        check_kill(k)
     assert all(code == 0 for code in codes.values()), f"an island (latest run of each) did not exit 0: {codes}"
 
 
