@@ -2,7 +2,8 @@
 
 Each pytest run tags its environment with a unique DDM_TEST_SESSION value. Children inherit it
 (daemons, hivemind's DHT child, p2pd), so at the end we can find exactly our own leftovers by
-their environment, wherever they were reparented, and fail the run if any survived.
+their environment, wherever they were reparented, and fail the run if any survived. With pytest-xdist each
+worker is its own run with its own tag (a worker must not count another's live daemons as its leftovers).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import uuid
 import psutil
 import pytest
 
-SESSION_TAG = os.environ.setdefault("DDM_TEST_SESSION", uuid.uuid4().hex)
+SESSION_TAG = f"{uuid.uuid4().hex}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+os.environ["DDM_TEST_SESSION"] = SESSION_TAG
 # Nothing downloads in tests: the hub libraries read these at import, and children inherit them.
 os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
 

@@ -142,6 +142,7 @@ def check_output(lines: list[str], doc: Path, name: str, module: str, bounds: tu
     return ratio
 
 
+@pytest.mark.slow  # 20-60 s of CPU; bench.sampling's code paths are the ensemble's, covered by test_router
 @pytest.mark.multiproc
 def test_sampling_smoke_with_tiny_sizes(tmp_path):
     doc = tmp_path / "BENCHMARKS.md"
