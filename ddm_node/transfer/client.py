@@ -116,6 +116,8 @@ class NodeClient:
         return bytes(r.plan)
 
     def fetch_stream(self, sha256: str, offset: int, compress: bool, timeout: float):
-        """The raw `Fetch` response stream (unchecked chunks); `fetch_file` is the safe way to download."""
-        request = ddm_pb2.FetchRequest(sha256=sha256, offset=offset, compression="zstd" if compress else "")
+        """The raw `Fetch` response stream (unchecked chunks, packed as `wire.Packer` packs them with `compress`);
+        `fetch_file` is the safe way to download."""
+        request = ddm_pb2.FetchRequest(sha256=sha256, offset=offset, compression="zstd" if compress else "",
+                                       shuffle=compress)  # this client undoes a byte shuffle (transfer/wire.py)
         return self._stub.Fetch(request, timeout=timeout)

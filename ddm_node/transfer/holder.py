@@ -16,6 +16,7 @@ from ddm_node.core.manifest import FileEntry
 from ddm_node.transfer.budget import Clock
 from ddm_node.transfer.client import NodeClient, PeerError
 from ddm_node.transfer.partfile import PartHash, PartWriter, part_size, truncate
+from ddm_node.transfer.wire import WIDTHS, unshuffle
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,18 @@ def _decompress(data: bytes, limit: int) -> bytes:
     return out
 
 
+def _unpack(chunk, compress: bool, limit: int) -> bytes:
+    """A chunk's file bytes: decompressed (at most `limit`) and unshuffled when the holder packed them."""
+    if chunk.shuffle and not (chunk.compressed and chunk.shuffle in WIDTHS):
+        raise _Violation(f"chunk shuffled by {chunk.shuffle} bytes (only compressed chunks, by {WIDTHS})")
+    if not chunk.compressed:
+        return chunk.data
+    if not compress:
+        raise _Violation("compressed chunk that was not asked for")
+    data = _decompress(chunk.data, limit) if chunk.data else b""
+    return unshuffle(data, chunk.shuffle) if chunk.shuffle else data
+
+
 def _receive(chunks: Iterator, entry: FileEntry, start: int, compress: bool, max_chunk: int,
              put: Callable[[bytes], None]) -> None:
     """Hand a Fetch stream from byte `start` on to `put`, refusing anything off-protocol before it is handed on."""
@@ -135,12 +148,7 @@ def _receive(chunks: Iterator, entry: FileEntry, start: int, compress: bool, max
                 raise _Violation(f"stream goes past the end of the file ({entry.size} bytes)")
             first = False
             continue
-        if chunk.compressed:
-            if not compress:
-                raise _Violation("compressed chunk that was not asked for")
-            data = _decompress(chunk.data, min(remaining, max_chunk)) if chunk.data else b""
-        else:
-            data = chunk.data
+        data = _unpack(chunk, compress, min(remaining, max_chunk))
         if not data:
             raise _Violation("empty chunk before the end of the file")
         if len(data) > remaining:

@@ -17,17 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
-import zstandard
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import KINDS
 from ddm_node.core.meter import Count, Meter
 from ddm_node.transfer.store import ANY_SHARD, DEFAULT_CHUNK, DEFAULT_MAX_MESSAGE, ArtifactStore, NodeInfoData, is_hex64
+from ddm_node.transfer.wire import Packer
 from proto import ddm_pb2, ddm_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ZSTD_LEVEL = 1  # level 1 compresses weights as well as level 3 at twice the speed (ENVIRONMENT.md)
 MESSAGE_OVERHEAD = 4096  # room for the non-data fields of a Chunk inside max_message
 
 WORKERS = 16  # server threads; a Fetch stream holds one for its whole life
@@ -225,18 +224,19 @@ class _Servicer(ddm_pb2_grpc.DDMNodeServicer):
         if request.offset > size:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end ({size} bytes)")
         f.seek(request.offset)
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if request.compression == "zstd" else None
+        packer = Packer(request.shuffle) if request.compression == "zstd" else None
         pos = request.offset
+        chunk = self._server.chunk_size
         while context.is_active():
-            block = f.read(self._server.chunk_size)
-            data, compressed = block, False
-            if compressor is not None and block:
-                packed = compressor.compress(block)  # one frame per chunk, content size in its header
-                if len(packed) < len(block):  # incompressible blocks go raw: never bigger than chunk_size
-                    data, compressed = packed, True
+            # Chunks end at multiples of chunk_size (a resumed stream's first one is shorter): shuffled values
+            # stay aligned, and part files grow by whole chunks.
+            block = f.read(chunk - pos % chunk)
+            data, compressed, width = block, False, 0
+            if packer is not None:
+                data, compressed, width = packer.pack(block)
             # At the end of the file (offset == size) one empty chunk still tells the client the size.
             if block or pos == request.offset:
-                yield ddm_pb2.Chunk(offset=pos, data=data, compressed=compressed, total_size=size)
+                yield ddm_pb2.Chunk(offset=pos, data=data, compressed=compressed, total_size=size, shuffle=width)
                 ticket.sent += len(data)  # the chunk was taken by the transport: the client reads
                 if self._server.meter is not None:
                     self._server.meter.add(Count.BYTES_SERVED, len(data))

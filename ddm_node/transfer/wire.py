@@ -1,0 +1,73 @@
+"""How a Fetch stream packs file bytes: zstd per chunk, after a byte shuffle when that packs smaller.
+
+A byte shuffle regroups a chunk's bytes by their position within each value of `width` bytes (all first
+bytes, then all second bytes, ...), as blosc does: the sign and exponent bytes of bf16 or fp32 weights then
+sit together, where zstd finds their redundancy (bf16 weights: about 1.4x with the shuffle, 1.26x without).
+It is a wire encoding only: files are stored and content-addressed (sha256) as they are, and the client
+undoes the shuffle before a byte is written or hashed. The server picks the width once per stream, on its
+first chunk (the width whose frame is smallest, or none), and sends a chunk raw whenever packing does not
+make it smaller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+ZSTD_LEVEL = 1  # level 1 compresses weights as well as level 3 at twice the speed (ENVIRONMENT.md)
+WIDTHS = (2, 4)  # bf16 / fp16 values, fp32 values
+PROBE_MIN = 4096  # a first chunk shorter than this picks no shuffle (too little to judge)
+
+
+def shuffle(data: bytes, width: int) -> bytes:
+    """The bytes grouped by position within each `width`-byte value; a tail shorter than a value stays last."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    n = len(a) // width * width
+    values = a[:n].reshape(-1, width)
+    out = np.empty((width, n // width), dtype=np.uint8)
+    for j in range(width):
+        out[j] = values[:, j]
+    return out.tobytes() + a[n:].tobytes()
+
+
+def unshuffle(data: bytes, width: int) -> bytes:
+    """The inverse of `shuffle` (same length)."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    n = len(a) // width * width
+    m = n // width
+    out = np.empty((m, width), dtype=np.uint8)
+    for j in range(width):
+        out[:, j] = a[j * m:(j + 1) * m]
+    return out.tobytes() + a[n:].tobytes()
+
+
+class Packer:
+    """Packs the chunks of one stream: `pack(block)` -> (data, compressed, shuffle width)."""
+
+    def __init__(self, allow_shuffle: bool, level: int = ZSTD_LEVEL) -> None:
+        self._zstd = zstandard.ZstdCompressor(level=level)  # one frame per chunk, content size in its header
+        self.width: int | None = None if allow_shuffle else 0  # None: not chosen yet
+
+    def pack(self, block: bytes) -> tuple[bytes, bool, int]:
+        if not block:
+            return block, False, 0
+        if self.width is None:
+            return self._probe(block)
+        width = self.width if len(block) >= self.width else 0
+        packed = self._zstd.compress(shuffle(block, width) if width else block)
+        if len(packed) < len(block):  # incompressible blocks go raw: never bigger than chunk_size
+            return packed, True, width
+        return block, False, 0
+
+    def _probe(self, block: bytes) -> tuple[bytes, bool, int]:
+        """Pack the first chunk every way; the smallest frame sets the stream's width (ties: no shuffle)."""
+        best, best_width = self._zstd.compress(block), 0
+        if len(block) >= PROBE_MIN:
+            for width in WIDTHS:
+                packed = self._zstd.compress(shuffle(block, width))
+                if len(packed) < len(best):
+                    best, best_width = packed, width
+        self.width = best_width
+        if len(best) < len(block):
+            return best, True, best_width
+        return block, False, 0
