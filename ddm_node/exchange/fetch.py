@@ -317,7 +317,7 @@ def download(holders: list[str], manifest_id: str, dest: Path, expected: Expecte
         raise RejectedArtifact(f"{expected.kind} {manifest_id[:16]}: {problem}")
     check_free_space(dest.parent, _total(announced), f"{expected.kind} {manifest_id[:16]}")
     m = fetch_artifact(publisher_first(holders, announced.publisher), manifest_id, dest, trusted_keys=trusted,
-                       progress=progress, signed=signed)
+                       progress=progress, signed=signed, compress=announced.kind in ckpt.PACKED_KINDS)
     problem = expected.mismatch(m)
     if problem is None:
         problem = content_problem(expected, dest, m, content)
