@@ -16,7 +16,7 @@ from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.transfer import ArtifactStore, fetch_file
 from ddm_node.transfer import partfile as pf
 from ddm_node.transfer.partfile import PartHash, PartWriter
-from ddm_node.transfer.wire import WIDTHS, Packer, shuffle, unshuffle
+from ddm_node.transfer.wire import WIDTHS, Packer, encode_chunk, shuffle, unshuffle
 from proto import ddm_pb2, ddm_pb2_grpc
 
 
@@ -24,6 +24,22 @@ def bf16_weights(n: int, seed: int = 0) -> bytes:
     """n bf16 values like trained weights (N(0, 0.02)), as a safetensors file stores them (little-endian)."""
     x = np.random.default_rng(seed).standard_normal(n, dtype=np.float32) * 0.02
     return (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+
+
+# ---------------------------------------------------------------- chunks as the server encodes them
+
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 1 << 20, (1 << 40) + 5, (1 << 63) - 1])
+@pytest.mark.parametrize("data, compressed, shuffle_width", [(b"", False, 0), (b"x", True, 2), (b"y" * 200, False, 4)])
+def test_encoded_chunks_are_what_protobuf_serializes(offset, data, compressed, shuffle_width):
+    for total in (0, 5, min(offset + len(data), (1 << 63) - 1), (1 << 63) - 1):
+        ours = encode_chunk(offset, data, compressed, total, shuffle_width)
+        assert ours == ddm_pb2.Chunk(offset=offset, data=data, compressed=compressed, total_size=total,
+                                     shuffle=shuffle_width).SerializeToString()
+        back = ddm_pb2.Chunk.FromString(ours)
+        assert (back.offset, back.data, back.compressed, back.total_size, back.shuffle) == (
+            offset, data, compressed, total, shuffle_width)
+    with pytest.raises(ValueError):
+        encode_chunk(-1, b"", False, 0, 0)
 
 
 # ---------------------------------------------------------------- shuffle

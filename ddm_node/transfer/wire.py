@@ -7,6 +7,10 @@ It is a wire encoding only: files are stored and content-addressed (sha256) as t
 undoes the shuffle before a byte is written or hashed. The server picks the width once per stream, on its
 first chunk (the width whose frame is smallest, or none), and sends a chunk raw whenever packing does not
 make it smaller.
+
+Chunks leave the server as bytes encoded here (`encode_chunk`), exactly as protobuf serializes a `Chunk`: building
+the message and serializing it copies each chunk twice more and cost the server 1.3-3x the CPU per GiB (measured
+2026-12-03, docs/BENCHMARKS.md bench.transfer).
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ def unshuffle(data: bytes, width: int) -> bytes:
     for j in range(width):
         out[:, j] = a[j * m:(j + 1) * m]
     return out.tobytes() + a[n:].tobytes()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_chunk(offset: int, data: bytes, compressed: bool, total_size: int, shuffle: int) -> bytes:
+    """A serialized `ddm.v1.Chunk` (fields in number order, defaults left out, as protobuf writes them); the data
+    is copied once. Every number is >= 0."""
+    if min(offset, total_size, shuffle) < 0:
+        raise ValueError("chunk fields must be >= 0")
+    parts = []
+    if offset:
+        parts += (b"\x08", _varint(offset))
+    if data:
+        parts += (b"\x12", _varint(len(data)), data)
+    if compressed:
+        parts.append(b"\x18\x01")
+    if total_size:
+        parts += (b"\x20", _varint(total_size))
+    if shuffle:
+        parts += (b"\x28", _varint(shuffle))
+    return b"".join(parts)
 
 
 class Packer:
