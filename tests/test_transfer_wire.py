@@ -68,6 +68,10 @@ def test_packer_picks_the_shuffle_that_packs_bf16_weights_smallest_and_keeps_it(
     assert Packer(allow_shuffle=False).pack(block)[1:] == (True, 0)
     first_noise = Packer(allow_shuffle=True)
     assert first_noise.pack(noise) == (noise, False, 0) and first_noise.width == 0
+    # A resumed stream's short first chunk does not decide: the next full one does.
+    resumed = Packer(allow_shuffle=True)
+    assert resumed.pack(block[:100])[2] == 0 and resumed.width is None
+    assert resumed.pack(block)[2] == 2 and resumed.width == 2
 
 
 def test_fetch_with_compression_round_trips_shuffled_chunks(tmp_path, net):  # noqa: F811

@@ -5,8 +5,8 @@ bytes, then all second bytes, ...), as blosc does: the sign and exponent bytes o
 sit together, where zstd finds their redundancy (bf16 weights: about 1.4x with the shuffle, 1.26x without).
 It is a wire encoding only: files are stored and content-addressed (sha256) as they are, and the client
 undoes the shuffle before a byte is written or hashed. The server picks the width once per stream, on its
-first chunk (the width whose frame is smallest, or none), and sends a chunk raw whenever packing does not
-make it smaller.
+first chunk of some size (the width whose frame is smallest, or none), and sends a chunk raw whenever packing
+does not make it smaller.
 
 Chunks leave the server as bytes encoded here (`encode_chunk`), exactly as protobuf serializes a `Chunk`: building
 the message and serializing it copies each chunk twice more and cost the server 1.3-3x the CPU per GiB (measured
@@ -20,7 +20,7 @@ import zstandard
 
 ZSTD_LEVEL = 1  # level 1 compresses weights as well as level 3 at twice the speed (ENVIRONMENT.md)
 WIDTHS = (2, 4)  # bf16 / fp16 values, fp32 values
-PROBE_MIN = 4096  # a first chunk shorter than this picks no shuffle (too little to judge)
+PROBE_MIN = 4096  # the width is picked on the first chunk of at least this many bytes
 
 
 def shuffle(data: bytes, width: int) -> bytes:
@@ -92,14 +92,15 @@ class Packer:
         return block, False, 0
 
     def _probe(self, block: bytes) -> tuple[bytes, bool, int]:
-        """Pack the first chunk every way; the smallest frame sets the stream's width (ties: no shuffle)."""
+        """Pack the first chunk of at least PROBE_MIN bytes every way; the smallest frame sets the stream's width
+        (ties: no shuffle). Shorter chunks before it (a resumed stream's first) go unshuffled."""
         best, best_width = self._zstd.compress(block), 0
         if len(block) >= PROBE_MIN:
             for width in WIDTHS:
                 packed = self._zstd.compress(shuffle(block, width))
                 if len(packed) < len(best):
                     best, best_width = packed, width
-        self.width = best_width
+            self.width = best_width
         if len(best) < len(block):
             return best, True, best_width
         return block, False, 0
