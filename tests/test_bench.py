@@ -33,9 +33,9 @@ RATIO_BOUNDS = {
     # plus routing, so the ratio sits at or below 1 up to that noise.
     "bench.sampling": (0.35, 1.60),
     # fetch_file / raw TCP throughput (BENCHMARKS.md goal >= 0.6 in the full run). --quick (16 MiB, 2 repetitions,
-    # load 9-18): 1.14, ... A 16 MiB raw transfer is a few tens of ms, so one load spike decides a quick ratio; the
-    # bounds only say the run measured something sane.
-    "bench.transfer": (0.12, 2.5),
+    # load 3-18): 1.14, 0.49, 0.34, 0.53, 0.34. A 16 MiB raw transfer takes tens of ms, so one load spike can put a
+    # quick ratio above 1.
+    "bench.transfer": (0.15, 1.75),
 }
 # The sampling smoke run (16 images, one ODE step, experts trained 10 steps): routing overhead dominates;
 # measured 0.48, 0.70, 0.68, 0.60, 0.68, 0.54.
