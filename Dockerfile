@@ -29,13 +29,14 @@ COPY configs ./configs
 RUN pip install . && ddm-node --version
 
 # A fixed non-root uid; /data (keys, work dirs) and /shared (plan, announce file, bundle in the
-# compose setup) are created here so fresh named volumes inherit this owner.
+# compose setup) are created here so fresh named volumes inherit this owner. No VOLUME instruction:
+# it would give every container without a /data mount (the assembler, `status`, `docker run --rm`)
+# an anonymous volume that outlives it; mount a named volume where state must persist.
 RUN useradd --create-home --uid 10001 --user-group ddm \
     && mkdir -p /data /shared \
     && chown ddm:ddm /data /shared
 USER ddm
 WORKDIR /data
-VOLUME ["/data"]
 
 # DHT (libp2p, TCP) and gRPC (checkpoint transfer) ports used by docker-compose.yml and docs/DEPLOY.md.
 EXPOSE 31337 50051

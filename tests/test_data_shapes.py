@@ -155,7 +155,8 @@ def test_partition_records_set_values_in_the_plan(tmp_path, capsys):
 
 
 def test_start_set_changes_this_nodes_timing_only(tmp_path, capsys):
-    from ddm_node.cli.main import build_parser, island_options
+    from ddm_node.cli.main import build_parser
+    from ddm_node.cli.start import island_options
 
     assert main(["keygen", "--out", str(tmp_path / "key.pem")]) == 0
     base = ["start", "--plan", str(tmp_path / "plan"), "--work-dir", str(tmp_path / "w"),

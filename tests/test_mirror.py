@@ -21,7 +21,7 @@ def island(me: str, peers: list[SimpleNamespace], publishers: dict[int, str], sh
 
 
 def peer(key: str, shard: int = -1) -> SimpleNamespace:
-    return SimpleNamespace(public_key=key, shard=shard)
+    return SimpleNamespace(public_key=key, shard=shard, state="training" if shard >= 0 else "idle")
 
 
 @pytest.mark.parametrize("shards,replicas,seed", list(itertools.product((3, 5, 8), (1, 2), range(5))))

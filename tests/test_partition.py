@@ -222,7 +222,9 @@ def _mutated(plan: Plan, change) -> bytes:
     (lambda d: d["shards"][0]["centroid"].pop(), "centroid has"),
     (lambda d: d.update(shards=[]), "non-empty list"),
     (lambda d: d.update(fingerprint="xyz"), "fingerprint"),
-    (lambda d: d.update(version=2), "unsupported plan version"),
+    (lambda d: d.update(version=3), "unsupported plan version"),
+    (lambda d: d.update(version=2), "plan field missing: packs"),  # version 2 records the data packs
+    (lambda d: d.update(packs=None), "plan field unknown: packs"),  # version 1 has none
     (lambda d: d.update(extra=1), "unknown: extra"),
     (lambda d: d.pop("eval_ids"), "missing: eval_ids"),
     (lambda d: d.update(shape=[1, 8]), "shape"),

@@ -1,16 +1,19 @@
 """Stopping a training island with SIGINT or SIGTERM (README / ARCHITECTURE: "the trainer stops after the
-current step, writes and announces a checkpoint, releases the claim; then gRPC, DHT and p2pd shut down;
-exit 0").
+current step, writes and announces a checkpoint, releases the claim, serves until a peer holds that checkpoint;
+then gRPC, DHT and p2pd shut down; exit 0").
 
 Two islands, one shard (tests/live_swarm.py `training_pair`): the trainer is mid-interval between periodic
-checkpoints, the waiter idles and mirrors. The trainer's daemon process gets the signal; then:
-- it exits 0 within STOP_BOUND seconds, leaving no DHT child or p2pd in its process group;
+checkpoints, the waiter idles and mirrors. The trainer's daemon process gets the signal, or (as systemd's stop
+and `kill -TERM -- -PGID` do) its whole process group, which its DHT child and p2pd must survive until the
+daemon has published and released; then:
+- it exits 0 within STOP_BOUND seconds (GROUP_BOUND for the group signal, the issue's bound), leaving no
+  process behind: nothing in its process group, and none of the DHT child and p2pd it ran (which live in a
+  group of their own);
 - its last checkpoint is at the step it reached (past the newest periodic one), written after the signal,
   newest in its work dir, signed and verifying, and its state holds that step;
-- that checkpoint was announced: a reader joining the DHT later finds the record; the waiter, which
-  claims the shard next, resumes from the trainer's work: from exactly that step, or (a known gap, reported
-  as xfail) from the periodic checkpoint it had mirrored, since the stopping island stops serving its final
-  checkpoint about 0.1 s after announcing it;
+- that checkpoint was announced: a reader joining the DHT later finds the record, and it was handed over: the
+  waiter, which claims the shard next, resumes from exactly that step (the stopping island serves it until a
+  peer holds it);
 - the claim was released: the waiter claims the shard within CLAIM_BOUND seconds of the signal, where
   waiting for the lease to expire would take at least 2/3 of its TTL (30 s).
 """
@@ -19,9 +22,12 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import time
 
+import psutil
 import pytest
-from live_swarm import net, newest_step, of, signal_island, timeline, training_pair, wait_until  # noqa: F401
+from live_swarm import family, net, newest_step, of, signal_island, timeline, training_pair, wait_until  # noqa: F401
 
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
@@ -32,19 +38,27 @@ from ddm_node.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.multiproc
 
-STOP_BOUND = 45.0  # seconds from the signal to exit 0 (one training step, a checkpoint, release, shutdown)
+STOP_BOUND = 45.0  # seconds from the signal to exit 0 (one training step, a checkpoint, release, hand-off, shutdown)
+GROUP_BOUND = 15.0  # the same for a signal to the whole process group (measured 4-7 s on a loaded 2-core box)
 CLAIM_BOUND = 15.0  # seconds from the signal to the waiter's claim; a lease left to expire takes >= 20 s
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_training_with_a_checkpoint_announced_and_the_claim_released(training_pair, sig):  # noqa: F811
+@pytest.mark.parametrize("sig,group", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-to-group"])
+def test_a_signal_stops_training_with_a_checkpoint_announced_and_the_claim_released(training_pair, sig,  # noqa: F811
+                                                                                    group):
     pair = training_pair
     lnet, trainer, waiter = pair.net, pair.trainer, pair.waiter
     trainer_key = read_manifest(WorkDir(trainer.work).step(0, pair.last_periodic) / ckpt.EXPERT).publisher
+    helpers = family(trainer.popen.pid)[1:]  # the DHT child and its p2pd
+    assert len(helpers) >= 2, f"{trainer.name} runs no DHT child and p2pd: {helpers}"
 
-    stopped = signal_island(lnet, trainer, sig, STOP_BOUND)
-    assert stopped.code == 0, f"{trainer.name} exit {stopped.code} after {stopped.seconds:.1f}s (bound {STOP_BOUND})"
+    bound = GROUP_BOUND if group else STOP_BOUND
+    stopped = signal_island(lnet, trainer, sig, bound, group=group)
+    print(f"{trainer.name} exited {stopped.code} {stopped.seconds:.1f}s after the signal")  # -s shows it
+    assert stopped.code == 0, f"{trainer.name} exit {stopped.code} after {stopped.seconds:.1f}s (bound {bound})"
     assert stopped.group_left == [], f"left running in {trainer.name}'s process group: {stopped.group_left}"
+    assert not [p.pid for p in helpers if alive_after(p, 5.0)], f"{trainer.name}'s DHT child or p2pd outlived it"
 
     # The final checkpoint: written after the signal, past every periodic one, the newest on disk.
     ev = timeline(lnet)
@@ -76,11 +90,44 @@ def test_a_signal_stops_training_with_a_checkpoint_announced_and_the_claim_relea
         records = [(r.publisher, r.step, r.final) for r in reader.checkpoints(0)]
     assert (trainer_key, reached, False) in records, records
 
-    # The takeover resumes from the trainer's work, at worst from the periodic checkpoint it had mirrored.
+    # Handed over: the takeover resumes from the trainer's work at exactly the step it reached.
     resume = wait_until(lnet, lambda ev: next(iter(of(ev, EventKind.RESUME, name=waiter.name, shard=0)), None), 30,
                         f"{waiter.name} to resume shard 0")
-    assert resume.publisher == trainer_key[:12] and pair.last_periodic <= resume.step <= reached, resume
-    if resume.step != reached:
-        pytest.xfail(f"known gap: the stop checkpoint (step {reached}) is announced but the island stops serving "
-                     f"it within ~0.1 s, before any mirror can fetch it; {waiter.name} resumed at {resume.step} "
-                     f"({resume.source}), losing {reached - resume.step} steps")
+    assert resume.publisher == trainer_key[:12] and resume.step == reached, (
+        f"{waiter.name} resumed at {resume.step} ({resume.source}), not at the stop checkpoint {reached}")
+    assert [e.step for e in of(ev, EventKind.HANDOFF, name=trainer.name) if e.reason is None] == [reached]
+
+
+def alive_after(proc: psutil.Process, grace: float) -> bool:
+    """The process still runs (not a zombie) after up to `grace` seconds."""
+    try:
+        proc.wait(timeout=grace)
+        return False
+    except psutil.TimeoutExpired:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigterm_to_every_process_of_the_island_exits_at_once_with_the_checkpoint_on_disk(training_pair):  # noqa: F811
+    """systemd's KillMode=control-group (docs/DEPLOY.md ships KillMode=mixed instead) signals every process of the
+    unit at once: p2pd exits on SIGTERM whatever it inherits, so the DHT is gone before the daemon can announce.
+    The daemon must notice instead of waiting out a 30 s timeout per DHT call (about 100 s in all before this
+    was fixed): exit 0 within GROUP_BOUND seconds, the step reached written, signed and verifying, on disk, where
+    the next start announces it."""
+    pair = training_pair
+    trainer = pair.trainer
+    procs = family(trainer.popen.pid)
+    t0 = time.monotonic()
+    for p in procs:  # the daemon, its DHT child and p2pd, as a cgroup-wide kill does
+        p.send_signal(signal.SIGTERM)
+    try:
+        code = trainer.popen.wait(timeout=GROUP_BOUND + 30)
+    except subprocess.TimeoutExpired:
+        code = None
+    seconds = time.monotonic() - t0
+    assert code == 0 and seconds < GROUP_BOUND, f"exit {code} after {seconds:.1f}s (bound {GROUP_BOUND})"
+    assert not [p.pid for p in procs if alive_after(p, 5.0)]
+    stops = re.findall(r"stopping at step (\d+) on request", trainer.log.read_text(errors="replace"))
+    assert stops and newest_step(trainer.work, 0) == int(stops[-1]) > pair.last_periodic
+    ckpt.verify_checkpoint(WorkDir(trainer.work).step(0, int(stops[-1])), require_signature=True)

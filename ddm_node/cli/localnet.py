@@ -54,10 +54,10 @@ class LocalNet:
         env.setdefault("DDM_CACHE_DIR", str(self.root / "cache"))
         return env
 
-    def cli(self, *args: str) -> str:
-        """Run a ddm-node command in a subprocess; DDMError with its last stderr line on failure."""
+    def cli(self, *args: str, cwd: Path | None = None) -> str:
+        """Run a ddm-node command in a subprocess (in `cwd`); DDMError with its last stderr line on failure."""
         res = subprocess.run([sys.executable, "-m", "ddm_node.cli", *args], capture_output=True, text=True,
-                             env=self.env())
+                             env=self.env(), cwd=cwd)
         if res.returncode != 0:
             last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
             raise DDMError(f"ddm-node {args[0]} failed: {last}")
@@ -76,11 +76,13 @@ class LocalNet:
             self.cli("keygen", "--out", str(key))
         return key
 
-    def start(self, name: str, *args: str, wrap: Sequence[str] = (), work: Path | None = None) -> IslandProc:
+    def start(self, name: str, *args: str, wrap: Sequence[str] = (), work: Path | None = None,
+              cwd: Path | None = None) -> IslandProc:
         """Start `ddm-node start ARGS` as island `name` in its own process group.
 
         `wrap` prefixes the command (e.g. `ip netns exec NS`, which execs: the pid stays the island's);
-        `work` puts the work dir elsewhere (e.g. on a small tmpfs) while the log stays under the root.
+        `work` puts the work dir elsewhere (e.g. on a small tmpfs) while the log stays under the root;
+        `cwd` is the island's working directory (a relative dataset path in the plan resolves there).
         """
         log = self.root / "islands" / name / "island.log"
         work = work or log.parent
@@ -90,7 +92,8 @@ class LocalNet:
         cmd = [*wrap, sys.executable, "-m", "ddm_node.cli", "start", *args, "--identity", str(self.key(name)),
                "--work-dir", str(work), "--announce-file", str(work / "announce.json"), "--threads", str(self.threads)]
         with open(log, "ab") as f:
-            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True,
+                                     cwd=cwd)
         proc = IslandProc(name, popen, work, log)
         self.procs.append(proc)
         return proc

@@ -13,8 +13,11 @@ from pathlib import Path
 
 from ddm_node import __version__
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
+from ddm_node.cli.flags import add_set_flag, positive
 from ddm_node.cli.logs import add_log_flags, setup_logging
-from ddm_node.cli.observing import add_dashboard_parser, add_monitor_flags, island_observers
+from ddm_node.cli.observing import add_dashboard_parser
+from ddm_node.cli.packs import add_pack_parser, add_packs_flag, with_packs
+from ddm_node.cli.start import add_start_parser
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -60,19 +63,6 @@ def load_plan(path: str):
     return Plan.load(path)
 
 
-def positive(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
-
-    return parse
-
-
 def sample_config(args, plan):
     """The plan's sample config with CLI flags applied."""
     from ddm_node.core.config import Config, from_dict, to_dict
@@ -96,7 +86,7 @@ def cmd_partition(args) -> int:
     cfg = load_config(args.config, {"data.dataset": args.dataset, "partition.experts": args.experts,
                                     "train.steps": args.steps, **features_overrides(args.features)}, args.sets)
     ds = load_dataset(cfg.data.dataset)
-    plan = make_plan(cfg, ds)
+    plan = with_packs(make_plan(cfg, ds), ds, args.out, args.packs)  # the data packs under OUT/packs/
     path = plan.save(args.out)
     sizes = ", ".join(str(len(s.ids)) for s in plan.shards)
     console().print(f"plan written to {path}: {len(plan.shards)} shards of {sizes} samples, "
@@ -171,15 +161,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ddm_node.data.datasets import load_dataset
     from ddm_node.ensemble.bundle import load_bundle
-    from ddm_node.ensemble.generate import generate, score
+    from ddm_node.ensemble.generate import bundle_eval_data, generate, score
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
-    ds = load_dataset(bundle.plan.dataset)
-    s = generate(bundle, args.n, cfg, seed=args.seed, dataset=ds)
-    scores = score(s.x, bundle.plan, ds, seed=args.seed)
+    data = bundle_eval_data(bundle)  # the bundle's held-out pack, else the plan's dataset
+    s = generate(bundle, args.n, cfg, seed=args.seed, data=data)
+    scores = score(s.x, bundle.plan, seed=args.seed, data=data)
     if args.json:
         import dataclasses
 
@@ -199,58 +188,6 @@ def cmd_keygen(args) -> int:
     ident.save(args.out, overwrite=args.force)
     print(ident.public_hex)
     return 0
-
-
-def cmd_start(args) -> int:
-    import signal
-    import threading
-
-    # A SIGTERM during the seconds of imports below must still mean "leave cleanly", not a killed process.
-    early = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: early.set())
-    signal.signal(signal.SIGINT, lambda *_: early.set())
-    from ddm_node.node.island import run_island
-
-    opts = island_options(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    with island_observers(args) as attach:
-        return run_island(opts, early, attach)
-
-
-def island_options(args):
-    """IslandOptions from parsed `ddm-node start` arguments (bad input -> DDMError)."""
-    from ddm_node.core.config import load_config, parse_set
-    from ddm_node.core.identity import Identity
-    from ddm_node.node.options import IslandOptions, check_flags
-    from ddm_node.train.supervisor import resolve_nproc
-
-    overrides = {}
-    if args.config:
-        import yaml
-
-        load_config(args.config)  # full validation with file-named errors
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        overrides = raw.get("swarm", {}) or {}
-    sets = dict(parse_set(text) for text in args.sets)  # a node may change its timing and process count only
-    nproc = sets.pop("train.nproc_per_node", None) if args.nproc_per_node is None else args.nproc_per_node
-    sets.pop("train.nproc_per_node", None)  # the flag wins over --set
-    if any(not key.startswith("swarm.") for key in sets):
-        raise DDMError(f"--set {next(k for k in sets if not k.startswith('swarm.'))}: start applies swarm.* and "
-                       "train.nproc_per_node only; the run's other settings are fixed by partition")
-    overrides = {**overrides, **{key.removeprefix("swarm."): value for key, value in sets.items()}}
-    check_flags(args.initial_peers, args.host, args.announce_host, args.run_id)
-    return IslandOptions(
-        identity=Identity.load(args.identity), work_dir=Path(args.work_dir),
-        plan_path=Path(args.plan) if args.plan else None, run_id=args.run_id, initial_peers=list(args.initial_peers),
-        host=args.host, grpc_port=args.grpc_port, dht_port=args.dht_port,
-        announce_file=Path(args.announce_file) if args.announce_file else None,
-        announce_host=args.announce_host, swarm_overrides=overrides,
-        config_source=(args.config or "swarm config") + (" with --set" if args.sets else ""),
-        device=args.device, exit_when_done=args.exit_when_done, identity_path=Path(args.identity),
-        nproc_per_node=resolve_nproc(nproc, args.config))
 
 
 def cmd_status(args) -> int:
@@ -296,11 +233,6 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_set_flag(p: argparse.ArgumentParser, what: str = "any config key") -> None:
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override {what}, typed like the YAML (repeatable; e.g. --set model.size=small)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddm-node", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ddm-node {__version__}")
@@ -315,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar=FEATURES_METAVAR, help="clustering features: PCA of pixels, the dataset's "
                    "own, or an [N, F] .npy file (ddm-node features writes one)")
     add_set_flag(p)
-    p.add_argument("--out", required=True, help="directory for plan.json")
+    add_packs_flag(p)
+    p.add_argument("--out", required=True, help="directory for plan.json (and packs/)")
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("train-expert", help="train one shard's expert alone (no network)")
@@ -361,29 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key file")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("start", help="run an island: claim shards, train, publish, mirror, serve")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--plan", help="plan directory or plan.json (starts or joins the run it defines)")
-    src.add_argument("--run", dest="run_id", metavar="RUN_ID", help="join a run; the plan is fetched from a peer")
-    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
-                   help="DHT multiaddrs of any running peers (none: start a new swarm)")
-    p.add_argument("--identity", required=True, help="Ed25519 key file (ddm-node keygen)")
-    p.add_argument("--work-dir", required=True, help="where checkpoints, mirrors and the plan live")
-    p.add_argument("--config", help="YAML whose swarm section (timing) and train.nproc_per_node apply to this node")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (DHT and gRPC)")
-    p.add_argument("--announce-host", help="address peers dial, when --host is a wildcard such as 0.0.0.0")
-    p.add_argument("--grpc-port", type=positive("--grpc-port"), default=0)
-    p.add_argument("--dht-port", type=positive("--dht-port"), default=0)
-    p.add_argument("--announce-file", help="write peer id, DHT multiaddrs and gRPC address here when ready")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=positive("--threads"), default=0, help="torch threads (0: torch default)")
-    add_set_flag(p, "this node's swarm.* timing and train.nproc_per_node")
-    p.add_argument("--exit-when-done", action="store_true", help="exit once every shard and the router are done")
-    p.add_argument("--nproc-per-node", type=positive("--nproc-per-node"), default=None, metavar="N",
-                   help="train with N DDP processes (one per GPU) under torchrun; default: the config's "
-                        "train.nproc_per_node (1)")
-    add_monitor_flags(p)
-    p.set_defaults(func=cmd_start)
+    add_start_parser(sub)
 
     p = sub.add_parser("status", help="a table of the run's shards: owner, step, heartbeat, checkpoints, replicas")
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
@@ -417,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)
+    add_pack_parser(sub)
     return parser
 
 

@@ -78,10 +78,12 @@ def cmd_dashboard(args) -> int:
     import signal
     import threading
 
-    from ddm_node.node.options import check_flags
     from ddm_node.observe.watch import run_dashboard
+    from ddm_node.swarm.keys import check_run_id
+    from ddm_node.swarm.own_addresses import check_initial_peers
 
-    check_flags(args.initial_peers, "127.0.0.1", None, args.run_id)
+    check_initial_peers(args.initial_peers, "--initial-peers")
+    check_run_id(args.run_id)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

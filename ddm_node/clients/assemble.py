@@ -16,6 +16,8 @@ Rules (docs/ASSEMBLE.md):
   router; without one the bundle uses the centroid router.
 - Passes repeat every POLL seconds until every shard has a final checkpoint (step >= the plan's
   budget) and, when the plan has a router job, a router is fetched, or `--wait` runs out.
+- Held-out data pack: when the plan has data packs, its held-out pack (the plan pins its sha256) comes from the
+  peers announcing it (`exchange.packs`, verified against the plan) into OUT/eval_pack, so `eval` needs no dataset.
 - Fewer than `--min-experts` experts: exit 2, nothing written. Otherwise `write_bundle` verifies
   everything again and writes the bundle atomically; missing shards are named on stderr and in
   model_index.json. Downloads collect in a hidden staging directory beside `--out`, removed at the end.
@@ -35,6 +37,7 @@ import ddm_node.swarm  # noqa: F401  (first: picks hivemind's memory sharing str
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import Manifest
+from ddm_node.data.packing import eval_slot, spec
 from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import INDEX, ExpertSource, write_bundle
 from ddm_node.exchange.candidates import (
@@ -46,8 +49,10 @@ from ddm_node.exchange.candidates import (
     stats_candidates,
 )
 from ddm_node.exchange.fetch import Expected, RejectedArtifact, RejectList, check_announced, describe, download
+from ddm_node.exchange.packs import fetch_any, pack_candidates
 from ddm_node.exchange.peers import fetch_plan, join_swarm
 from ddm_node.swarm.dht import Swarm
+from ddm_node.swarm.records import RecordKind
 from ddm_node.train.expert import run_config_hash
 from ddm_node.train.limits import ArtifactRules
 from ddm_node.transfer.budget import SLOW, Budget
@@ -93,6 +98,7 @@ class Assembler:
         self.progress = progress  # rich.progress.Progress or None
         self.shards = {s.index: ShardProgress() for s in plan.shards}
         self.router: Fetched | None = None
+        self.eval_pack: Path | None = None  # the held-out data pack, fetched (plans with data packs)
         self.lies = RejectList()  # candidates found false or unloadable: never again
 
     # -- passes -------------------------------------------------------------------------------
@@ -101,7 +107,8 @@ class Assembler:
         """Every shard has a final expert and its stats, and the router if the plan has a router job."""
         shards_done = all(p.expert is not None and p.stats is not None and p.expert.manifest.step >= self.target
                           for p in self.shards.values())
-        return shards_done and (self.router is not None or not self.router_job)
+        pack_done = self.eval_pack is not None or self.plan.packs is None or self.plan.packs.eval is None
+        return shards_done and pack_done and (self.router is not None or not self.router_job)
 
     def one_pass(self) -> None:
         for k, prog in self.shards.items():
@@ -111,6 +118,8 @@ class Assembler:
                 self._update_stats(k, prog)
         if self.router is None:
             self._update_router()
+        if self.eval_pack is None and self.plan.packs is not None and self.plan.packs.eval is not None:
+            self._update_eval_pack()
 
     def _update_expert(self, k: int, prog: ShardProgress) -> None:
         cands = expert_candidates(self.swarm.checkpoints(k), self.swarm.replicas(k))
@@ -153,6 +162,14 @@ class Assembler:
             if got is not None:
                 self.router = got
                 return
+
+    def _update_eval_pack(self) -> None:
+        """The held-out data pack from any peer announcing it, verified against the plan (`exchange.packs`)."""
+        s = spec(self.plan, eval_slot(self.plan))
+        records = [e.record for e in self.swarm.read(RecordKind.PACK, s.slot)]
+        dest = self.staging / "eval_pack"
+        m, _ = fetch_any(pack_candidates(records, s.ref.sha256), dest, self.run_id, s, self.trusted, self.lies)
+        self.eval_pack = dest if m is not None else None
 
     def _listed_stats(self, k: int, holders: list[str]) -> list[tuple[str, str]]:
         """Stats artifacts the expert's holders list (a mirror holds them too), as (manifest, holder).
@@ -272,7 +289,10 @@ def _write(job: Assembler, plan: Plan, out: Path, min_experts: int, console, pas
     router_dir = job.router.directory if job.router is not None else None
     if router_dir is None and job.router_job:
         console.print("[yellow]no verified learned router; the bundle uses the centroid router[/]")
-    write_bundle(out, plan, sources, router_dir, require_signature=True, trusted_keys=job.trusted)
+    if job.eval_pack is None and plan.packs is not None and plan.packs.eval is not None:
+        console.print("[yellow]no verified held-out data pack; `eval` of this bundle needs the dataset[/]")
+    write_bundle(out, plan, sources, router_dir, require_signature=True, trusted_keys=job.trusted,
+                 eval_pack=job.eval_pack)
     router = f"learned (step {job.router.manifest.step})" if job.router is not None else "centroid"
     steps = ", ".join(f"{k}@{job.shards[k].expert.manifest.step}" for k in sorted(sources))
     console.print(f"bundle {out}: {len(sources)} of {len(job.shards)} experts (shard@step {steps}), "

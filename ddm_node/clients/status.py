@@ -80,6 +80,7 @@ class PeerStatus:
     loss: float | None = None
     images_per_s: float | None = None
     eta_s: float | None = None
+    maddrs: list[str] = field(default_factory=list)  # where to dial it: any one is an --initial-peers value
 
 
 @dataclass
@@ -158,7 +159,7 @@ def collect_status(swarm: Swarm, plan: Plan) -> RunStatus:
     shards = [shard_status(swarm, s.index, target, peer_records, now) for s in plan.shards]
     router = router_status(swarm, len(plan.shards), cfg.swarm.router_job, peer_records, now)
     peers = [PeerStatus(p.peer_id, p.public_key, p.grpc, p.version, p.state, p.shard, max(0.0, now - p.heartbeat),
-                        p.step, p.loss, p.images_per_s, p.eta)
+                        p.step, p.loss, p.images_per_s, p.eta, list(p.maddrs))
              for p in sorted(peer_records.values(), key=lambda p: p.peer_id)]
     return RunStatus(run_id=plan.run_id, dataset=plan.dataset, num_shards=len(plan.shards), target=target,
                      router_job=cfg.swarm.router_job, shards=shards, router=router, peers=peers)
@@ -235,11 +236,13 @@ def render(status: RunStatus, width: int = WIDE_DEFAULT):
     table.add_row(*(router.get(name, "-") for name, _ in cols))
     peers = Table(title=f"{len(status.peers)} peers")
     wide = width >= 100
-    for name in ("peer", "key", "state", "shard", *(("grpc", "version") if wide else ()), "heartbeat"):
+    for name in ("peer", "key", "state", "shard", *(("grpc", "version") if wide else ()), "heartbeat",
+                 *(("DHT address",) if width >= 140 else ())):
         peers.add_column(name)
     for p in status.peers:
         peers.add_row(p.peer_id[-8:], p.public_key[:8], p.state, "-" if p.shard < 0 else str(p.shard),
-                      *((p.grpc or "-", p.version) if wide else ()), f"{p.heartbeat_age:.1f}s ago")
+                      *((p.grpc or "-", p.version) if wide else ()), f"{p.heartbeat_age:.1f}s ago",
+                      *((p.maddrs[0] if p.maddrs else "-",) if width >= 140 else ()))
     return Group(table, peers)
 
 

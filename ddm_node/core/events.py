@@ -36,6 +36,8 @@ class EventKind(str, Enum):
     DISK_FULL = "disk_full"  # a checkpoint did not fit; training and mirroring stop
     REJECTED = "rejected"  # a peer's checkpoint verified but did not load; discarded
     ROUTER = "router"  # trained and published the learned router
+    HANDOFF = "handoff"  # leaving: another peer holds our checkpoint of `shard` at `step` (or not: `reason`)
+    PACK = "pack"  # holds a data pack of `shard` (K: held-out) from `source` (built, imported, fetched, mirrored)
     WORKERS_START = "workers_start"  # a DDP worker group started (attempt, resume_step)
     WORKERS_EXIT = "workers_exit"  # a worker group exited (code, stopped)
     WORKERS_RESTART = "workers_restart"  # a crashed worker group is restarted

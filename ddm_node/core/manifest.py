@@ -25,7 +25,7 @@ from ddm_node.core.jsonsafe import loads as load_json
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
-KINDS = ("expert", "state", "stats", "router", "plan")
+KINDS = ("expert", "state", "stats", "router", "plan", "pack")  # pack: a data pack (data/pack.py)
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_MANIFEST_DEPTH = 8  # a manifest nests 3 levels (files -> entry); `extra` is small flat metadata
 MAX_SHARD = 2**31 - 1

@@ -2,6 +2,8 @@
 
     WORK/plan.json                      the run's plan (canonical bytes; sha256 = run id)
     WORK/events.jsonl                   the island's history (ddm_node/core/events.py)
+    WORK/p2p.key                        the libp2p key: the node's peer id, the same after restarts (mode 0600)
+    WORK/peers.json                     the peers seen lately: whom a restart waits for (node/peer_memory.py)
     WORK/shard_{k:03d}/step_{s:08d}/    a checkpoint: expert/ and state/ artifacts
     WORK/shard_{k:03d}/stats/           the shard's cluster statistics artifact
     WORK/router/                        the learned router artifact
@@ -52,6 +54,14 @@ class WorkDir:
     @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
+
+    @property
+    def p2p_key(self) -> Path:
+        return self.root / "p2p.key"
+
+    @property
+    def peers(self) -> Path:
+        return self.root / "peers.json"
 
     @property
     def router(self) -> Path:

@@ -123,6 +123,14 @@ def load_dataset(spec: str) -> Dataset:
     raise DDMError(f"unknown dataset {spec!r}; valid forms: {VALID_SPECS}")
 
 
+def spec_path(spec: str) -> Path | None:
+    """The file or directory a path spec (npz:, folder:, latents:) names; None for the built-in datasets."""
+    for prefix in ("npz:", "folder:", "latents:"):
+        if isinstance(spec, str) and spec.startswith(prefix) and len(spec) > len(prefix):
+            return Path(spec[len(prefix):]).expanduser()
+    return None
+
+
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train_ids, eval_ids): disjoint, sorted int64, covering range(n).
 

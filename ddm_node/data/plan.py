@@ -1,4 +1,5 @@
-"""The run plan: dataset fingerprint, held-out ids, K shards of train ids, and the full run config.
+"""The run plan: dataset fingerprint, held-out ids, K shards of train ids, the full run config, and (version 2)
+the sha256 and size of every shard's data pack and of the held-out pack (data/pack.py, data/packing.py).
 
 A plan file is canonical JSON; its sha256 is the run id, so a node that receives a plan from any peer
 checks it against the run id it was given. Files that are not in canonical form are rejected, which
@@ -24,11 +25,13 @@ from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import write_atomic
 from ddm_node.data.datasets import Dataset, split_indices
+from ddm_node.data.pack import PackRef
 from ddm_node.data.partition import cluster, compute_features
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 1  # a plan without packs (every island needs the dataset)
+PACKS_VERSION = 2  # a plan with packs: islands without the dataset train from packs fetched from the swarm
 PLAN_FILE = "plan.json"
 MAX_PLAN_BYTES = 256 * 1024 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -44,6 +47,14 @@ class Shard:
     centroid: list[float]
 
 
+@dataclass(frozen=True)
+class Packs:
+    """The plan's data packs: one per shard, and the held-out split's (None when nothing is held out)."""
+
+    shards: list[PackRef]
+    eval: PackRef | None
+
+
 @dataclass
 class Plan:
     """Everything a node needs to train its shard, identical on every node (see `run_id`)."""
@@ -57,10 +68,15 @@ class Plan:
     eval_ids: list[int]
     shards: list[Shard]
     config: dict  # config.to_dict(Config) of the full run config (train.steps = per-expert budget)
+    packs: Packs | None = None  # version 2 only
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON bytes of the plan (what the file holds and the run id hashes)."""
-        return canonical_json(dataclasses.asdict(self))
+        """Canonical JSON bytes of the plan (what the file holds and the run id hashes). A plan without packs
+        has no "packs" key, so version-1 plans keep their bytes and run ids."""
+        data = dataclasses.asdict(self)
+        if self.packs is None:
+            del data["packs"]
+        return canonical_json(data)
 
     @property
     def run_id(self) -> str:
@@ -197,12 +213,14 @@ def _ids(value: Any, n: int, where: str, allow_empty: bool) -> np.ndarray:
 
 
 def _parse(data: dict) -> Plan:
-    missing = [f for f in _FIELDS if f not in data]
-    unknown = sorted(set(data) - set(_FIELDS))
+    version = data.get("version")
+    if version not in (PLAN_VERSION, PACKS_VERSION) or type(version) is not int:
+        raise DDMError(f"unsupported plan version {version!r} (this node reads {PLAN_VERSION} and {PACKS_VERSION})")
+    fields = _FIELDS + (("packs",) if version == PACKS_VERSION else ())
+    missing = [f for f in fields if f not in data]
+    unknown = sorted(set(data) - set(fields))
     if missing or unknown:
         raise DDMError(f"plan field {'missing: ' + missing[0] if missing else 'unknown: ' + unknown[0]}")
-    if data["version"] != PLAN_VERSION or type(data["version"]) is not int:
-        raise DDMError(f"unsupported plan version {data['version']!r} (this node reads {PLAN_VERSION})")
     if not isinstance(data["dataset"], str) or not data["dataset"]:
         raise DDMError("dataset must be a non-empty string")
     if not isinstance(data["fingerprint"], str) or not _HEX64.match(data["fingerprint"]):
@@ -237,9 +255,22 @@ def _parse(data: dict) -> Plan:
         raise DDMError(f"config partition.experts {cfg.partition.experts} != {len(parsed)} shards")
     if cfg.data.dataset != data["dataset"]:
         raise DDMError(f"config data.dataset {cfg.data.dataset!r} != plan dataset {data['dataset']!r}")
-    return Plan(version=data["version"], dataset=data["dataset"], fingerprint=data["fingerprint"], shape=shape,
+    packs = _packs(data["packs"], len(parsed), bool(data["eval_ids"])) if version == PACKS_VERSION else None
+    return Plan(version=version, dataset=data["dataset"], fingerprint=data["fingerprint"], shape=shape,
                 num_classes=data["num_classes"], n_samples=n, eval_ids=data["eval_ids"], shards=parsed,
-                config=data["config"])
+                config=data["config"], packs=packs)
+
+
+def _packs(value: Any, k: int, held_out: bool) -> Packs:
+    """One pack per shard, and the held-out pack exactly when samples are held out."""
+    if not isinstance(value, dict) or set(value) != {"shards", "eval"}:
+        raise DDMError("packs must be an object with shards and eval")
+    if not isinstance(value["shards"], list) or len(value["shards"]) != k:
+        raise DDMError(f"packs.shards must list one pack per shard ({k})")
+    shards = [PackRef.parse(v, f"packs.shards[{i}]") for i, v in enumerate(value["shards"])]
+    if (value["eval"] is not None) != held_out:
+        raise DDMError("packs.eval must be a pack exactly when eval_ids is not empty")
+    return Packs(shards, PackRef.parse(value["eval"], "packs.eval") if held_out else None)
 
 
 def _shard(value: Any, i: int, n: int) -> Shard:

@@ -6,6 +6,7 @@ Layout (the shape of Bagel's Paris release):
     OUT/expert_k/                   config.json, model.safetensors, manifest.json, manifest.sig
     OUT/expert_k/stats/             stats.safetensors + manifest (for the centroid router)
     OUT/router/                     config.json, model.safetensors + manifest (learned router, optional)
+    OUT/eval_pack/                  the plan's held-out data pack + manifest (optional; `eval` without the dataset)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ddm_node.core.manifest import (
     write_atomic,
 )
 from ddm_node.core.workdir import step_of
+from ddm_node.data.pack import PACK_KIND, manifest_problem
 from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.limits import ArtifactRules
@@ -44,6 +46,7 @@ from router.ensemble import EnsembleVelocity, Expert
 
 log = logging.getLogger(__name__)
 INDEX = "model_index.json"
+EVAL_PACK = "eval_pack"
 FORMAT = "ddm-ensemble/1"
 RESERVED = frozenset({INDEX, "plan.json"})
 MAX_SHARD = 65535
@@ -71,6 +74,12 @@ class Bundle:
     stats: dict[int, ClusterStats]
     learned: Router | None = None  # a LearnedRouter when the bundle has one
     missing: list[int] = field(default_factory=list)
+
+    @property
+    def eval_pack(self) -> Path | None:
+        """The held-out data pack's directory when the bundle has one (verified against the plan when read)."""
+        entry = self.index.get("eval_pack")
+        return self.path / EVAL_PACK if isinstance(entry, dict) and self.plan.packs is not None else None
 
     def router(self, kind: RouterChoice = "auto") -> Router:
         """The router over the experts present: learned when present (or asked), else centroid."""
@@ -117,8 +126,10 @@ def sources_from_work_dirs(dirs: Iterable[str | Path], shards: Iterable[int]) ->
 
 
 def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], router_dir: Path | None = None,
-                 require_signature: bool = False, trusted_keys: Iterable[str] | None = None) -> Path:
-    """Verify every source artifact and write the bundle atomically (staging directory, then rename)."""
+                 require_signature: bool = False, trusted_keys: Iterable[str] | None = None,
+                 eval_pack: Path | None = None) -> Path:
+    """Verify every source artifact and write the bundle atomically (staging directory, then rename). `eval_pack`:
+    the plan's held-out data pack (a verified pack artifact), copied in so that `eval` needs no dataset."""
     out = Path(out)
     if not sources:
         raise DDMError("no expert checkpoint found for any shard; nothing to bundle")
@@ -149,10 +160,18 @@ def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], 
                 raise IntegrityError(f"{router_dir}: not a router of run {plan.run_id[:12]}")
             copy_artifact(router_dir, stage / "router")
             router = {"kind": "learned", "dir": "router", "publisher": r.publisher, "manifest_id": r.id}
+        if eval_pack is not None:
+            p = verify_artifact(eval_pack, require_signature=require_signature, trusted_keys=trusted_keys)
+            if p.run_id != plan.run_id or p.kind != "pack" or plan.packs is None or p.config_hash != getattr(
+                    plan.packs.eval, "sha256", None):
+                raise IntegrityError(f"{eval_pack}: not the held-out pack of run {plan.run_id[:12]}")
+            copy_artifact(eval_pack, stage / EVAL_PACK)
         (stage / "plan.json").write_bytes(plan.to_bytes())
         index = {"format": FORMAT, "run_id": plan.run_id, "dataset": plan.dataset, "fingerprint": plan.fingerprint,
                  "shape": list(plan.shape), "num_classes": plan.num_classes, "num_shards": len(plan.shards),
                  "experts": experts, "missing": missing, "router": router}
+        if eval_pack is not None:
+            index["eval_pack"] = {"dir": EVAL_PACK, "sha256": plan.packs.eval.sha256, "manifest_id": p.id}
         write_atomic(stage / INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
         commit_dir(stage, out)
     except BaseException:
@@ -204,6 +223,7 @@ class BundleIndex:
     router_dir: str | None  # the learned router's directory, None for the centroid router
     router_manifest_id: str
     raw: dict
+    eval_pack_id: str | None = None  # the held-out data pack's manifest (OUT/eval_pack), when the bundle has one
 
     @classmethod
     def parse(cls, data: object, source: str) -> BundleIndex:
@@ -235,7 +255,12 @@ class BundleIndex:
         if router_dir in {e.dir for e in entries}:
             raise IntegrityError(f"{source}: the router and an expert share directory {router_dir}")
         router_id = _hex(router.get("manifest_id"), f"{source}: router.manifest_id") if learned else ""
-        return cls(_hex(data.get("run_id"), f"{source}: run_id"), tuple(entries), missing, router_dir, router_id, data)
+        pack = data.get("eval_pack")
+        if pack is not None and (not isinstance(pack, dict) or pack.get("dir") != EVAL_PACK):
+            raise IntegrityError(f"{source}: eval_pack must name the directory {EVAL_PACK}")
+        pack_id = None if pack is None else _hex(pack.get("manifest_id"), f"{source}: eval_pack.manifest_id")
+        return cls(_hex(data.get("run_id"), f"{source}: run_id"), tuple(entries), missing, router_dir, router_id, data,
+                   pack_id)
 
     def check_plan(self, plan: Plan, source: str) -> None:
         """The index describes this plan's run: its shards, image shape and classes."""
@@ -305,6 +330,22 @@ def _listed(index: BundleIndex) -> list[tuple[str, str, int, str, int | None]]:
     return out
 
 
+def _verify_eval_pack(path: Path, index: BundleIndex, plan: Plan, require_signature: bool,
+                      trusted_keys: Iterable[str] | None) -> None:
+    """The held-out pack the index lists: signed, its files' hashes, and the plan's pack (data.pack rules)."""
+    d = _artifact_dir(path, EVAL_PACK)
+    m = verify_artifact(d, require_signature=require_signature, trusted_keys=trusted_keys)
+    ref = plan.packs.eval if plan.packs is not None else None
+    if ref is None:
+        problem: str | None = "the plan has no held-out pack"
+    elif (m.kind, m.run_id, m.id) != (PACK_KIND, index.run_id, index.eval_pack_id):
+        problem = f"is a {m.kind} of run {m.run_id[:12]} ({m.id[:12]}), {INDEX} lists the held-out pack"
+    else:
+        problem = manifest_problem(m, ref)
+    if problem is not None:
+        raise IntegrityError(f"{d / MANIFEST}: {problem}")
+
+
 def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys: Iterable[str] | None = None) -> dict:
     """Check the index, the plan hash, and exactly the artifacts the index lists: each one's signature and file
     hashes, and that it is the kind, shard, step and manifest its entry names, with the files and model config
@@ -314,7 +355,10 @@ def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys
     """
     path = Path(path)
     index = load_index(path)
-    rules = ArtifactRules.for_plan(_bundle_plan(path, index))
+    plan = _bundle_plan(path, index)
+    rules = ArtifactRules.for_plan(plan)
+    if index.eval_pack_id is not None:
+        _verify_eval_pack(path, index, plan, require_signature, trusted_keys)
     for rel, kind, shard, manifest_id, step in _listed(index):
         d = _artifact_dir(path, rel)
         m = verify_artifact(d, require_signature=require_signature, trusted_keys=trusted_keys)

@@ -14,7 +14,8 @@ from ddm_node.core.config import SampleConfig
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import write_atomic
 from ddm_node.data.datasets import Dataset, load_dataset
-from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.data.packing import EvalData, eval_data, read_eval_data, train_ids
+from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import Bundle
 from ddm_node.ensemble.domain_classifier import get_domain_classifier
 from ddm_node.ensemble.metrics import Scores, evaluate
@@ -35,26 +36,49 @@ class Samples:
     router: str  # the router class that routed them
 
 
-def class_labels(plan: Plan, n: int, seed: int, dataset: Dataset | None = None) -> torch.Tensor | None:
+def bundle_eval_data(bundle: Bundle) -> EvalData:
+    """What `eval` measures against: the bundle's held-out pack (verified against the plan), or else the plan's
+    dataset on this box (the same arrays)."""
+    if bundle.eval_pack is not None:
+        return read_eval_data(bundle.eval_pack, bundle.plan)
+    try:
+        ds = load_dataset(bundle.plan.dataset)
+    except DDMError as exc:
+        raise DDMError(f"{exc}; the bundle has no held-out pack either (assemble it from a run whose plan has "
+                       "data packs, or evaluate where the dataset is)") from None
+    return eval_data(bundle.plan, ds)
+
+
+def _eval_data(plan: Plan, dataset: Dataset | None, data: EvalData | None) -> EvalData:
+    return data if data is not None else eval_data(plan, dataset if dataset is not None else load_dataset(plan.dataset))
+
+
+def class_labels(plan: Plan, n: int, seed: int, dataset: Dataset | None = None,
+                 data: EvalData | None = None) -> torch.Tensor | None:
     """n labels drawn (seeded) from the training split's class frequencies; None for unconditional runs."""
     if plan.cfg.model.num_classes == 0:
         return None
-    ds = dataset if dataset is not None else load_dataset(plan.dataset)
-    ids = np.concatenate([np.asarray(s.ids) for s in plan.shards])
-    labels = torch.from_numpy(ds.y[ids]).long()
+    if data is None:
+        ds = dataset if dataset is not None else load_dataset(plan.dataset)
+        labels = torch.from_numpy(ds.y[train_ids(plan)]).long()
+    else:
+        labels = torch.from_numpy(data.train_labels).long()
     pick = torch.randint(len(labels), (n,), generator=torch.Generator().manual_seed(seed + 1))
     return labels[pick]
 
 
 def generate(bundle: Bundle, n: int, cfg: SampleConfig, seed: int = 0, batch: int = 256,
-             dataset: Dataset | None = None) -> Samples:
-    """Draw n samples from the bundle's ensemble with the ODE solver, seeded."""
+             dataset: Dataset | None = None, data: EvalData | None = None) -> Samples:
+    """Draw n samples from the bundle's ensemble with the ODE solver, seeded (class labels from `data`, else from
+    `dataset` or the plan's dataset)."""
     if n < 1:
         raise DDMError(f"--n must be >= 1, got {n}")
     c, h, w = bundle.plan.shape
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, c, h, w), generator=gen)
-    y = class_labels(bundle.plan, n, seed, dataset)
+    if data is None and dataset is None and bundle.eval_pack is not None and bundle.plan.cfg.model.num_classes:
+        data = read_eval_data(bundle.eval_pack, bundle.plan)  # labels from the held-out pack: no dataset needed
+    y = class_labels(bundle.plan, n, seed, dataset, data)
     velocity = bundle.velocity(cfg)
     start = time.perf_counter()
     out = []
@@ -68,23 +92,21 @@ def generate(bundle: Bundle, n: int, cfg: SampleConfig, seed: int = 0, batch: in
                    type(velocity.router).__name__)
 
 
-def reference_split(plan: Plan, dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(held-out images, training images, training labels) of a plan, dataset fingerprint checked."""
-    ds = dataset if dataset is not None else load_dataset(plan.dataset)
-    check_dataset(plan, ds)
+def reference_split(plan: Plan, dataset: Dataset | None = None,
+                    data: EvalData | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(held-out images, the domain classifier's training images and labels) of a plan: from `data`, else from
+    `dataset` or the plan's dataset (fingerprint checked)."""
     if not plan.eval_ids:
         raise DDMError("the plan holds out no samples (data.holdout_fraction is 0); cannot evaluate")
-    train_ids = np.concatenate([np.asarray(s.ids) for s in plan.shards])
-    ref = torch.from_numpy(ds.x[plan.eval_ids]).float()
-    x_train = torch.from_numpy(ds.x[train_ids]).float()
-    y_train = torch.from_numpy(ds.y[train_ids]).long() if ds.y is not None else None
-    return ref, x_train, y_train
+    d = _eval_data(plan, dataset, data)
+    y_train = torch.from_numpy(d.y_train).long() if d.y_train is not None else None
+    return torch.from_numpy(d.reference).float(), torch.from_numpy(d.x_train).float(), y_train
 
 
-def score(samples: torch.Tensor, plan: Plan, dataset: Dataset | None = None, seed: int = 0) -> Scores:
-    """FD_dom/KID/precision/recall of samples against the plan's held-out split."""
-    ds = dataset if dataset is not None else load_dataset(plan.dataset)
-    ref, x_train, y_train = reference_split(plan, ds)
+def score(samples: torch.Tensor, plan: Plan, dataset: Dataset | None = None, seed: int = 0,
+          data: EvalData | None = None) -> Scores:
+    """FD_dom/KID/precision/recall of samples against the plan's held-out split (`data`, else from the dataset)."""
+    ref, x_train, y_train = reference_split(plan, dataset, data)
     clf = get_domain_classifier(x_train, y_train, max(plan.num_classes, 1) if y_train is not None else 0,
                                 plan.fingerprint)
     return evaluate(samples, ref, clf, seed=seed)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.exchange.fetch import Expected, NoSpace, check_announced, describe, download
-from ddm_node.swarm.records import CheckpointRecord, RouterRecord
+from ddm_node.swarm.records import CheckpointRecord, ReplicaRecord, RouterRecord
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.limits import ArtifactRules
 from ddm_node.transfer.client import PeerError
@@ -43,12 +43,16 @@ class DoneCheck:
         self.rules, self.trusted, self.scratch = rules, trusted, Path(scratch)
         self._verdicts: dict[tuple[str, ...], tuple[bool, float | None]] = {}
 
-    def shard(self, shard: int, records: Iterable[CheckpointRecord]) -> bool:
-        """Does some record announce a final checkpoint of `shard` that a verified, loadable expert backs?"""
+    def shard(self, shard: int, records: Iterable[CheckpointRecord], replicas: Iterable[ReplicaRecord] = ()) -> bool:
+        """Does some record announce a final checkpoint of `shard` (its own, or a mirror's copy of another's) that
+        a verified, loadable expert backs?"""
         holders: dict[tuple[str, str, int], list[str]] = {}
         for r in records:
             if r.final and r.step >= self.rules.steps:
                 holders.setdefault((r.expert_manifest, r.state_manifest, r.step), []).append(r.grpc)
+        for c in replicas:  # a copy of another's checkpoint: after a whole-swarm restart its trainer may be down
+            if c.step >= self.rules.steps and c.publisher_of_checkpoint != c.holder_key:
+                holders.setdefault((c.expert_manifest, c.state_manifest, c.step), []).append(c.grpc)
         for (expert_id, state_id, step), grpc in sorted(holders.items(), key=lambda kv: -len(kv[1])):
             if self._verdict(("expert", expert_id, state_id, str(step)), f"expert {expert_id[:12]} (shard {shard} step "
                              f"{step}, final)", lambda: self._final(shard, step, expert_id, state_id, grpc)):
@@ -62,6 +66,13 @@ class DoneCheck:
                              lambda r=r: self._loads(r.manifest, [r.grpc], Expected("router", self.rules, -1, r.step))):
                 return True
         return False
+
+    def announced(self, manifest_id: str, holder: str, expected: Expected) -> bool:
+        """Does `holder` serve a signed manifest that is what its record says (nothing downloaded)? The hand-off's
+        check that a peer announcing a copy of our checkpoint holds it."""
+        return self._verdict(("announced", manifest_id, holder, str(expected.step)),
+                             f"{expected.kind} {manifest_id[:12]} at {holder}",
+                             lambda: check_announced([holder], manifest_id, expected, self.trusted))
 
     def _final(self, shard: int, step: int, expert_id: str, state_id: str, holders: list[str]) -> None:
         rules = self.rules

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import grpc
 
@@ -92,13 +92,22 @@ def failure_reason(exc: BaseException) -> FetchFailure:
     return FetchFailure.OTHER
 
 
+class Rules(Protocol):
+    """What a run's plan allows an artifact to be: `train.limits.ArtifactRules` (checkpoints, stats, routers) or
+    `exchange.packs.PackRules` (a data pack the plan pins by hash and size)."""
+
+    run_id: str
+
+    def size_problem(self, m: Manifest) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class Expected:
     """What an announcement says an artifact is, and what the run's plan allows it to be (`rules`: its files and
     their sizes); `mismatch` names the first thing a signed manifest contradicts, before anything is downloaded."""
 
     kind: str
-    rules: ArtifactRules
+    rules: Rules
     shard: int
     step: int | None = None
     config_hash: str | None = None

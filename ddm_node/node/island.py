@@ -5,7 +5,8 @@ then the router job), a `LeaseKeeper` thread (lease, heartbeat, re-announce), a 
 (copies of other shards' newest training states), a `ShardJob` (training one claimed shard), a
 `Publisher` (serve and announce) and an `Announcer` (records kept alive on the DHT). SIGTERM/SIGINT
 stop training after the current step; the island then writes and announces a checkpoint, releases
-its claim, and shuts down its gRPC server, DHT and p2pd before exiting 0.
+its claim, serves until another peer holds that checkpoint (`Handoff`, bounded by the leave timeout; a
+second signal cuts it short), and shuts down its gRPC server, DHT and p2pd before exiting 0.
 """
 
 from __future__ import annotations
@@ -22,27 +23,32 @@ from ddm_node import __version__
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.manifest import write_atomic
-from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir
-from ddm_node.data.datasets import load_dataset
-from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.data.datasets import Dataset
+from ddm_node.data.packing import local_dataset
+from ddm_node.data.plan import Plan
 from ddm_node.exchange.announcer import Announcer
 from ddm_node.exchange.done import DoneCheck
 from ddm_node.exchange.fetch import RejectList
 from ddm_node.exchange.peers import fetch_plan
+from ddm_node.node.gate import ClaimGate
+from ddm_node.node.handoff import Handoff
 from ddm_node.node.lease import LeaseKeeper, Timing
 from ddm_node.node.mirror import Mirror
 from ddm_node.node.options import IslandOptions, swarm_config
+from ddm_node.node.packs import PackKeeper, pack_sources
+from ddm_node.node.peer_memory import PeerMemory
 from ddm_node.node.progress import Progress
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.shard_job import ShardJob, TrainSettings
 from ddm_node.node.state import NodeState, Phase
+from ddm_node.node.work import WorkLoop
 from ddm_node.swarm.addresses import record_maddrs
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm, dht_time
+from ddm_node.swarm.own_addresses import reachability
 from ddm_node.swarm.records import PeerRecord, PlanRecord
 from ddm_node.train.limits import ArtifactRules
-from ddm_node.train.router_job import train_plan_router
 from ddm_node.transfer.server import TransferServer
 from ddm_node.transfer.store import ArtifactStore, NodeInfoData
 
@@ -77,6 +83,9 @@ class Island:
         self.timing: Timing | None = None
         self.keeper: LeaseKeeper | None = None
         self.progress: Progress | None = None
+        self.loop: WorkLoop | None = None
+        self.handoff: Handoff | None = None
+        self.packs: PackKeeper | None = None  # the run's data packs (node/packs.py)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -102,6 +111,9 @@ class Island:
             self.work_loop()
             if not self.stop.is_set():
                 self._serve()
+            if self.stop.is_set():
+                self.state.phase = Phase.LEAVING
+                self.handoff.wait(self.timing.leave_timeout, abort=self.state.leave_now)
             return 0
         finally:
             self.shutdown()
@@ -112,34 +124,38 @@ class Island:
             self.work.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DDMError(f"--work-dir {self.work.root}: cannot create it ({exc.strerror or exc})") from None
+        returning = self.work.plan.exists()  # this work dir was in the run before: a restart (node/gate.py)
         self.plan = self._local_plan()
         # The DHT first: hivemind forks its child, and a fork while gRPC's threads run can kill the child.
-        self.swarm = Swarm(self.identity, self.plan.run_id if self.plan else self.opts.run_id,
-                           initial_peers=self.opts.initial_peers, host=self.opts.host, port=self.opts.dht_port,
-                           announce_host=self.opts.announce_host, meter=self.state.meter)
+        o = self.opts
+        self.swarm = Swarm(self.identity, self.plan.run_id if self.plan else o.run_id, initial_peers=o.initial_peers,
+                           host=o.host, port=o.dht_port, announce_maddrs=o.dht_announce(),
+                           identity_path=self.work.p2p_key, shielded=True, meter=self.state.meter)
         self.server = TransferServer(self.store, NodeInfoData(peer_id=self.swarm.peer_id, public_key=self.me,
                                                               version=__version__),
-                                     host=self.opts.host, port=self.opts.grpc_port, meter=self.state.meter)
-        self.grpc = self.server.start()
-        if self.opts.announce_host:
-            self.grpc = f"{self.opts.announce_host}:{self.grpc.rsplit(':', 1)[1]}"
+                                     host=o.host, port=o.grpc_port, meter=self.state.meter)
+        self.grpc = o.grpc_announce(self.server.start())
         self.server.info.grpc_address = self.grpc
-        self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
+        ds = self._adopt_plan(self.plan or fetch_plan(self.swarm, self.opts.run_id, self.opts.plan_timeout, self.stop))
         # The first optimizer imports torch._dynamo (1.5 s of CPU idle, 5-8 s on a loaded box): pay it now,
         # not between claiming an orphaned shard and training it (bench.recovery measured that gap).
         import torch._dynamo  # noqa: F401
-        self._compose()
+        self._compose(returning)
         if not self.cfg.trusted_keys:
             log.warning("open run: the plan lists no swarm.trusted_keys, so any peer can publish checkpoints for it "
                         "(set trusted_keys before partitioning to accept only your islands; docs/THREAT_MODEL.md)")
-        self.publisher.local(len(self.plan.shards))
+        self.publisher.local(len(self.plan.shards))  # what we hold is announced before we claim anything
+        self.packs.start(ds, pack_sources(self.opts.plan_path))  # serve the data packs held here or made from ds
         self._write_announce_file()
         self.events.record(EventKind.START, grpc=self.grpc, peer_id=self.swarm.peer_id, run_id=self.plan.run_id,
                            maddrs=tuple(self.swarm.visible_maddrs()))  # the console's ready line
         self._spawn(self.keeper.run, "keeper")
         self._spawn(self.mirror.loop, "mirror")
+        self._spawn(self.packs.loop, "packs")
+        verdict = reachability(self.swarm.visible_maddrs(), self.grpc, self.opts.initial_peers)
+        (log.info if verdict.ok else log.warning)(verdict.line)
 
-    def _compose(self) -> None:
+    def _compose(self, returning: bool) -> None:
         """The island's parts, once the plan and the swarm settings are known."""
         trusted = list(self.cfg.trusted_keys) or None
         self.claims = ClaimManager(self.swarm, ttl=self.cfg.lease_ttl, settle=self.cfg.settle, grpc=self.grpc,
@@ -147,17 +163,27 @@ class Island:
         rules = ArtifactRules.for_plan(self.plan)  # the files, sizes and configs peers' artifacts may have
         self.progress = Progress(self.plan, self.work, self.swarm, DoneCheck(rules, trusted, self.work.root),
                                  self.cfg.router_job)
-        self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc, self.budget, trusted,
-                                   self.events)
+        self.publisher = Publisher(self.store, self.announcer, self.work, self.me, self.grpc,
+                                   self.plan.cfg.train.steps, trusted, self.events)
         self.mirror = Mirror(self.swarm, self.me, len(self.plan.shards), rules, self.cfg, self.work,
                              self.state, self.publisher, self.rejects, self.events)
         settings = TrainSettings(self.opts.device, self.opts.nproc_per_node or self.plan.cfg.train.nproc_per_node,
                                  self.identity, self.opts.identity_path)
         self.job = ShardJob(self.plan, rules, self.work, self.swarm, settings, self.state, self.publisher, self.mirror,
                             self.rejects, self.events, trusted)
-        self.timing = Timing(self.cfg)
+        self.timing = Timing(self.cfg, self.opts.join_wait, self.opts.leave_timeout)
+        self.packs = PackKeeper(self.plan, self.publisher, self.swarm, self.identity, self.cfg, self.state, self.rejects)
+        memory = PeerMemory(self.work.peers)
         self.keeper = LeaseKeeper(self.swarm, self.claims, self.announcer, self.timing, self.state, self.events,
-                                  self.me, self._heartbeat_record, self.opts.initial_peers)
+                                  self.me, self._heartbeat_record, self.opts.initial_peers, memory)
+        expected = frozenset(memory.alive_at_exit() - {self.me}) if memory.loaded else None
+        gate = ClaimGate(returning, expected, lambda: {p.public_key for p in self.swarm.peers()},
+                         max_wait=self.timing.join_wait, blind_wait=self.cfg.lease_ttl)
+        self.loop = WorkLoop(self.plan, self.work, self.identity, self.state, self.claims, self.progress, gate,
+                             self.job, self.mirror, self.publisher, self.events, self.timing, self.packs)
+        self.handoff = Handoff(self.swarm, self.announcer, self.progress.checks, self.me, rules, len(self.plan.shards),
+                               self.events, lambda: self.swarm.announce(self._heartbeat_record(),
+                                                                        ttl=self.timing.heartbeat_ttl))
 
     def shutdown(self) -> None:
         """Stop background threads, release any claim, stop the gRPC server, the DHT and p2pd."""
@@ -195,9 +221,9 @@ class Island:
             return Plan.load(self.work.plan, expected_run_id=self.opts.run_id)
         return None
 
-    def _adopt_plan(self, plan: Plan) -> None:
-        """Check the plan against the local dataset and this node's config, keep a copy, serve and announce it."""
-        check_dataset(plan, load_dataset(plan.dataset))  # a clear error (before writing anything), never other data
+    def _adopt_plan(self, plan: Plan) -> Dataset | None:
+        """Check the plan against the local dataset (returned; None: not here) and our config; keep, serve, announce."""
+        dataset = local_dataset(plan)  # a clear error before writing anything; None: the plan's packs bring it
         self.plan = plan
         self.cfg = swarm_config(plan, self.opts.swarm_overrides, self.opts.config_source)
         self.server.info.run_ids = [plan.run_id]
@@ -207,10 +233,7 @@ class Island:
         self.store.register_plan(raw)
         self.announcer = Announcer(self.swarm, self.cfg.announce_ttl)
         self.announcer.announce(PlanRecord(plan.run_id, self.grpc))
-
-    @property
-    def budget(self) -> int:
-        return self.plan.cfg.train.steps
+        return dataset
 
     def _heartbeat_record(self) -> PeerRecord:
         active = self.state.active
@@ -229,67 +252,8 @@ class Island:
     # ------------------------------------------------------------------------------ the work
 
     def work_loop(self) -> None:
-        """Claim and train shards until none is left, then the router job."""
-        while not self.stop.is_set() and not self.state.disk_full:
-            pending = self.progress.pending()
-            if not pending:
-                if self.progress.router_done() or self._router_job():
-                    return
-                continue
-            for shard in rendezvous(self.me, pending):
-                if self.stop.is_set():
-                    return
-                if self._claim(shard):
-                    self._train(shard)
-                    break
-            else:
-                self.state.phase = Phase.WAITING
-                self.stop.wait(self.timing.claim_retry)
-
-    def _held_by_other(self, slot: int) -> bool:
-        owner = self.claims.owner(slot)
-        return owner is not None and owner.public_key != self.me
-
-    def _claim(self, shard: int) -> bool:
-        """Claim a shard unless another island holds it."""
-        if self._held_by_other(shard) or not self.claims.try_claim(shard):
-            return False
-        self.events.record(EventKind.CLAIM, shard=shard)
-        return True
-
-    def _train(self, shard: int) -> None:
-        self.state.active, self.state.phase = shard, Phase.TRAINING
-        self.state.trained.add(shard)
-        self.state.lease_lost.clear()
-        self.mirror.pause(shard)
-        try:
-            self.job.run(shard)
-        finally:
-            self.state.active = None
-            if not self.state.disk_full:
-                self.mirror.resume(shard)
-            if not self.state.lease_lost.is_set():
-                self.claims.release(shard)
-            self.state.phase = Phase.IDLE
-
-    def _router_job(self) -> bool:
-        """Claim the router job (claim slot K) and train it; False when someone else holds it."""
-        slot = len(self.plan.shards)
-        if self._held_by_other(slot):
-            self.state.phase = Phase.WAITING
-            self.stop.wait(2.0)
-            return False
-        if not self.claims.try_claim(slot):
-            return False
-        self.state.active, self.state.phase = slot, Phase.ROUTER
-        try:
-            out = train_plan_router(self.plan, self.work.router, identity=self.identity)
-            self.publisher.router(out)
-            self.events.record(EventKind.ROUTER, steps=self.plan.cfg.router.steps)
-            return True
-        finally:
-            self.state.active, self.state.phase = None, Phase.IDLE
-            self.claims.release(slot)
+        """Claim and train shards until none is left, then the router job (node/work.py)."""
+        self.loop.run()
 
     def _serve(self) -> None:
         """Keep serving and mirroring until stopped (or return at once with exit_when_done)."""
@@ -317,7 +281,11 @@ def run_island(opts: IslandOptions, early_stop: threading.Event | None = None,
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        log.warning("signal %d: finishing the step, checkpointing, leaving", signum)
+        if island.stop.is_set():
+            log.warning("signal %d again: leaving without waiting for a peer to hold our checkpoints", signum)
+            island.state.leave_now.set()
+            return
+        log.warning("signal %d: finishing the step, checkpointing, handing over, leaving", signum)
         island.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

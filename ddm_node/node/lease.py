@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ddm_node.core.config import SwarmConfig
 from ddm_node.core.events import EventKind, EventLog
 from ddm_node.exchange.announcer import Announcer
+from ddm_node.node.peer_memory import SAVE_PERIOD, PeerMemory, Seen
 from ddm_node.node.state import NodeState
 from ddm_node.swarm.claims import ClaimManager
 from ddm_node.swarm.dht import Swarm
@@ -25,9 +26,19 @@ MADDR_MEMORY = 600.0  # seconds a peer's multiaddrs are kept for rejoining after
 
 @dataclass(frozen=True)
 class Timing:
-    """Every period and TTL an island uses, derived from the run's swarm settings in one place."""
+    """Every period and TTL an island uses, derived from the run's swarm settings (and this node's
+    `--join-wait` / `--leave-timeout`) in one place."""
 
     cfg: SwarmConfig
+    join_wait_s: float | None = None  # None: four lease TTLs
+    leave_timeout: float = 30.0  # seconds a stopped island serves until a peer holds its checkpoints
+
+    @property
+    def join_wait(self) -> float:
+        """The longest an island returning to a run holds back work nobody visibly started while the peers it
+        saw before are not all back (node/gate.py): four lease TTLs, two minutes by default. It normally ends
+        as soon as they are back; the bound only costs time when one of them never returns."""
+        return 4 * self.cfg.lease_ttl if self.join_wait_s is None else self.join_wait_s
 
     @property
     def keeper_period(self) -> float:
@@ -52,21 +63,34 @@ class LeaseKeeper:
     """The keeper thread's loop (`run`); `heartbeat_record` describes this node at each beat."""
 
     def __init__(self, swarm: Swarm, claims: ClaimManager, announcer: Announcer, timing: Timing, state: NodeState,
-                 events: EventLog, me: str, heartbeat_record: Callable[[], PeerRecord], initial_peers: list[str]):
+                 events: EventLog, me: str, heartbeat_record: Callable[[], PeerRecord], initial_peers: list[str],
+                 memory: PeerMemory | None = None):
+        """`memory`: the peers seen in this island's previous life (WORK/peers.json), dialed again when missing
+        (their addresses survive restarts) and kept up to date for the next start."""
         self.swarm, self.claims, self.announcer = swarm, claims, announcer
         self.timing, self.state, self.events = timing, state, events
         self.me, self.heartbeat_record = me, heartbeat_record
         self.initial_peers = list(initial_peers)
-        self._peer_maddrs: dict[str, tuple[float, list[str]]] = {}  # peer id -> (last seen, maddrs)
+        self.memory = memory
+        now = time.monotonic()
+        # peer key -> (last seen, maddrs); the remembered peers count as just seen, and age out like any other
+        self._peer_maddrs: dict[str, tuple[float, list[str]]] = {
+            k: (now, list(s.maddrs)) for k, s in (memory.peers.items() if memory else ())}
+        self._seen: dict[str, Seen] = dict(memory.peers) if memory else {}
         self._rejoining: Future | None = None
-        self._last_announce = self._last_rejoin = time.monotonic()
+        self._last_announce = self._last_rejoin = now
+        self._last_save = 0.0
 
     def run(self) -> None:
-        while not self.state.stop.wait(self.timing.keeper_period):
+        """Tick at once (peers see a restarted island, and stop waiting for it, without a period's delay), then
+        every `keeper_period` until stopped."""
+        while True:
             try:
                 self.tick()
             except Exception as exc:  # keep the keeper alive through transient DHT errors
                 log.warning("keeper: %s", exc)
+            if self.state.stop.wait(self.timing.keeper_period):
+                return
 
     def tick(self) -> None:
         self._renew()
@@ -97,10 +121,16 @@ class LeaseKeeper:
             self._last_announce = 0.0  # hand the peers we found our records now
 
     def _known_maddrs(self) -> list[str]:
-        """The initial peers and every peer seen in the last 10 minutes (for `Swarm.rejoin` after a partition)."""
+        """The initial peers and every peer seen in the last 10 minutes (for `Swarm.rejoin` after a partition or a
+        restart); the peers seen are remembered in WORK/peers.json every SAVE_PERIOD seconds."""
         now = time.monotonic()
         for rec in self.swarm.peers():
             if rec.public_key != self.me:
-                self._peer_maddrs[rec.peer_id] = (now, list(rec.maddrs))
+                self._peer_maddrs[rec.public_key] = (now, list(rec.maddrs))
+                self._seen[rec.public_key] = Seen(time.time(), tuple(rec.maddrs))
         self._peer_maddrs = {k: v for k, v in self._peer_maddrs.items() if now - v[0] < MADDR_MEMORY}
+        if self.memory is not None and now - self._last_save >= SAVE_PERIOD:
+            self._seen = {k: s for k, s in self._seen.items() if s.at > time.time() - MADDR_MEMORY}
+            self.memory.save(self._seen)
+            self._last_save = now
         return self.initial_peers + [m for _, maddrs in self._peer_maddrs.values() for m in maddrs]

@@ -27,7 +27,7 @@ from ddm_node.exchange.fetch import (
     signed_publisher,
 )
 from ddm_node.node.publisher import Publisher
-from ddm_node.node.state import NodeState
+from ddm_node.node.state import NodeState, Phase
 from ddm_node.swarm.dht import Swarm
 from ddm_node.swarm.records import CheckpointRecord
 from ddm_node.train import checkpoint as ckpt
@@ -68,7 +68,7 @@ class Mirror:
         left out of its order: they already hold it. Returns each such shard with its checkpoint records.
         """
         peers = self.swarm.peers()
-        live = {r.public_key for r in peers} | {self.me}
+        live = {r.public_key for r in peers if r.state != Phase.LEAVING.value} | {self.me}  # leaving: fetches nothing
         training: dict[int, set[str]] = {}
         for r in peers:
             training.setdefault(r.shard, set()).add(r.public_key)

@@ -1,6 +1,8 @@
 """What work is left in a run, as this island can prove it: a shard is done when a final checkpoint of it is
-here, or a peer announces one that a verified, loadable expert backs (`exchange.done.DoneCheck`: a DHT record
-alone proves nothing, and neither does a signed manifest without the bytes it names)."""
+here, or a peer announces one (its own, or a replica of someone's) that a verified, loadable expert backs
+(`exchange.done.DoneCheck`: a DHT record alone proves nothing, and neither does a signed manifest without the
+bytes it names). Replicas count so that after a whole-swarm restart a mirror's copy of a finished shard keeps it
+finished while its trainer is still down."""
 
 from __future__ import annotations
 
@@ -21,7 +23,13 @@ class Progress:
     def shard_done(self, shard: int) -> bool:
         if step_of(ckpt.latest_checkpoint(self.work.root, shard)) >= self.budget:
             return True
-        return self.checks.shard(shard, self.swarm.checkpoints(shard))
+        return self.checks.shard(shard, self.swarm.checkpoints(shard), self.swarm.replicas(shard))
+
+    def has_state(self, shard: int) -> bool:
+        """Some training state of the shard is visible: a checkpoint here, or one announced (not verified: this
+        only decides whether to claim now or after the restart wait, `ClaimGate`)."""
+        return (ckpt.latest_checkpoint(self.work.root, shard) is not None or bool(self.swarm.checkpoints(shard))
+                or bool(self.swarm.replicas(shard)))
 
     def pending(self) -> list[int]:
         """Shards not done, in index order."""

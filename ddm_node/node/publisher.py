@@ -13,9 +13,10 @@ from pathlib import Path
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.events import EventKind, EventLog
+from ddm_node.core.manifest import Manifest
 from ddm_node.core.workdir import WorkDir
 from ddm_node.exchange.announcer import Announcer
-from ddm_node.swarm.records import CheckpointRecord, RecordKind, ReplicaRecord, RouterRecord, StatsRecord
+from ddm_node.swarm.records import CheckpointRecord, PackRecord, RecordKind, ReplicaRecord, RouterRecord, StatsRecord
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.transfer.store import ArtifactStore
 
@@ -55,6 +56,12 @@ class Publisher:
         if stats.is_dir() and self.announcer.current(RecordKind.STATS, shard) is None:
             m = self.store.register(stats, trusted_keys=self.trusted)
             self.announcer.announce(StatsRecord(shard, m.id, self.grpc))
+
+    def pack(self, pack_dir: Path, slot: int, pack: str) -> Manifest:
+        """Serve a data pack (every file hashed against its signed manifest) and announce that we hold it."""
+        m = self.store.register(pack_dir, trusted_keys=self.trusted)
+        self.announcer.announce(PackRecord(slot, pack, m.id, m.publisher, self.me, self.grpc))
+        return m
 
     def router(self, router_dir: Path) -> None:
         m = self.store.register(router_dir, trusted_keys=self.trusted)

@@ -22,16 +22,18 @@ class Phase(str, Enum):
     IDLE = "idle"
     SERVING = "serving"
     DISK_FULL = "disk_full"
+    LEAVING = "leaving"  # stopped: handing its checkpoints over, then gone (peers neither wait for it nor rank it)
 
     def __str__(self) -> str:  # the value in f-strings and DHT keys, as on Python 3.12
         return self.value
 
 @dataclass
 class NodeState:
-    """The island's live state. `stop` is set by a signal (finish the step, checkpoint, leave); `lease_lost` by
+    """The island's live state. `stop` is set by a signal (finish the step, checkpoint, hand over, leave); `lease_lost` by
     the lease keeper when another island owns the shard being trained."""
 
     stop: threading.Event = field(default_factory=threading.Event)
+    leave_now: threading.Event = field(default_factory=threading.Event)  # a second signal: skip the hand-off
     lease_lost: threading.Event = field(default_factory=threading.Event)
     phase: Phase = Phase.STARTING
     active: int | None = None  # the claim slot being worked on: a shard, or K for the router job

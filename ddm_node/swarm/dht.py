@@ -29,6 +29,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import hivemind
@@ -49,6 +50,7 @@ from ddm_node.swarm.keys import (  # noqa: F401 (dht_key, dht_time, Entry and KI
     encode,
     parse_entry,
 )
+from ddm_node.swarm.own_addresses import check_initial_peers
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,
@@ -86,35 +88,32 @@ class Swarm:
         initial_peers: Sequence[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
-        announce_host: str | None = None,
+        announce_maddrs: Sequence[str] | None = None,
+        identity_path: Path | None = None,
+        shielded: bool = False,
         client_mode: bool = False,
         limits: StorageLimits | None = None,
         meter: Meter | None = None,
     ):
-        """`announce_host`: the address other peers should dial when `host` is a wildcard (needs a fixed
-        `port`). `client_mode`: a reader that joins through others but accepts no connections and never
-        enters routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's)."""
+        """`announce_maddrs`: the DHT addresses peers should dial, if not those we listen on (swarm/own_addresses.py).
+        `identity_path`: a libp2p key file (written on first use): the same peer id and multiaddrs after restarts.
+        `shielded`: the DHT child leaves our process group and dies with us (swarm/dht_process.py; main thread
+        only). `client_mode`: a reader that joins through others but accepts no connections and never enters
+        routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's). `meter`:
+        observes the latency of every DHT get and store (Timer.DHT_CALL)."""
         self.identity, self.run_id, self.public_key = identity, check_run_id(run_id), identity.public_hex
-        self.meter = meter  # the latency of every DHT get and store is observed here (Timer.DHT_CALL)
-        self.validator = Ed25519RecordValidator(identity)
+        self.meter, self.validator = meter, Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
-        self._lock, self._closed = threading.Lock(), False
-        if isinstance(initial_peers, str) or not all(isinstance(p, str) for p in initial_peers):
-            raise DDMError(f"initial peers must be a list of multiaddr strings, got {initial_peers!r}")
-        if announce_host is not None and not port:
-            raise DDMError("announcing an address needs a fixed DHT port (--dht-port)")
-        announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None
-        try:
-            self._child = DHTChild(initial_peers=list(initial_peers) or None, host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                                   announce_maddrs=announce, client_mode=client_mode,
-                                   record_validators=[self.validator], **NO_CACHE_OPTIONS)
-        except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
-            self._closed = True
-            raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
-        self._dht = self._child.dht
+        self._lock, self._closed = threading.Lock(), True  # open once the child runs
+        initial_peers = check_initial_peers(initial_peers)
+        self._child = _start_child(host, port, shielded=shielded, identity_path=identity_path,
+                                   initial_peers=initial_peers or None, client_mode=client_mode,
+                                   announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+                                   record_validators=[self.validator])
+        self._dht, self._closed = self._child.dht, False
         self._dialable = DialFilter(SwarmHosts(  # which record addresses this node dials
             partial(self._call_future, lambda: self._dht.run_coroutine(_connected_hosts, return_future=True)),
-            [host, announce_host or "", *(maddr_host(m) or "" for m in initial_peers)]), self.public_key)
+            [host, *(maddr_host(m) or "" for m in [*(announce_maddrs or ()), *initial_peers])]), self.public_key)
         try:
             self._peer_id = self._call(lambda: self._dht.peer_id).to_base58()
             self._call_future(lambda: self._dht.run_coroutine(partial(install, limits=limits or StorageLimits()),
@@ -296,31 +295,40 @@ class Swarm:
         """Ping, in the background, up to `limit` peers (multiaddrs ending in /p2p/<id>) missing from our
         routing table (why: `_rejoin`). A future of the number that answered, or None when none to try."""
         addrs = [m for m in dict.fromkeys(maddrs) if isinstance(m, str) and "/p2p/" in m]
-        if not addrs:
-            return None
-        with self._lock:
-            self._ensure_open()
-            return self._dht.run_coroutine(partial(_rejoin, maddrs=addrs, limit=limit), return_future=True)
+        return self._call(lambda: self._dht.run_coroutine(partial(_rejoin, maddrs=addrs, limit=limit),
+                                                          return_future=True)) if addrs else None
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _ensure_open(self) -> None:
+    def _ensure_open(self, running: bool = False) -> None:
+        """DDMError when shut down or (`running`) when the DHT child died: put/read then give False/[] at once."""
         if self._closed:
             raise DDMError("the swarm's DHT is shut down")
+        if running:
+            self._child.check()
 
     def _call(self, fn: Any) -> Any:
         """Run a blocking DHT call with the pipe lock held (hivemind's pipe is not thread-safe)."""
         with self._lock:
-            self._ensure_open()
+            self._ensure_open(running=True)
             return fn()
 
     def _call_future(self, fn: Any, op: str = "other") -> Any:
-        """Send a request under the lock, wait for its MPFuture outside it (calls overlap)."""
+        """Send a request under the lock, wait for its MPFuture outside it (calls overlap; a dead DHT child
+        ends the wait at once)."""
         with timed(self.meter, Timer.DHT_CALL, op):
             with self._lock:
-                self._ensure_open()
+                self._ensure_open(running=True)
                 future = fn()
-            return future.result(timeout=RPC_TIMEOUT)
+            return self._child.result(future, RPC_TIMEOUT)
+
+
+def _start_child(host: str, port: int, **kwargs: Any) -> DHTChild:
+    """The DHT child process listening on host:port (DDMError naming the address when hivemind fails)."""
+    try:
+        return DHTChild(host_maddrs=[f"/ip4/{host}/tcp/{port}"], **kwargs, **NO_CACHE_OPTIONS)
+    except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
+        raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
 
 
 async def _connected_hosts(_dht: hivemind.DHT, node: Any) -> list[str]:

@@ -16,6 +16,7 @@ from ddm_node.swarm.addresses import SwarmHosts, maddr_host
 from ddm_node.swarm.records import (
     CheckpointRecord,
     Claim,
+    PackRecord,
     PeerRecord,
     PlanRecord,
     RecordKind,
@@ -46,6 +47,7 @@ KINDS: dict[RecordKind, _Kind] = {k.record.KIND: k for k in (
     _Kind(StatsRecord, None),
     _Kind(RouterRecord, "publisher"),
     _Kind(PlanRecord, None),
+    _Kind(PackRecord, "holder"),
 )}
 
 

@@ -43,13 +43,14 @@ class RecordKind(str, Enum):
     STATS = "stats"
     ROUTER = "router"
     PLAN = "plan"
+    PACK = "pack"  # a data pack's holders; slot k < K: shard k's pack, slot K: the held-out pack
 
     def __str__(self) -> str:  # the value in f-strings and DHT keys, as on Python 3.12
         return self.value
 
     @property
     def per_shard(self) -> bool:
-        return self in (RecordKind.CLAIM, RecordKind.CKPT, RecordKind.REPLICA, RecordKind.STATS)
+        return self in (RecordKind.CLAIM, RecordKind.CKPT, RecordKind.REPLICA, RecordKind.STATS, RecordKind.PACK)
 
 
 def _bad(cls_name: str, field: str, why: str) -> DDMError:
@@ -348,6 +349,33 @@ class PlanRecord(_Record):
         )
 
 
+@dataclass(frozen=True)
+class PackRecord(_Record):
+    """A peer serving a data pack (the plan's sha256 `pack`) as the signed artifact `manifest` by `publisher`.
+    The key's slot ("shard") is a shard index, or K for the held-out pack."""
+
+    KIND: ClassVar[RecordKind] = RecordKind.PACK
+    shard: int
+    pack: str
+    manifest: str
+    publisher: str
+    holder: str
+    grpc: str
+
+    @classmethod
+    def from_value(cls, value: Any) -> PackRecord:
+        c = "pack"
+        v = _check_dict(value, c)
+        return cls(
+            shard=_int(_field(v, c, "shard"), c, "shard", 0, MAX_SHARD),
+            pack=_hex64(_field(v, c, "pack"), c, "pack"),
+            manifest=_hex64(_field(v, c, "manifest"), c, "manifest"),
+            publisher=_hex64(_field(v, c, "publisher"), c, "publisher"),
+            holder=_hex64(_field(v, c, "holder"), c, "holder"),
+            grpc=_grpc(_field(v, c, "grpc"), c, "grpc"),
+        )
+
+
 # Every record class, for a check that cannot know the kind (the DHT record validator sees hashed keys).
 RECORD_TYPES: tuple[type, ...] = (Claim, CheckpointRecord, ReplicaRecord, PeerRecord, StatsRecord, RouterRecord,
-                                  PlanRecord)
+                                  PlanRecord, PackRecord)

@@ -15,13 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddm_node.core.config import config_hash
 from ddm_node.core.identity import Identity
 from ddm_node.core.workdir import WorkDir
-from ddm_node.data.datasets import Dataset, load_dataset
-from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.data.datasets import Dataset
+from ddm_node.data.packing import shard_rows
+from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.checkpointer import Checkpointer
 from ddm_node.train.distributed import DistContext, any_rank, broadcast_object
@@ -40,14 +42,13 @@ class ShardData:
     latent: bool = False  # latents are not limited to [-1, 1] (datasets spec latents:PATH)
 
 
-def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None) -> ShardData:
-    """Load the plan's dataset (checking its fingerprint) and select the shard's samples."""
-    ids = plan.shard(shard).ids
-    ds = dataset if dataset is not None else load_dataset(plan.dataset)
-    check_dataset(plan, ds)
-    x = torch.from_numpy(ds.x[ids]).float()
-    y = torch.from_numpy(ds.y[ids]).long() if ds.y is not None and plan.cfg.model.num_classes > 0 else None
-    return ShardData(x, y, latent=ds.latent)
+def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None, work_dir: str | Path | None = None) -> ShardData:
+    """The shard's samples: from `dataset`, or from the shard's verified data pack in `work_dir` when the plan has
+    packs and it is there, else from the plan's dataset (fingerprint checked): `data.packing.shard_rows`."""
+    rows = shard_rows(plan, shard, work_dir, dataset)
+    x = torch.from_numpy(np.ascontiguousarray(rows.x)).float()
+    y = torch.from_numpy(rows.y).long() if rows.y is not None and plan.cfg.model.num_classes > 0 else None
+    return ShardData(x, y, latent=rows.latent)
 
 
 def run_config_hash(plan: Plan) -> str:
@@ -131,7 +132,7 @@ def train_shard(
     cfg = plan.cfg
     work_dir = Path(work_dir)
     target = cfg.train.steps if steps is None else steps
-    data = shard_data(plan, shard, dataset)
+    data = shard_data(plan, shard, dataset, work_dir)
     main = _is_main(dist)
     if main:
         ensure_stats(plan, shard, work_dir, data, identity)

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -16,8 +17,9 @@ from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.jsonsafe import load_file as load_json_file
 from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, fsync_write, seal, staging_dir, verify_artifact
-from ddm_node.data.datasets import Dataset, load_dataset
-from ddm_node.data.plan import Plan, check_dataset
+from ddm_node.data.datasets import Dataset
+from ddm_node.data.packing import plan_rows
+from ddm_node.data.plan import Plan
 from ddm_node.train.checkpoint import check_model_config
 from ddm_node.train.limits import ArtifactRules
 from router.learned import LearnedRouter, RouterNet, router_model_config, train_router
@@ -27,25 +29,26 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def plan_router_data(plan: Plan,
-                     dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """All training samples of the plan with their shard index as the label."""
-    ds = dataset if dataset is not None else load_dataset(plan.dataset)
-    check_dataset(plan, ds)
-    ids = [i for s in plan.shards for i in s.ids]
+def plan_router_data(plan: Plan, dataset: Dataset | None = None,
+                     work_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All training samples of the plan with their shard index as the label (from `dataset`, the data packs in
+    `work_dir`, or the plan's dataset: `data.packing.plan_rows`)."""
+    rows = plan_rows(plan, work_dir, dataset)
     cluster = [s.index for s in plan.shards for _ in s.ids]
-    x = torch.from_numpy(ds.x[ids]).float()
-    y = torch.from_numpy(ds.y[ids]).long() if ds.y is not None and plan.cfg.model.num_classes > 0 else None
+    x = torch.from_numpy(np.concatenate([r.x for r in rows])).float()
+    labeled = rows[0].y is not None and plan.cfg.model.num_classes > 0
+    y = torch.from_numpy(np.concatenate([r.y for r in rows])).long() if labeled else None
     return x, torch.tensor(cluster, dtype=torch.long), y
 
 
 def train_plan_router(plan: Plan, out_dir: str | Path, steps: int | None = None, identity: Identity | None = None,
-                      dataset: Dataset | None = None, on_step: Callable[[int, float], None] | None = None) -> Path:
-    """Train the learned router of `plan` and write it as a sealed artifact at `out_dir`."""
+                      dataset: Dataset | None = None, on_step: Callable[[int, float], None] | None = None,
+                      work_dir: str | Path | None = None) -> Path:
+    """Train the learned router of `plan` and write it as a sealed artifact at `out_dir` (data: `plan_router_data`)."""
     cfg = plan.cfg.router
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
-    x, cluster, y = plan_router_data(plan, dataset)
+    x, cluster, y = plan_router_data(plan, dataset, work_dir)
     c, h, _ = plan.shape
     experts = [s.index for s in plan.shards]
     router = train_router(x, cluster, y, plan.cfg.model.num_classes, h, c, experts, cfg, on_step=on_step)
