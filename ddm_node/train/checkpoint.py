@@ -45,9 +45,6 @@ CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 1 << 20  # a config.json inside an artifact (a few hundred bytes when we write it)
 STALE_STAGING_S = 3600.0  # staging directories older than this are leftovers of a crash
 INFERENCE_DTYPE = torch.bfloat16  # the floating tensors of an expert's model.safetensors
-# Kinds fetched with zstd (after a byte shuffle, transfer/wire.py): bf16 weights pack ~1.4x smaller; fp32 states and
-# statistics gain too little for the CPU it costs on fast links (docs/BENCHMARKS.md, bench.transfer).
-PACKED_KINDS = frozenset({EXPERT})
 
 
 def shard_dir(work_dir: str | Path, shard: int) -> Path:
