@@ -153,12 +153,13 @@ def raw_fetch(address: str, name: str, dest: Path, size: int, fsync: bool = Fals
 def stream_bytes(address: str, sha256: str, compress: bool) -> tuple[int, int]:
     """Read a whole Fetch stream and drop it; returns (file bytes carried, serialized message bytes)."""
     from ddm_node.transfer.client import NodeClient
+    from ddm_node.transfer.wire import decode_chunk
 
     payload = wire = 0
     with NodeClient(address, timeout=600) as client:
-        for chunk in client.fetch_stream(sha256, 0, compress, timeout=600):
-            payload += len(chunk.data)
-            wire += chunk.ByteSize()
+        for message in client.fetch_stream(sha256, 0, compress, timeout=600):
+            payload += len(decode_chunk(message).data)
+            wire += len(message)
     return payload, wire
 
 

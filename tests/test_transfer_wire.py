@@ -16,7 +16,7 @@ from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.transfer import ArtifactStore, fetch_file
 from ddm_node.transfer import partfile as pf
 from ddm_node.transfer.partfile import PartHash, PartWriter
-from ddm_node.transfer.wire import WIDTHS, Packer, encode_chunk, shuffle, unshuffle
+from ddm_node.transfer.wire import WIDTHS, ChunkError, Packer, decode_chunk, encode_chunk, shuffle, unshuffle
 from proto import ddm_pb2, ddm_pb2_grpc
 
 
@@ -40,6 +40,57 @@ def test_encoded_chunks_are_what_protobuf_serializes(offset, data, compressed, s
             offset, data, compressed, total, shuffle_width)
     with pytest.raises(ValueError):
         encode_chunk(-1, b"", False, 0, 0)
+
+
+def _fields(c) -> tuple:
+    return (c.offset, bytes(c.data), c.compressed, c.total_size, c.shuffle)
+
+
+@pytest.mark.parametrize("offset, total", [(0, 0), (1, 5), (300, 1 << 20), ((1 << 63) - 1, (1 << 63) - 1), (-1, -5)])
+@pytest.mark.parametrize("data, compressed, shuffle_width", [(b"", False, 0), (b"x", True, 2), (b"y" * 200, True, 4)])
+def test_decoded_chunks_are_what_protobuf_parses(offset, total, data, compressed, shuffle_width):
+    message = ddm_pb2.Chunk(offset=offset, data=data, compressed=compressed, total_size=total,
+                            shuffle=shuffle_width).SerializeToString()
+    got = decode_chunk(message)
+    assert _fields(got) == _fields(ddm_pb2.Chunk.FromString(message))
+    assert isinstance(got.data, memoryview) or not data  # a view into the message, not a copy
+
+
+def test_decode_chunk_reads_any_field_order_repeats_and_unknown_fields_as_protobuf_does():
+    other = ddm_pb2.Chunk(offset=7, data=b"first").SerializeToString()
+    unknown = (b"\x30\x05"  # field 6, varint
+               b"\x3a\x03abc"  # field 7, bytes
+               b"\x41" + b"\0" * 8  # field 8, fixed64
+               + b"\x4d" + b"\0" * 4)  # field 9, fixed32
+    message = encode_chunk(0, b"second", True, 9, 2) + unknown + other  # offset 7 and data "first" come last: they win
+    assert _fields(decode_chunk(message)) == _fields(ddm_pb2.Chunk.FromString(message)) == (7, b"first", True, 9, 2)
+
+
+@pytest.mark.parametrize("message", [
+    b"\x12\x05abc",  # data runs past the end
+    b"\x08",  # truncated varint
+    b"\x08" + b"\xff" * 10 + b"\x01",  # a varint over 10 bytes
+    b"\x10\x01",  # data (field 2) as a varint
+    b"\x0a\x01x",  # offset (field 1) as bytes
+    b"\x09" + b"\0" * 8,  # offset as fixed64
+    b"\x03",  # a group
+    b"\x00\x01",  # field 0
+    b"\x41\0\0",  # a fixed64 cut short
+])
+def test_decode_chunk_refuses_malformed_messages(message):
+    with pytest.raises(ChunkError):
+        decode_chunk(message)
+
+
+def test_a_holder_sending_a_malformed_chunk_is_dropped(tmp_path, net):  # noqa: F811
+    """Protobuf keeps a known field of the wrong wire type as an unknown field (and serializes it again); our
+    decoder refuses the message, and the holder is dropped before a byte is written."""
+    data = random_bytes(5000)
+    bogus = ddm_pb2.Chunk.FromString(encode_chunk(0, data, False, len(data), 0) + b"\x0a\x01x")
+    evil = Evil(fetch=lambda request, context: iter([bogus]))
+    with pytest.raises(IntegrityError, match="malformed chunk .*field 1 has wire type 2"):
+        fetch_file([net.evil(evil)], entry_of(data), tmp_path / "f.bin", retries=0)
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
 
 
 # ---------------------------------------------------------------- shuffle

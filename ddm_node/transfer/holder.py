@@ -16,7 +16,7 @@ from ddm_node.core.manifest import FileEntry
 from ddm_node.transfer.budget import Clock
 from ddm_node.transfer.client import NodeClient, PeerError
 from ddm_node.transfer.partfile import PartHash, PartWriter, part_size, truncate
-from ddm_node.transfer.wire import WIDTHS, unshuffle
+from ddm_node.transfer.wire import WIDTHS, Chunk, ChunkError, decode_chunk, unshuffle
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _decompress(data: bytes, limit: int) -> bytes:
     return out
 
 
-def _unpack(chunk, compress: bool, limit: int) -> bytes:
+def _unpack(chunk: Chunk, compress: bool, limit: int) -> bytes | memoryview:
     """A chunk's file bytes: decompressed (at most `limit`) and unshuffled when the holder packed them."""
     if chunk.shuffle and not (chunk.compressed and chunk.shuffle in WIDTHS):
         raise _Violation(f"chunk shuffled by {chunk.shuffle} bytes (only compressed chunks, by {WIDTHS})")
@@ -131,12 +131,17 @@ def _unpack(chunk, compress: bool, limit: int) -> bytes:
     return unshuffle(data, chunk.shuffle) if chunk.shuffle else data
 
 
-def _receive(chunks: Iterator, entry: FileEntry, start: int, compress: bool, max_chunk: int,
-             put: Callable[[bytes], None]) -> None:
-    """Hand a Fetch stream from byte `start` on to `put`, refusing anything off-protocol before it is handed on."""
+def _receive(chunks: Iterator[bytes], entry: FileEntry, start: int, compress: bool, max_chunk: int,
+             put: Callable[[bytes | memoryview], None]) -> None:
+    """Hand a Fetch stream (serialized chunks) from byte `start` on to `put`, refusing anything off-protocol before it
+    is handed on."""
     pos = start
     first = True
-    for chunk in chunks:
+    for message in chunks:
+        try:
+            chunk = decode_chunk(message)
+        except ChunkError as exc:
+            raise _Violation(f"malformed chunk ({exc})") from None
         if chunk.total_size != entry.size:
             raise _Violation(f"holder says the file has {chunk.total_size} bytes, the manifest says {entry.size}")
         if chunk.offset != pos:

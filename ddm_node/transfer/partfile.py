@@ -79,7 +79,7 @@ class PartHash:
         if part_size(self.part) != self.size:
             self.h, self.size = hash_file(self.part) if self.part.exists() else (hashlib.sha256(), 0)
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self.h.update(data)
         self.size += len(data)
 
@@ -99,7 +99,7 @@ class PartWriter:
     def __init__(self, f, hasher: PartHash, written: Callable[[int], None] | None, limit: int = QUEUE_BYTES,
                  name: str = "ddm-part-writer") -> None:
         self._f, self._hasher, self._written, self._limit = f, hasher, written, limit
-        self._queue: deque[bytes | None] = deque()
+        self._queue: deque[bytes | memoryview | None] = deque()
         self._queued = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -107,7 +107,7 @@ class PartWriter:
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
         self._thread.start()
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes | memoryview) -> None:
         with self._cond:
             while self._queued >= self._limit and self._error is None:
                 self._cond.wait()
