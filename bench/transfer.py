@@ -7,9 +7,11 @@ once per repetition in rotating order; medians; CPU seconds of both processes pe
   an fsync, and with the download's own writer thread hashing (sha256) and a single fsync + rename: a verified,
   durable download without gRPC, the most any verified download can reach here.
 - gRPC stream: `NodeClient.fetch_stream`, chunks read and dropped (the transport alone).
-- fetch_file: the real download (`ddm_node.transfer.download.fetch_file`): protocol checks on the gRPC thread,
-  append + sha256 on the part file's writer thread, one fsync, rename. Also with 2 and 4 MiB chunks, with the
-  writing and hashing on the gRPC thread as before issue 14, and with `compress=True` (zstd after a shuffle).
+- fetch_file: the real download (`ddm_node.transfer.download.fetch_file`): chunks read from the serialized message
+  without copies (`wire.decode_chunk`) and checked on the gRPC thread, append + sha256 on the part file's writer
+  thread, one fsync, rename. Also with protobuf parsing the chunks (two copies each, as before), with 2 and 4 MiB
+  chunks, with the writing and hashing on the gRPC thread as before issue 14, and with `compress=True` (zstd after
+  a shuffle).
 
 Inference weights: the trained digits experts' EMA (from their training states), written as the expert artifact
 writes it (bf16 safetensors) and as it was written before (fp32); wire bytes = serialized `Chunk` messages of the
@@ -67,6 +69,7 @@ LOOPBACK_GOAL, WIRE_GOAL, LINK_GOAL = 0.6, 0.55, 0.9
 RAW, RAW_FSYNC, RAW_VERIFIED = "raw TCP", "raw TCP + fsync", "raw TCP + sha256 (writer thread) + fsync"
 STREAM, FETCH, INLINE, ZSTD = "gRPC stream", "fetch_file", "fetch_file, write + hash on the gRPC thread", \
     "fetch_file + zstd (shuffle)"
+PROTOBUF = "fetch_file, chunks parsed by protobuf"
 HASH, FSYNC = "(sha256 pass over the file, no transfer)", "(write the file + fsync, no transfer)"
 CHUNKS = (2 << 20, 4 << 20)  # chunk sizes compared with the default 1 MiB
 
@@ -187,6 +190,15 @@ def loopback(s: Settings, srv: Path, files: Files, tmp: Path) -> dict[str, list[
             finally:
                 holder.PartWriter = threaded
 
+        def protobuf() -> None:
+            from proto import ddm_pb2
+
+            ours, holder.decode_chunk = holder.decode_chunk, ddm_pb2.Chunk.FromString
+            try:
+                fetch_file([grpc_addr], big, tmp / "out.bin")
+            finally:
+                holder.decode_chunk = ours
+
         def write_fsync() -> None:
             with open(tmp / "out.bin", "wb") as f:
                 f.write(data)
@@ -205,6 +217,7 @@ def loopback(s: Settings, srv: Path, files: Files, tmp: Path) -> dict[str, list[
                 f"{FETCH}, {c >> 20} MiB chunks",
                 lambda c=c: fetch_file([children[f"grpc {c}"].address], big, tmp / "out.bin"), f"grpc {c}")
                for c in CHUNKS},
+            PROTOBUF: side(PROTOBUF, protobuf, "grpc"),
             INLINE: side(INLINE, inline, "grpc"),
             ZSTD: side(ZSTD, lambda: fetch_file([grpc_addr], big, tmp / "out.bin", compress=True), "grpc"),
             HASH: side(HASH, lambda: sha256_file(srv / "weights.bin"), None),
@@ -275,6 +288,10 @@ def report(s: Settings, size: int, loop: dict[str, list[Sample]], wires: list[li
     wire_ratio = sum(r[5] for r in experts) / sum(r[1] for r in experts)
     summary = [[f"loopback: {FETCH} / raw TCP (median of {len(raw)})", f">= {LOOPBACK_GOAL}", ratio,
                 goal_line(ratio, LOOPBACK_GOAL, True)],
+               [f"loopback: {FETCH} / {RAW_FSYNC} (the same disk work; no goal)", "–",
+                median_ratio(speed[FETCH], speed[RAW_FSYNC]), ""],
+               [f"loopback: {FETCH} / {RAW_VERIFIED} (the same disk and hash work, no gRPC; no goal)", "–",
+                median_ratio(speed[FETCH], speed[RAW_VERIFIED]), ""],
                [f"inference weights ({len(experts)} trained experts): bytes on the wire / fp32 file", f"<= {WIRE_GOAL}",
                 wire_ratio, goal_line(wire_ratio, WIRE_GOAL, False)]]
     link_md = ""
@@ -322,22 +339,31 @@ def _reading(speed: dict[str, list[float]], loop: dict[str, list[Sample]], size:
         return sum(cpu_per_gib(loop[name], size))
 
     need = cpu(RAW) / LOOPBACK_GOAL
+    floor = cpu(RAW_VERIFIED)
+    reach = ("out of reach on this machine without dropping the hash check or the fsync (with idle cores the writer "
+             "thread hashes beside the transfer instead of after it)" if need < floor else
+             "within what a verified download needs, so the rest is the gRPC transport's")
+    bigger = {c: r(f"{FETCH}, {c >> 20} MiB chunks") for c in CHUNKS}
+    helps = [c for c, v in bigger.items() if v > ratio]
     lines = [
-        f"- Loopback: {FETCH} runs at **{ratio:.3f}** of raw TCP ({goal_line(ratio, LOOPBACK_GOAL, True)}). Every path "
-        f"here is CPU-bound on 2 shared cores, so its speed follows the CPU it needs per GiB (both processes): raw TCP "
+        f"- Loopback: {FETCH} runs at **{ratio:.3f}** of raw TCP ({goal_line(ratio, LOOPBACK_GOAL, True)}), "
+        f"{median_ratio(speed[FETCH], speed[RAW_FSYNC]):.3f} of raw TCP + fsync (the same disk work). Every path here "
+        f"is CPU-bound on 2 shared cores, so its speed follows the CPU it needs per GiB (both processes): raw TCP "
         f"{cpu(RAW):.2f} s, {FETCH} {cpu(FETCH):.2f} s. A verified, durable download without any gRPC ({RAW_VERIFIED}) "
         f"reaches {r(RAW_VERIFIED):.3f} of raw TCP: the sha256 alone costs "
         f"{sum(cpu_per_gib(loop[HASH], size)):.2f} CPU-s/GiB (a pass over the file) and the fsync writes what raw TCP "
-        f"never does ({RAW_FSYNC}: {r(RAW_FSYNC):.3f}). {FETCH} is at {ratio / r(RAW_VERIFIED):.2f} of that floor: the "
-        f"gRPC transport's extra CPU (stream alone: {cpu(STREAM):.2f} CPU-s/GiB, {r(STREAM):.3f} of raw TCP) runs "
-        f"beside the hash. {LOOPBACK_GOAL} would need at most {need:.2f} CPU-s/GiB in all, less than raw TCP + "
-        f"sha256 + fsync take ({cpu(RAW_VERIFIED):.2f}): out of reach on this machine without dropping the hash check "
-        "or the fsync; with idle cores the writer thread hashes beside the transfer instead of after it.",
-        f"- The receive path before issue 14 (append + sha256 on the gRPC thread, measured side by side): "
-        f"{r(INLINE):.3f}; with the writer thread: {ratio:.3f}. Larger chunks do not help: "
-        + ", ".join(f"{c >> 20} MiB {r(f'{FETCH}, {c >> 20} MiB chunks'):.3f}" for c in CHUNKS)
-        + f" (1 MiB stays). zstd costs {cpu(ZSTD):.2f} CPU-s/GiB on fp32 weights ({r(ZSTD):.3f} of raw TCP): "
-        "worth it only where the link, not the CPU, is the limit, and only for bf16 experts (below).",
+        f"never does ({RAW_FSYNC}: {r(RAW_FSYNC):.3f}). {FETCH} is at {ratio / r(RAW_VERIFIED):.2f} of that ceiling: "
+        f"the gRPC transport's extra CPU (stream alone: {cpu(STREAM):.2f} CPU-s/GiB, {r(STREAM):.3f} of raw TCP) runs "
+        f"beside the hash. {LOOPBACK_GOAL} would need at most {need:.2f} CPU-s/GiB in all; raw TCP + sha256 + fsync "
+        f"take {floor:.2f}: {reach}.",
+        f"- Side by side: chunks parsed by protobuf (two more copies of each) {r(PROTOBUF):.3f} of raw TCP, "
+        f"{cpu(PROTOBUF):.2f} CPU-s/GiB; read in place ({FETCH}) {ratio:.3f}, {cpu(FETCH):.2f} CPU-s/GiB. The receive "
+        f"path before issue 14 (append + sha256 on the gRPC thread): {r(INLINE):.3f}. Larger chunks: "
+        + ", ".join(f"{c >> 20} MiB {v:.3f}" for c, v in bigger.items())
+        + (f" (better than 1 MiB: {', '.join(f'{c >> 20} MiB' for c in helps)})." if helps else
+           " (no better than 1 MiB, which stays).")
+        + f" zstd costs {cpu(ZSTD):.2f} CPU-s/GiB on fp32 weights ({r(ZSTD):.3f} of raw TCP): worth it only where the "
+        "link, not the CPU, is the limit, and only on data that packs (bf16 experts below; data packs).",
     ]
     experts = [w for w in wires if "state" not in w[0]]
     state = next((w for w in wires if "state" in w[0]), None)
