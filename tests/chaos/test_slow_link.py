@@ -23,6 +23,7 @@ from ddm_node.clients.assemble import assemble
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.core.workdir import WorkDir
+from ddm_node.data.packing import pack_path
 from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.dht import Swarm
@@ -99,20 +100,24 @@ def test_assembly_over_slow_links_resumes_a_cut_transfer_at_its_offset(net, repo
         # artifact), not all of it. What P sent past the .part length was in flight when it died (at most
         # one 1 MiB chunk, which gRPC delivers whole or not at all): lost, fetched again from M. Experts travel
         # zstd-packed, so the tail's wire size is what the server's packer makes of it from the cut on.
+        # The assembler also fetches the plan's held-out data pack (zstd-packed too), from M once P is gone.
         tail, whole = _packed(expert, offset), _packed(expert, 0)
-        refetched = tx_m - tail
+        eval_pack = pack_path(net.root / "plan", plan.packs.eval) if plan.packs and plan.packs.eval else None
+        pack_wire = sum(_packed(f, 0) for f in eval_pack.iterdir() if f.is_file()) if eval_pack else 0
+        refetched = tx_m - tail - pack_wire
         rate_bps = tx_p * 8 / max(1e-3, t_cut - t0)  # P's link until the cut (the manifest calls included)
         report.add(file_bytes=size, cut_at_bytes=offset, cut_fraction=round(offset / size, 2), wire_bytes_from_p=tx_p,
-                   wire_bytes_from_m=tx_m, packed_file_bytes=whole, packed_tail_bytes=tail,
+                   wire_bytes_from_m=tx_m, packed_file_bytes=whole, packed_tail_bytes=tail, packed_eval_pack=pack_wire,
                    m_bytes_beyond_packed_tail=refetched, assembly_s=round(elapsed, 1), link=RATE,
                    p_rate_mbit=round(rate_bps / 1e6, 1))
         report.note(f"expert file {size} bytes ({whole} packed); P killed at .part {offset} bytes ({offset / size:.0%}); "
-                    f"wire: P sent {tx_p}, M sent {tx_m}: the tail from the cut packs to {tail} (M sent {refetched:+d}: "
-                    f"overhead, manifests and stats, less what of P's last chunks reached the .part after the cut); "
+                    f"wire: P sent {tx_p}, M sent {tx_m}: the tail from the cut packs to {tail}, the held-out pack to "
+                    f"{pack_wire} (M sent {refetched:+d}: overhead, manifests and stats, less what of P's last chunks "
+                    f"reached the .part after the cut, less the pack if P served it); "
                     f"assembly took {elapsed:.1f} s over {RATE} links")
         assert 0 < offset < size, "the cut did not land inside the file"
         assert whole - tail > 0.2 * whole, "the cut came too late to tell a resume from a restart"
-        assert tx_m < 1.1 * tail + (128 << 10), "M re-sent more than the missing tail: no resume"
+        assert tx_m < 1.1 * (tail + pack_wire) + (128 << 10), "M re-sent more than the missing tail: no resume"
         # P, then M sent over their own 20 Mbit/s links one after the other (experts travel packed: wire < file).
         assert elapsed > (tx_p + tx_m) * 8 / 20e6 * 0.8, "the links were not limited"
 
