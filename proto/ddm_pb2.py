@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fproto/ddm.proto\x12\x06\x64\x64m.v1\"\r\n\x0bInfoRequest\"g\n\x08NodeInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07run_ids\x18\x04 \x03(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\":\n\x0bListRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\"\x84\x01\n\x0b\x41rtifactRef\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x11\n\tpublisher\x18\x06 \x01(\t\x12\x12\n\ntotal_size\x18\x07 \x01(\x03\"6\n\x0c\x41rtifactList\x12&\n\tartifacts\x18\x01 \x03(\x0b\x32\x13.ddm.v1.ArtifactRef\"&\n\x0fManifestRequest\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\"5\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"C\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\"M\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ncompressed\x18\x03 \x01(\x08\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\"\x1d\n\x0bPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x18\n\x08PlanBlob\x12\x0c\n\x04plan\x18\x01 \x01(\x0c\x32\x96\x02\n\x07\x44\x44MNode\x12-\n\x04Info\x12\x13.ddm.v1.InfoRequest\x1a\x10.ddm.v1.NodeInfo\x12:\n\rListArtifacts\x12\x13.ddm.v1.ListRequest\x1a\x14.ddm.v1.ArtifactList\x12>\n\x0bGetManifest\x12\x17.ddm.v1.ManifestRequest\x1a\x16.ddm.v1.SignedManifest\x12.\n\x05\x46\x65tch\x12\x14.ddm.v1.FetchRequest\x1a\r.ddm.v1.Chunk0\x01\x12\x30\n\x07GetPlan\x12\x13.ddm.v1.PlanRequest\x1a\x10.ddm.v1.PlanBlobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fproto/ddm.proto\x12\x06\x64\x64m.v1\"\r\n\x0bInfoRequest\"g\n\x08NodeInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07run_ids\x18\x04 \x03(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\":\n\x0bListRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\"\x84\x01\n\x0b\x41rtifactRef\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x11\n\tpublisher\x18\x06 \x01(\t\x12\x12\n\ntotal_size\x18\x07 \x01(\x03\"6\n\x0c\x41rtifactList\x12&\n\tartifacts\x18\x01 \x03(\x0b\x32\x13.ddm.v1.ArtifactRef\"&\n\x0fManifestRequest\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\"5\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"T\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0f\n\x07shuffle\x18\x04 \x01(\x08\"^\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ncompressed\x18\x03 \x01(\x08\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12\x0f\n\x07shuffle\x18\x05 \x01(\r\"\x1d\n\x0bPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x18\n\x08PlanBlob\x12\x0c\n\x04plan\x18\x01 \x01(\x0c\x32\x96\x02\n\x07\x44\x44MNode\x12-\n\x04Info\x12\x13.ddm.v1.InfoRequest\x1a\x10.ddm.v1.NodeInfo\x12:\n\rListArtifacts\x12\x13.ddm.v1.ListRequest\x1a\x14.ddm.v1.ArtifactList\x12>\n\x0bGetManifest\x12\x17.ddm.v1.ManifestRequest\x1a\x16.ddm.v1.SignedManifest\x12.\n\x05\x46\x65tch\x12\x14.ddm.v1.FetchRequest\x1a\r.ddm.v1.Chunk0\x01\x12\x30\n\x07GetPlan\x12\x13.ddm.v1.PlanRequest\x1a\x10.ddm.v1.PlanBlobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,13 +46,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNEDMANIFEST']._serialized_start=438
   _globals['_SIGNEDMANIFEST']._serialized_end=491
   _globals['_FETCHREQUEST']._serialized_start=493
-  _globals['_FETCHREQUEST']._serialized_end=560
-  _globals['_CHUNK']._serialized_start=562
-  _globals['_CHUNK']._serialized_end=639
-  _globals['_PLANREQUEST']._serialized_start=641
-  _globals['_PLANREQUEST']._serialized_end=670
-  _globals['_PLANBLOB']._serialized_start=672
-  _globals['_PLANBLOB']._serialized_end=696
-  _globals['_DDMNODE']._serialized_start=699
-  _globals['_DDMNODE']._serialized_end=977
+  _globals['_FETCHREQUEST']._serialized_end=577
+  _globals['_CHUNK']._serialized_start=579
+  _globals['_CHUNK']._serialized_end=673
+  _globals['_PLANREQUEST']._serialized_start=675
+  _globals['_PLANREQUEST']._serialized_end=704
+  _globals['_PLANBLOB']._serialized_start=706
+  _globals['_PLANBLOB']._serialized_end=730
+  _globals['_DDMNODE']._serialized_start=733
+  _globals['_DDMNODE']._serialized_end=1011
 # @@protoc_insertion_point(module_scope)

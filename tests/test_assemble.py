@@ -292,6 +292,33 @@ def test_assemble_verifies_skips_lie_and_verify_catches_a_flipped_byte(world, tm
 
 
 @pytest.mark.multiproc
+def test_assemble_fetches_bf16_experts_packed_on_the_wire(world, tmp_path, monkeypatch):
+    """Experts travel zstd-packed (after a byte shuffle) and stay bf16 on disk; stats and the router go raw."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ddm_node.exchange import fetch as exchange_fetch
+    from ddm_node.train import checkpoint as ckpt
+
+    asked: dict[str, bool] = {}
+    real = exchange_fetch.fetch_artifact
+
+    def spy(holders, manifest_id, dest, **kw):
+        asked[manifest_id] = kw.get("compress", False)
+        return real(holders, manifest_id, dest, **kw)
+
+    monkeypatch.setattr(exchange_fetch, "fetch_artifact", spy)
+    out = tmp_path / "bundle"
+    assert _assemble(world, out, "--min-experts", "2") == 0
+    assert {asked[m] for m in world.expert.values()} == {True} and asked[world.router] is False
+    assert sum(asked.values()) == len(world.expert)  # stats: raw too
+    for e in _index(out)["experts"]:
+        weights = load_file(str(out / f"expert_{e['shard']}" / ckpt.MODEL_FILE))
+        assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.multiproc
 def test_assemble_drops_a_tampered_copy(world, tmp_path, caplog):
     """A (tried first: publisher) serves shard 0's weights with one flipped byte; C's copy is good."""
     caplog.set_level(logging.WARNING, logger="ddm_node.transfer.client")

@@ -16,7 +16,6 @@ if str(ROOT) not in sys.path:  # bench/ is a top-level folder of the checkout, n
     sys.path.insert(0, str(ROOT))
 
 from bench.common import interleave, interleaved, markdown_table, median_ratio, read_section, write_section  # noqa: E402
-from bench.transfer import byte_shuffle, to_bf16_bytes, to_bf16_valued  # noqa: E402
 
 RATIO_LINE = re.compile(r"^.+ ratio: (\d+\.\d{3})$")
 
@@ -33,9 +32,10 @@ RATIO_BOUNDS = {
     # --quick: 0.87, 0.90, 1.21, 1.20, 0.66, 0.57 (2 repetitions each: noisy). The ensemble does the expert's work
     # plus routing, so the ratio sits at or below 1 up to that noise.
     "bench.sampling": (0.35, 1.60),
-    # fetch_file / raw TCP throughput (README: no figure; BENCHMARKS.md: 0.263 in the full run against a 0.8 goal).
-    # --quick: 0.44, 0.21, 0.51, 0.33, 0.26, 0.22. gRPC cannot beat the raw socket.
-    "bench.transfer": (0.12, 1.05),
+    # fetch_file / raw TCP throughput (BENCHMARKS.md goal >= 0.6 in the full run). --quick (16 MiB, 2 repetitions,
+    # load 3-18): 1.14, 0.49, 0.34, 0.53, 0.34. A 16 MiB raw transfer takes tens of ms, so one load spike can put a
+    # quick ratio above 1.
+    "bench.transfer": (0.15, 1.75),
 }
 # The sampling smoke run (16 images, one ODE step, experts trained 10 steps): routing overhead dominates;
 # measured 0.48, 0.70, 0.68, 0.60, 0.68, 0.54.
@@ -104,19 +104,19 @@ def test_markdown_table_formats_ratios_and_rates():
 # ---------------------------------------------------------------- bench.transfer helpers
 
 
-def test_bf16_helpers_and_byte_shuffle():
-    import numpy as np
+def test_transfer_bench_publishes_weights_as_the_checkpoint_does_and_sizes_tbf_bursts():
+    import torch
+    from safetensors.torch import load
 
-    x = np.array([1.0, -2.5, 3.14159265, 1e-3, 0.0], dtype=np.float32)
-    bf = to_bf16_valued(x)
-    assert (bf.view(np.uint32) & 0xFFFF == 0).all()  # low half zero: exactly bf16 values
-    assert np.allclose(bf, x, rtol=2 ** -8) and bf[0] == 1.0 and bf[1] == -2.5
-    raw16 = to_bf16_bytes(x)
-    assert len(raw16) == 2 * len(x)
-    assert (np.frombuffer(raw16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).tolist() == bf.tolist()
-    data = bytes(range(8))
-    assert byte_shuffle(data, 4) == bytes([0, 4, 1, 5, 2, 6, 3, 7])
-    assert byte_shuffle(data + b"\xff", 4) == bytes([0, 4, 1, 5, 2, 6, 3, 7, 255])  # tail kept
+    from bench.transfer import published
+    from bench.transfer_links import Link
+
+    x = torch.tensor([1.0, -2.5, 3.14159265, 1e-3, 0.0])
+    got = load(published({"w": x}))["w"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, x.to(torch.bfloat16))  # what an expert file holds
+    assert Link("100 Mbit/s", "100mbit", 100e6, 32).burst == "25000"  # 2 ms of the rate, in bytes
+    assert Link("slow", "1mbit", 1e6, 1).burst == "4096"  # never under 32 kbit
+    assert abs(Link("1 Gbit/s", "1gbit", 1e9, 256).mib_per_s - 119.2) < 0.1
 
 
 # ---------------------------------------------------------------- scripts
@@ -170,6 +170,11 @@ def test_quick_mode(tmp_path, module, extra, timeout):
         args += ["--cache-dir", str(tmp_path / "cache")]
     lines = run_script(module, *args, timeout=timeout)
     check_output(lines, doc, module, module, RATIO_BOUNDS[module])
+    if module == "bench.transfer":  # the three figures side by side; links measured or said why not
+        section = read_section(doc, module)
+        for row in ("| loopback: fetch_file / raw TCP", "| inference weights (", "| raw TCP + sha256"):
+            assert row in section, row
+        assert "| 100 Mbit/s link: fetch_file / link rate" in section or "| shaped links | >= 0.9 | – | not" in section
 
 
 def test_routing_quick_shows_the_class_histogram_fixes_high_noise_routing():

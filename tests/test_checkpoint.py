@@ -58,15 +58,23 @@ def test_layout_and_expert_roundtrip(tmp_path):
     assert cfg["model"]["hidden"] == 32 and cfg["train"]["grad_accum"] == 2
     assert not [p for p in (tmp_path / "shard_002").iterdir() if p.name.startswith(".")]  # no staging left
 
+    # The expert publishes the EMA as bf16 (half the bytes); loaded, it is those values widened to fp32, exactly.
+    stored = load_file(str(step_dir / "expert" / "model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}
     model = ck.load_expert(step_dir / "expert")
     assert not model.training and model.cfg == t.model_cfg
     ema = t.ema.state_dict()
     for k, v in model.state_dict().items():
-        assert torch.equal(v, ema[k]), k
-    assert not torch.equal(model.final.linear.weight, t.model.final.linear.weight)  # EMA, not raw weights
+        assert v.dtype == torch.float32 and torch.equal(v, ema[k].to(torch.bfloat16).float()), k
+        assert torch.allclose(v, ema[k], rtol=2 ** -8, atol=0), k  # bf16 keeps 8 significant bits
+    assert not torch.equal(model.final.linear.weight, t.model.final.linear.weight.to(torch.bfloat16).float())
     x, y = data(4)
     tt = torch.full((4,), 0.3)
-    assert torch.equal(model(x, tt, y), t.ema(x, tt, y))
+    out, exact = model(x, tt, y), t.ema(x, tt, y)
+    assert (out - exact).abs().max() < 0.02 * exact.abs().max()  # sampling sees the same network
+    # The training state keeps the EMA in fp32 bit for bit: resume and takeover stay exact.
+    state = load_file(str(step_dir / "state" / "state.safetensors"))
+    assert all(torch.equal(state[f"ema.{k}"], v) for k, v in ema.items())
 
     with pytest.raises(DDMError, match="may not set trainer field 'step'"):
         ck.write_checkpoint(tmp_path, RUN, 2, t, HASH, extra={"step": 1})
@@ -257,3 +265,29 @@ def test_checkpointer_keeps_two_then_one_after_a_full_disk(tmp_path, monkeypatch
         saver.write(t)
     assert ck.list_checkpoints(tmp_path, 0) == [ck.latest_checkpoint(tmp_path, 0)] == [saver.newest]
     assert is_disk_full(OSError(errno.EDQUOT, "quota")) and not is_disk_full(OSError(errno.EACCES, "denied"))
+
+
+def test_the_plans_rules_hold_an_expert_to_its_bf16_size(tmp_path):
+    """Issue 10's size rules follow the format: a written expert fits; the same EMA in fp32 is refused."""
+    from ddm_node.core.config import load_config
+    from ddm_node.core.manifest import FileEntry, Manifest
+    from ddm_node.data.datasets import load_dataset
+    from ddm_node.data.plan import make_plan
+    from ddm_node.train.limits import MARGIN, ArtifactRules
+
+    ds = load_dataset("digits")
+    cfg = load_config(overrides={"partition.experts": 1, "model.hidden": 192, "model.depth": 4, "model.heads": 2})
+    plan = make_plan(cfg, ds)
+    rules = ArtifactRules.for_plan(plan)
+    t = Trainer(plan.cfg.model, TRAIN, *data())
+    step_dir = ck.write_checkpoint(tmp_path, plan.run_id, 0, t, rules.config_hash)
+    written = read_manifest(step_dir / "expert")
+    assert rules.size_problem(written) is None
+    limit = rules.files["expert"]["model.safetensors"]
+    n_values = sum(v.numel() for v in t.ema.state_dict().values())
+    assert written.files["model.safetensors"].size <= limit <= 2 * n_values + MARGIN
+    save_file({k: v.contiguous() for k, v in t.ema.state_dict().items()}, str(tmp_path / "fp32.safetensors"))
+    fp32 = (tmp_path / "fp32.safetensors").stat().st_size
+    as_fp32 = Manifest("expert", plan.run_id, 0, 0, rules.config_hash,
+                       {**written.files, "model.safetensors": FileEntry("0" * 64, fp32)})
+    assert "model.safetensors declares" in rules.size_problem(as_fp32)

@@ -21,6 +21,7 @@ from ddm_node.core.config import load_config
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import MANIFEST, read_manifest
+from ddm_node.core.meter import Count, Meter
 from ddm_node.data.datasets import load_dataset
 from ddm_node.data.pack import PACK_INDEX, parse_safetensors, read_pack, seal_pack
 from ddm_node.data.packing import (
@@ -148,11 +149,11 @@ def test_pack_parsing_is_bounded_by_the_plan(packed, tmp_path):
 @pytest.fixture
 def served(packed, tmp_path):
     """Shard 0's pack sealed by HONEST and a tampered one (a chunk altered, re-signed) by EVIL, each served by its
-    own gRPC server; yields (plan, honest record, evil record)."""
+    own gRPC server; yields (plan, honest record, evil record, the honest server's meter)."""
     plan, _, root, _ = packed
     FAILED_LISTINGS.clear()
     ref = plan.packs.shards[0]
-    records, servers = [], []
+    records, servers, meter = [], [], Meter()
     for who, tamper in ((HONEST, None), (EVIL, lambda p: flip(p / "rows_00000.safetensors", -9))):
         d = tmp_path / f"served-{who.public_hex[:6]}" / ref.sha256
         shutil.copytree(pack_path(root, ref), d)
@@ -161,18 +162,18 @@ def served(packed, tmp_path):
         m = seal_pack(d, plan.run_id, 0, ref, who)
         store = ArtifactStore()
         store.register(d)
-        server = TransferServer(store, NodeInfoData("p", who.public_hex))
+        server = TransferServer(store, NodeInfoData("p", who.public_hex), meter=None if tamper else meter)
         servers.append(server)
         records.append(PackRecord(0, ref.sha256, m.id, m.publisher, who.public_hex, server.start()))
     try:
-        yield plan, records[0], records[1]
+        yield plan, records[0], records[1], meter
     finally:
         for s in servers:
             s.stop(0)
 
 
 def test_the_verified_fetch_takes_an_honest_pack_and_rejects_a_tampered_one(served, tmp_path):
-    plan, honest, evil = served
+    plan, honest, evil, meter = served
     s, rejects = spec(plan, 0), RejectList()
     dest = tmp_path / "island" / "packs" / s.ref.sha256
     # the tampered copy alone: downloaded (its manifest is signed), then refused against the plan, never kept
@@ -184,10 +185,13 @@ def test_the_verified_fetch_takes_an_honest_pack_and_rejects_a_tampered_one(serv
     assert m is not None and m.publisher == HONEST.public_hex and not reasons
     assert read_manifest(dest).id == honest.manifest
     read_pack(dest, s, keep=False)
+    # it travelled zstd-packed (fp32 pixels of 256 levels: 0.53 of its size), and is stored as the plan hashes it
+    served_bytes = meter.snapshot().counts[(Count.BYTES_SERVED, "")]
+    assert served_bytes < 0.75 * s.ref.size, (served_bytes, s.ref.size)
 
 
 def test_a_pack_whose_manifest_contradicts_the_plan_is_refused_before_download(served, tmp_path, caplog):
-    plan, honest, _ = served
+    plan, honest, _, _ = served
     s = spec(plan, 1)  # shard 1's pack, announced with shard 0's artifact
     lie = PackRecord(1, s.ref.sha256, honest.manifest, honest.publisher, EVIL.public_hex, honest.grpc)
     dest = tmp_path / "island" / "packs" / s.ref.sha256

@@ -515,7 +515,7 @@ def test_concurrent_download_of_the_same_artifact_is_refused(tmp_path, net):
 
 def test_running_part_hash_follows_appends_truncation_and_deletion(tmp_path):
     """The running sha256 that replaces the read-back pass re-reads the file whenever its size is not the tracked one."""
-    from ddm_node.transfer.holder import _PartHash
+    from ddm_node.transfer.partfile import PartHash as _PartHash
 
     part = tmp_path / "f.part"
     ph = _PartHash(part)

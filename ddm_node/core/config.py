@@ -163,7 +163,7 @@ class SwarmConfig:
     announce_ttl: float = 120.0  # DHT expiration of announcements (re-announced every ttl/3)
     trusted_keys: list[str] = field(default_factory=list)  # publisher keys (hex); empty: any valid signature
     router_job: bool = True  # train the learned router once every shard is done
-    compress: bool = False  # zstd on transfers (fp32 weights gain ~8%; see docs/BENCHMARKS.md)
+    compress: bool = False  # not read: experts and data packs travel zstd-packed, other kinds plain (fetch.PACKED_KINDS)
 
 
 @dataclass

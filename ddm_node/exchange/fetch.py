@@ -33,6 +33,7 @@ from ddm_node.core.manifest import (
     staging_dir,
     write_atomic,
 )
+from ddm_node.data.pack import PACK_KIND
 from ddm_node.exchange.candidates import FAILED_LISTINGS, Candidate, publisher_first
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.limits import ArtifactRules, mib
@@ -47,6 +48,10 @@ Content = Literal["tensors", "load"]  # what to check in a verified artifact: sa
 MAX_REJECTS = 2000  # entries a reject list keeps (its file stays under about 3 MB)
 REASON_CHARS = 200  # of each reason, kept for the logs
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Kinds fetched zstd-packed (after a byte shuffle, transfer/wire.py; a chunk that does not shrink travels raw): bf16
+# experts pack ~1.4x smaller, data packs (fp32 pixels of 256 levels) about 2x; fp32 states and statistics gain
+# too little for the CPU it costs on fast links (docs/BENCHMARKS.md, bench.transfer).
+PACKED_KINDS = frozenset({ckpt.EXPERT, PACK_KIND})
 
 
 class RejectedArtifact(IntegrityError):
@@ -326,7 +331,7 @@ def download(holders: list[str], manifest_id: str, dest: Path, expected: Expecte
         raise RejectedArtifact(f"{expected.kind} {manifest_id[:16]}: {problem}")
     check_free_space(dest.parent, _total(announced), f"{expected.kind} {manifest_id[:16]}")
     m = fetch_artifact(publisher_first(holders, announced.publisher), manifest_id, dest, trusted_keys=trusted,
-                       progress=progress, signed=signed)
+                       progress=progress, signed=signed, compress=announced.kind in PACKED_KINDS)
     problem = expected.mismatch(m)
     if problem is None:
         problem = content_problem(expected, dest, m, content)

@@ -1,10 +1,12 @@
 """The checkpoint format: expert (EMA weights), training state and cluster statistics artifacts.
 
 Layout (docs/ARCHITECTURE.md "Artifacts"):
-    WORK/shard_{k:03d}/step_{s:08d}/expert/  model.safetensors (EMA), config.json (ModelConfig), manifest
+    WORK/shard_{k:03d}/step_{s:08d}/expert/  model.safetensors (EMA as bf16), config.json (ModelConfig), manifest
     WORK/shard_{k:03d}/step_{s:08d}/state/   state.safetensors (model, EMA, optimizer, RNG), config.json
                                              ({"model": ModelConfig, "train": TrainConfig}), manifest
     WORK/shard_{k:03d}/stats/                stats.safetensors, manifest
+The expert holds the inference weights, rounded to bf16: half the bytes to store and send, and a sampler loses
+nothing it can measure; exact resume and takeover read the EMA from the state, which stays fp32 bit for bit.
 A step directory is built whole in a staging directory and renamed into place once, so a crash leaves
 only a dot-named temporary directory, which every reader here ignores. Tensors travel as safetensors
 only: nothing is ever unpickled.
@@ -42,6 +44,7 @@ MODEL_FILE, STATE_FILE, STATS_FILE = "model.safetensors", "state.safetensors", "
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 1 << 20  # a config.json inside an artifact (a few hundred bytes when we write it)
 STALE_STAGING_S = 3600.0  # staging directories older than this are leftovers of a crash
+INFERENCE_DTYPE = torch.bfloat16  # the floating tensors of an expert's model.safetensors
 
 
 def shard_dir(work_dir: str | Path, shard: int) -> Path:
@@ -68,6 +71,11 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def inference_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An expert's published weights: floating tensors rounded to `INFERENCE_DTYPE` (to nearest even), others kept."""
+    return {k: v.detach().to(INFERENCE_DTYPE) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +141,7 @@ def write_checkpoint(work_dir: str | Path, run_id: str, shard: int, trainer: Tra
         expert, state = stage / EXPERT, stage / STATE
         expert.mkdir()
         state.mkdir()
-        _save_tensors(trainer.ema.state_dict(), expert / MODEL_FILE)
+        _save_tensors(inference_tensors(trainer.ema.state_dict()), expert / MODEL_FILE)
         _write_json(expert / CONFIG_FILE, model_cfg)
         _seal(expert, EXPERT, run_id, shard, step, config_hash, (MODEL_FILE, CONFIG_FILE), identity,
               {**user_extra, "step": step})
@@ -258,7 +266,8 @@ def check_model_config(cfg: ModelConfig, expected: ModelConfig, source: str) -> 
 
 def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: bool = False,
                 trusted_keys: Iterable[str] | None = None, expected: ModelConfig | None = None) -> DiT:
-    """Build a DiT from an expert artifact's config.json and load its EMA weights (eval mode, no grads).
+    """Build a DiT from an expert artifact's config.json and load its EMA weights (eval mode, no grads; bf16 weights
+    are widened to the model's fp32, exactly).
     With `expected` (the plan's model config) a config.json that differs is refused before the model is built."""
     expert_dir = Path(expert_dir)
     if verify:

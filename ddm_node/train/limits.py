@@ -35,6 +35,11 @@ def _tensor_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
     return state, sum(p.numel() * p.element_size() for p in params), len(params)
 
 
+def _inference_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the state dict as an expert publishes it (`ckpt.inference_tensors`: floating tensors in bf16)."""
+    return sum(t.numel() * t.element_size() for t in ckpt.inference_tensors(module.state_dict()).values())
+
+
 @dataclass(frozen=True)
 class ArtifactRules:
     """The plan's rules for artifacts: `files[kind][name]` is the most bytes file `name` of a `kind` artifact may
@@ -55,14 +60,16 @@ class ArtifactRules:
         k = len(plan.shards)
         router = router_model_config(plan.cfg.router, h, c, model.num_classes).resolved()
         with torch.device("meta"):
-            expert_state, expert_params, n_params = _tensor_bytes(DiT(model))
+            expert = DiT(model)
+            expert_state, expert_params, n_params = _tensor_bytes(expert)
+            inference = _inference_bytes(expert)
             router_state, _, _ = _tensor_bytes(RouterNet(router, k))
         # model and EMA state dicts, AdamW's two moments per parameter and its step counter, the RNG states
         state = 2 * expert_state + 2 * expert_params + 4 * n_params + RNG_BYTES
         sub = max(1, plan.cfg.partition.sub_centroids)
         stats = FLOAT64 * (1 + sub + 2 * sub * c * h * w + model.num_classes)  # count, weights, means, vars, classes
         files = {
-            ckpt.EXPERT: {ckpt.MODEL_FILE: expert_state + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},
+            ckpt.EXPERT: {ckpt.MODEL_FILE: inference + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},
             ckpt.STATE: {ckpt.STATE_FILE: state + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},
             ckpt.STATS: {ckpt.STATS_FILE: stats + MARGIN},
             "router": {ckpt.MODEL_FILE: router_state + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},

@@ -14,7 +14,7 @@ import grpc
 
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.manifest import Manifest
-from ddm_node.transfer.server import channel_options
+from ddm_node.transfer.server import SERVICE, channel_options
 from ddm_node.transfer.store import (
     ANY_SHARD,
     DEFAULT_MAX_MESSAGE,
@@ -53,6 +53,10 @@ class NodeClient:
         self.max_message = max_message
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message))
         self._stub = ddm_pb2_grpc.DDMNodeStub(self._channel)
+        # Fetch answers arrive as the serialized Chunk bytes: `wire.decode_chunk` reads them without copying the data.
+        self._fetch = self._channel.unary_stream(f"/{SERVICE}/Fetch",
+                                                 request_serializer=ddm_pb2.FetchRequest.SerializeToString,
+                                                 response_deserializer=None)
 
     def close(self) -> None:
         self._channel.close()
@@ -116,6 +120,8 @@ class NodeClient:
         return bytes(r.plan)
 
     def fetch_stream(self, sha256: str, offset: int, compress: bool, timeout: float):
-        """The raw `Fetch` response stream (unchecked chunks); `fetch_file` is the safe way to download."""
-        request = ddm_pb2.FetchRequest(sha256=sha256, offset=offset, compression="zstd" if compress else "")
-        return self._stub.Fetch(request, timeout=timeout)
+        """The raw `Fetch` response stream: serialized chunks (`wire.decode_chunk`), unchecked, packed as `wire.Packer`
+        packs them with `compress`; `fetch_file` is the safe way to download."""
+        request = ddm_pb2.FetchRequest(sha256=sha256, offset=offset, compression="zstd" if compress else "",
+                                       shuffle=compress)  # this client undoes a byte shuffle (transfer/wire.py)
+        return self._fetch(request, timeout=timeout)

@@ -38,20 +38,9 @@ from ddm_node.core.manifest import (
 )
 from ddm_node.transfer.budget import SLOW, Budget, Clock
 from ddm_node.transfer.client import DEFAULT_TIMEOUT
-from ddm_node.transfer.holder import (
-    PROGRESS_RESET,
-    HolderFailed,
-    Lane,
-    Progress,
-    Stopped,
-    copy_prefix,
-    finish,
-    from_holder,
-    part_complete,
-    part_size,
-    racer_part,
-)
+from ddm_node.transfer.holder import PROGRESS_RESET, HolderFailed, Lane, Progress, Stopped, from_holder
 from ddm_node.transfer.manifest_race import first_manifest
+from ddm_node.transfer.partfile import copy_prefix, finish, part_complete, part_size, racer_part
 from ddm_node.transfer.store import DEFAULT_MAX_MESSAGE, is_hex64, parse_signed_manifest
 
 log = logging.getLogger(__name__)
@@ -138,7 +127,7 @@ class _FileRace:
 
         try:
             if lane.copy_from is not None:
-                copy_prefix(lane.copy_from, lane.part, lane)
+                copy_prefix(lane.copy_from, lane.part, lane.check)
             from_holder(lane.holder, self.entry, lane.part, written, self.compress, self.retries, self.backoff,
                          self.timeout, self.max_message, lane)
             outcome: object = True

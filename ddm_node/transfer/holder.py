@@ -3,9 +3,7 @@ resume at its length; the lanes `download.fetch_file` races."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,14 +12,11 @@ import grpc
 import zstandard
 
 from ddm_node.core.errors import DDMError
-from ddm_node.core.manifest import (
-    FileEntry,
-    _fsync_dir,
-    hash_file,
-    sha256_file,
-)
+from ddm_node.core.manifest import FileEntry
 from ddm_node.transfer.budget import Clock
 from ddm_node.transfer.client import NodeClient, PeerError
+from ddm_node.transfer.partfile import PartHash, PartWriter, part_size, truncate
+from ddm_node.transfer.wire import WIDTHS, Chunk, ChunkError, decode_chunk, unshuffle
 
 log = logging.getLogger(__name__)
 
@@ -124,36 +119,29 @@ def _decompress(data: bytes, limit: int) -> bytes:
     return out
 
 
-class _PartHash:
-    """sha256 of a .part file, updated as chunks are appended: the final check needs no read-back pass.
-
-    `sync` re-reads the file only when its size is not the one tracked (a resumed, truncated or
-    deleted .part); concurrent downloads to one file are unsupported anyway (see fetch_file)."""
-
-    def __init__(self, part: Path):
-        self.part = part
-        self.size = -1
-        self.h = hashlib.sha256()
-
-    def sync(self) -> None:
-        if part_size(self.part) != self.size:
-            self.h, self.size = hash_file(self.part) if self.part.exists() else (hashlib.sha256(), 0)
-
-    def update(self, data: bytes) -> None:
-        self.h.update(data)
-        self.size += len(data)
-
-    def result(self) -> FileEntry:
-        self.sync()
-        return FileEntry(self.h.hexdigest(), self.size)
+def _unpack(chunk: Chunk, compress: bool, limit: int) -> bytes | memoryview:
+    """A chunk's file bytes: decompressed (at most `limit`) and unshuffled when the holder packed them."""
+    if chunk.shuffle and not (chunk.compressed and chunk.shuffle in WIDTHS):
+        raise _Violation(f"chunk shuffled by {chunk.shuffle} bytes (only compressed chunks, by {WIDTHS})")
+    if not chunk.compressed:
+        return chunk.data
+    if not compress:
+        raise _Violation("compressed chunk that was not asked for")
+    data = _decompress(chunk.data, limit) if chunk.data else b""
+    return unshuffle(data, chunk.shuffle) if chunk.shuffle else data
 
 
-def _receive(chunks: Iterator, entry: FileEntry, f, start: int, compress: bool, max_chunk: int,
-             progress: Progress | None, hasher: _PartHash | None = None) -> None:
-    """Append a Fetch stream to `f` (positioned at `start`), refusing anything off-protocol before it is written."""
+def _receive(chunks: Iterator[bytes], entry: FileEntry, start: int, compress: bool, max_chunk: int,
+             put: Callable[[bytes | memoryview], None]) -> None:
+    """Hand a Fetch stream (serialized chunks) from byte `start` on to `put`, refusing anything off-protocol before it
+    is handed on."""
     pos = start
     first = True
-    for chunk in chunks:
+    for message in chunks:
+        try:
+            chunk = decode_chunk(message)
+        except ChunkError as exc:
+            raise _Violation(f"malformed chunk ({exc})") from None
         if chunk.total_size != entry.size:
             raise _Violation(f"holder says the file has {chunk.total_size} bytes, the manifest says {entry.size}")
         if chunk.offset != pos:
@@ -165,42 +153,20 @@ def _receive(chunks: Iterator, entry: FileEntry, f, start: int, compress: bool, 
                 raise _Violation(f"stream goes past the end of the file ({entry.size} bytes)")
             first = False
             continue
-        if chunk.compressed:
-            if not compress:
-                raise _Violation("compressed chunk that was not asked for")
-            data = _decompress(chunk.data, min(remaining, max_chunk)) if chunk.data else b""
-        else:
-            data = chunk.data
+        data = _unpack(chunk, compress, min(remaining, max_chunk))
         if not data:
             raise _Violation("empty chunk before the end of the file")
         if len(data) > remaining:
             raise _Violation(f"stream exceeds the file size ({entry.size} bytes)")
-        f.write(data)
-        if hasher is not None:
-            hasher.update(data)
+        put(data)
         pos += len(data)
         first = False
-        if progress is not None:
-            progress(len(data))
-
-
-def part_size(part: Path) -> int:
-    try:
-        return part.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _truncate(part: Path, size: int) -> None:
-    if size == 0:
-        part.unlink(missing_ok=True)
-    elif part_size(part) > size:
-        os.truncate(part, size)
 
 
 def _stream_once(client: NodeClient, entry: FileEntry, part: Path, compress: bool, progress: Progress | None,
-                 hasher: _PartHash, lane: Lane) -> None:
-    """One Fetch call from the .part file's length; raises PeerError or _Violation."""
+                 hasher: PartHash, lane: Lane) -> None:
+    """One Fetch call from the .part file's length; raises PeerError or _Violation. The chunks are checked here and
+    written and hashed by a `PartWriter` thread; every byte checked is on disk when this returns or raises."""
     hasher.sync()
     start = part_size(part)
     deadline = client.timeout + (entry.size - start) / MIN_RATE
@@ -210,7 +176,11 @@ def _stream_once(client: NodeClient, entry: FileEntry, part: Path, compress: boo
         with open(part, "ab") as f:
             if f.tell() != start:
                 raise DDMError(f"{part}: changed while downloading (another download of the same file?)")
-            _receive(stream, entry, f, start, compress, client.max_message, progress, hasher)
+            writer = PartWriter(f, hasher, progress, name=f"ddm-write-{entry.sha256[:8]}")
+            try:
+                _receive(stream, entry, start, compress, client.max_message, writer.put)
+            finally:
+                writer.close()  # raises a write error (disk full ...) in place of the receive's outcome
     except grpc.RpcError as exc:
         raise client.peer_error(f"Fetch {entry.sha256[:16]}", exc) from None
     except OSError as exc:
@@ -232,7 +202,7 @@ def from_holder(holder: str, entry: FileEntry, part: Path, progress: Progress | 
     own_from = part_size(part)
     fresh_try_used = False
     failures = 0
-    hasher = _PartHash(part)
+    hasher = PartHash(part)
     with client:
         while True:
             lane.check()
@@ -244,7 +214,7 @@ def from_holder(holder: str, entry: FileEntry, part: Path, progress: Progress | 
                     if part_size(part) < entry.size:
                         problem = f"stream ended at byte {part_size(part)} of {entry.size}"
                 except _Violation as exc:
-                    _truncate(part, own_from)  # what this holder wrote is suspect
+                    truncate(part, own_from)  # what this holder wrote is suspect
                     raise HolderFailed(str(exc), integrity=True) from None
                 except PeerError as exc:
                     lane.check()  # a call we cancelled ourselves is not the holder's failure
@@ -270,42 +240,3 @@ def from_holder(holder: str, entry: FileEntry, part: Path, progress: Progress | 
                 fresh_try_used, own_from = True, 0
                 continue
             raise HolderFailed(f"sha256 mismatch (got {got.sha256[:16]}, {got.size} bytes)", integrity=True)
-
-
-def copy_prefix(src: Path, dst: Path, lane: Lane) -> None:
-    """Start a racing lane's part file as a copy of the bytes the base .part holds now (any prefix will do:
-    the bytes are checked by the final sha256, and the lane's holder gets a fresh try if they are bad)."""
-    with open(dst, "wb") as out:
-        try:
-            f = open(src, "rb")
-        except FileNotFoundError:
-            return
-        with f:
-            while block := f.read(1 << 20):
-                lane.check()
-                out.write(block)
-
-
-def part_complete(part: Path, entry: FileEntry) -> bool:
-    """A leftover .part that is already the whole, correct file; a too-long or wrong one is deleted."""
-    size = part_size(part)
-    if size < entry.size or not part.exists():
-        return False
-    if size == entry.size:
-        got = sha256_file(part)
-        if got.sha256 == entry.sha256:
-            return True
-    part.unlink()
-    return False
-
-
-def finish(part: Path, dest: Path) -> Path:
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
-    _fsync_dir(dest.parent)
-    return dest
-
-
-def racer_part(dest: Path, n: int) -> Path:
-    return dest.with_name(f"{dest.name}.{n}.part")

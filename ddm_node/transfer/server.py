@@ -17,17 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
-import zstandard
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import KINDS
 from ddm_node.core.meter import Count, Meter
 from ddm_node.transfer.store import ANY_SHARD, DEFAULT_CHUNK, DEFAULT_MAX_MESSAGE, ArtifactStore, NodeInfoData, is_hex64
+from ddm_node.transfer.wire import Packer, encode_chunk
 from proto import ddm_pb2, ddm_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ZSTD_LEVEL = 1  # level 1 compresses weights as well as level 3 at twice the speed (ENVIRONMENT.md)
+SERVICE = "ddm.v1.DDMNode"
 MESSAGE_OVERHEAD = 4096  # room for the non-data fields of a Chunk inside max_message
 
 WORKERS = 16  # server threads; a Fetch stream holds one for its whole life
@@ -193,7 +193,8 @@ class _Servicer(ddm_pb2_grpc.DDMNodeServicer):
                           f"plan is {len(plan)} bytes, over the {self._server.max_message}-byte message limit")
         return ddm_pb2.PlanBlob(plan=plan)
 
-    def Fetch(self, request: ddm_pb2.FetchRequest, context: grpc.ServicerContext) -> Iterator[ddm_pb2.Chunk]:
+    def Fetch(self, request: ddm_pb2.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Serialized `Chunk`s of a file from `offset` (see `wire.encode_chunk`)."""
         if not is_hex64(request.sha256):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex chars")
         if request.offset < 0:
@@ -220,23 +221,24 @@ class _Servicer(ddm_pb2_grpc.DDMNodeServicer):
             streams.close(ticket)
 
     def _stream(self, f, request: ddm_pb2.FetchRequest, context: grpc.ServicerContext,
-                ticket: _Stream) -> Iterator[ddm_pb2.Chunk]:
+                ticket: _Stream) -> Iterator[bytes]:
         size = os.fstat(f.fileno()).st_size
         if request.offset > size:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end ({size} bytes)")
         f.seek(request.offset)
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if request.compression == "zstd" else None
+        packer = Packer(request.shuffle) if request.compression == "zstd" else None
         pos = request.offset
+        chunk = self._server.chunk_size
         while context.is_active():
-            block = f.read(self._server.chunk_size)
-            data, compressed = block, False
-            if compressor is not None and block:
-                packed = compressor.compress(block)  # one frame per chunk, content size in its header
-                if len(packed) < len(block):  # incompressible blocks go raw: never bigger than chunk_size
-                    data, compressed = packed, True
+            # Chunks end at multiples of chunk_size (a resumed stream's first one is shorter): shuffled values
+            # stay aligned, and part files grow by whole chunks.
+            block = f.read(chunk - pos % chunk)
+            data, compressed, width = block, False, 0
+            if packer is not None:
+                data, compressed, width = packer.pack(block)
             # At the end of the file (offset == size) one empty chunk still tells the client the size.
             if block or pos == request.offset:
-                yield ddm_pb2.Chunk(offset=pos, data=data, compressed=compressed, total_size=size)
+                yield encode_chunk(pos, data, compressed, size, width)
                 ticket.sent += len(data)  # the chunk was taken by the transport: the client reads
                 if self._server.meter is not None:
                     self._server.meter.add(Count.BYTES_SERVED, len(data))
@@ -244,6 +246,30 @@ class _Servicer(ddm_pb2_grpc.DDMNodeServicer):
             if not block:
                 return
             pos += len(block)
+
+
+class _Registry:
+    """Catches the method handlers the generated `add_DDMNodeServicer_to_server` registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
+    """The generated registration, except that Fetch yields chunks already serialized (`wire.encode_chunk`)."""
+    registry = _Registry()
+    ddm_pb2_grpc.add_DDMNodeServicer_to_server(servicer, registry)
+    handlers = registry.handlers
+    handlers["Fetch"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Fetch, request_deserializer=ddm_pb2.FetchRequest.FromString, response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class TransferServer:
@@ -285,7 +311,7 @@ class TransferServer:
         # which clients retry) instead of piling up without limit.
         server = grpc.server(ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ddm-transfer"),
                              options=server_options(self.max_message), maximum_concurrent_rpcs=self.workers * 4)
-        ddm_pb2_grpc.add_DDMNodeServicer_to_server(_Servicer(self), server)
+        _add_servicer(_Servicer(self), server)
         try:
             port = server.add_insecure_port(format_address(self.host, self.port))
         except RuntimeError as exc:

@@ -1,8 +1,8 @@
 """Scenario 3: assembly over slow links, and a transfer cut midway that resumes at its offset.
 
 Topology: publisher P and mirror M each in a network namespace behind a veth on the lab bridge; the
-assembler (this test process) in the root namespace. The expert is big enough (hidden 128, depth 4:
-a 5 MB weights file) that the transfer takes seconds once both links are limited with
+assembler (this test process) in the root namespace. The expert is big enough (hidden 256, depth 4: a 10 MB
+bf16 weights file, about 7 MB on the wire packed) that the transfer takes seconds once both links are limited with
 `tc qdisc ... tbf rate 20mbit burst 32kbit latency 400ms`. Assembly fetches from P first (the
 publisher); when the `.part` file reaches a seeded fraction of the size, P's process group is killed:
 the stream breaks, P's retries fail, and the client moves to M, resuming at the `.part` file's length.
@@ -23,6 +23,7 @@ from ddm_node.clients.assemble import assemble
 from ddm_node.core.events import EventKind
 from ddm_node.core.identity import Identity
 from ddm_node.core.workdir import WorkDir
+from ddm_node.data.packing import pack_path
 from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.dht import Swarm
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.usefixtures("need_netns")]
 RATE = "20mbit"
 CONFIG = """
 partition: {experts: 1}
-model: {hidden: 128, depth: 4, heads: 2}
+model: {hidden: 256, depth: 4, heads: 2}
 train: {steps: 2, batch_size: 16, checkpoint_every: 2, warmup_steps: 1}
 swarm: {lease_ttl: 6, settle: 1, mirror_interval: 0.5, heartbeat: 1, announce_ttl: 60, router_job: false}
 """
@@ -76,10 +77,9 @@ def test_assembly_over_slow_links_resumes_a_cut_transfer_at_its_offset(net, repo
             worker.start()
             part, offset = None, 0
             while worker.is_alive() and offset < cut_at * size:
-                parts = [f for f in tmp_path.glob(".bundle.parts-*/.expert_0*.dl-*/.incoming/*.part")
-                         if f.stat().st_size > 0]
-                part = max(parts, key=lambda f: f.stat().st_size, default=None)
-                offset = part.stat().st_size if part else 0
+                sizes = {f: _size(f) for f in tmp_path.glob(".bundle.parts-*/.expert_0*.dl-*/.incoming/*.part")}
+                part = max((f for f in sizes if sizes[f] > 0), key=sizes.get, default=None)
+                offset = sizes[part] if part else 0
                 time.sleep(0.02)
             assert part is not None, f"assembly finished before the cut ({result}) after {time.time() - t0:.1f} s"
             t_cut = time.time()
@@ -98,19 +98,47 @@ def test_assembly_over_slow_links_resumes_a_cut_transfer_at_its_offset(net, repo
 
         # Resumed, not restarted: M sent the rest of the file (plus protocol overhead and the small stats
         # artifact), not all of it. What P sent past the .part length was in flight when it died (at most
-        # one 1 MiB chunk, which gRPC delivers whole or not at all): lost, fetched again from M.
-        refetched = tx_m - (size - offset)
-        in_flight = tx_p - offset
+        # one 1 MiB chunk, which gRPC delivers whole or not at all): lost, fetched again from M. Experts travel
+        # zstd-packed, so the tail's wire size is what the server's packer makes of it from the cut on.
+        # The assembler also fetches the plan's held-out data pack (zstd-packed too), from M once P is gone.
+        tail, whole = _packed(expert, offset), _packed(expert, 0)
+        eval_pack = pack_path(net.root / "plan", plan.packs.eval) if plan.packs and plan.packs.eval else None
+        pack_wire = sum(_packed(f, 0) for f in eval_pack.iterdir() if f.is_file()) if eval_pack else 0
+        refetched = tx_m - tail - pack_wire
         rate_bps = tx_p * 8 / max(1e-3, t_cut - t0)  # P's link until the cut (the manifest calls included)
         report.add(file_bytes=size, cut_at_bytes=offset, cut_fraction=round(offset / size, 2), wire_bytes_from_p=tx_p,
-                   wire_bytes_from_m=tx_m, bytes_lost_in_flight=in_flight, m_bytes_beyond_missing_tail=refetched,
-                   assembly_s=round(elapsed, 1),
-                   link=RATE, p_rate_mbit=round(rate_bps / 1e6, 1))
-        report.note(f"expert file {size} bytes; P killed at .part {offset} bytes ({offset / size:.0%}); wire: P sent "
-                    f"{tx_p} ({in_flight} past the .part: in flight, lost), M sent {tx_m} = the missing "
-                    f"{size - offset} + {refetched} (gRPC/TCP overhead, manifests, stats); assembly took "
-                    f"{elapsed:.1f} s over {RATE} links")
+                   wire_bytes_from_m=tx_m, packed_file_bytes=whole, packed_tail_bytes=tail, packed_eval_pack=pack_wire,
+                   m_bytes_beyond_packed_tail=refetched, assembly_s=round(elapsed, 1), link=RATE,
+                   p_rate_mbit=round(rate_bps / 1e6, 1))
+        report.note(f"expert file {size} bytes ({whole} packed); P killed at .part {offset} bytes ({offset / size:.0%}); "
+                    f"wire: P sent {tx_p}, M sent {tx_m}: the tail from the cut packs to {tail}, the held-out pack to "
+                    f"{pack_wire} (M sent {refetched:+d}: overhead, manifests and stats, less what of P's last chunks "
+                    f"reached the .part after the cut, less the pack if P served it); "
+                    f"assembly took {elapsed:.1f} s over {RATE} links")
         assert 0 < offset < size, "the cut did not land inside the file"
-        assert tx_m < (size - offset) + 0.25 * size, "M re-sent far more than the missing tail: no resume"
-        assert tx_m < size, "M sent a whole file: the download restarted instead of resuming"
-        assert elapsed > size * 8 / 20e6 * 0.8, "the links were not limited"
+        assert whole - tail > 0.2 * whole, "the cut came too late to tell a resume from a restart"
+        assert tx_m < 1.1 * (tail + pack_wire) + (128 << 10), "M re-sent more than the missing tail: no resume"
+        # P, then M sent over their own 20 Mbit/s links one after the other (experts travel packed: wire < file).
+        assert elapsed > (tx_p + tx_m) * 8 / 20e6 * 0.8, "the links were not limited"
+
+
+def _packed(path, offset: int) -> int:
+    """Bytes of chunk data a Fetch stream from `offset` carries with zstd + shuffle (what the server sends)."""
+    from ddm_node.transfer.store import DEFAULT_CHUNK
+    from ddm_node.transfer.wire import Packer
+
+    packer, total, pos = Packer(allow_shuffle=True), 0, offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(DEFAULT_CHUNK - pos % DEFAULT_CHUNK):
+            total += len(packer.pack(block)[0])
+            pos += len(block)
+    return total
+
+
+def _size(path) -> int:
+    """A .part file's size, 0 once it was renamed into place (the poll races the download)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
