@@ -101,14 +101,17 @@ def _best_temperature(dens: Tensor, log_w: Tensor, target: Tensor) -> float:
 
     best = _golden_min(lambda u: float(losses(u).mean()), math.log(TEMP_RANGE[0]), math.log(TEMP_RANGE[1]))
     at_best = losses(best)
-    slack = 2 * float((losses(0.0) - at_best).std()) / math.sqrt(dens.shape[0])
-    goal = float(at_best.mean()) + slack
-    lo, hi = 0.0, best  # the cross-entropy falls from T = 1 to the best T: bisect for where it reaches `goal`
-    if float(losses(lo).mean()) <= goal:
+
+    def clearly_worse(log_t: float) -> bool:  # worse than the best T by over two standard errors
+        diff = losses(log_t) - at_best
+        return float(diff.mean()) > 2 * float(diff.std()) / math.sqrt(diff.shape[0])
+
+    if not clearly_worse(0.0):
         return TEMP_RANGE[0]
+    lo, hi = 0.0, best  # from T = 1 towards the best T the loss falls: bisect for where it stops being clearly worse
     for _ in range(_SEARCH_STEPS):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if float(losses(mid).mean()) > goal else (lo, mid)
+        lo, hi = (mid, hi) if clearly_worse(mid) else (lo, mid)
     return math.exp(hi)
 
 

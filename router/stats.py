@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ddm_node.core.errors import DDMError
-from router.fit import CALIB_TIMES, TEMP_RANGE, Components, fit_components, fit_temperature
+from router.fit import CALIB_TIMES, MIN_COMPONENT_SAMPLES, TEMP_RANGE, Components, fit_components, fit_temperature
 
 VAR_FLOOR = 1e-4  # a constant pixel would otherwise give a zero variance and an infinite density
 MAX_ABS_MEAN = 1e4  # pixels are in [-1, 1] and latents within a few tens: larger means are not statistics
@@ -155,6 +155,20 @@ class ClusterStats:
             if k in d and tuple(d[k].shape) != (stats.dim,):
                 raise DDMError(f"cluster stats: '{k}' must have shape ({stats.dim},), got {tuple(d[k].shape)}")
         return stats
+
+
+def max_components(sub_centroids: int, num_classes: int, samples: int) -> int:
+    """The most components `ClusterStats.from_data` gives a cluster of `samples` samples: up to `sub_centroids`
+    per class (one group when unlabelled), each of MIN_COMPONENT_SAMPLES or more, and at least one per class."""
+    groups = max(1, num_classes)
+    return max(1, min(sub_centroids * groups, groups + samples // MIN_COMPONENT_SAMPLES))
+
+
+def max_values(dim: int, sub_centroids: int, num_classes: int, samples: int) -> int:
+    """The most numbers (8 bytes each) a stats file of this shape holds: count, the components (weight, mean,
+    variance, class), the derived mean and variance, the class histogram and the temperature curve."""
+    m = max_components(sub_centroids, num_classes, samples)
+    return 1 + m * (2 * dim + 2) + 2 * dim + num_classes + 2 * MAX_CALIB_POINTS
 
 
 def _as_float(v: Tensor, name: str) -> Tensor:
