@@ -28,7 +28,8 @@ from router.gaussian import component_log_density
 
 MIN_COMPONENT_SAMPLES = 50  # samples per component, at least: fewer give variances too noisy to trust
 CALIB_TIMES = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
-CALIB_SAMPLES = 2000  # samples (drawn without replacement) the temperature is fitted on, per t
+CALIB_SAMPLES = 2000  # samples (drawn without replacement) the temperature is fitted on, per t ...
+CALIB_WORK = 2e9  # ... fewer (down to 200) when samples x components x dimensions would pass this (latents)
 TEMP_RANGE = (1.0, 1e4)  # T < 1 would sharpen a density that is already too sure; the fit only loosens it
 _SEARCH_STEPS = 40  # golden-section steps on log T: the bracket shrinks to 0.618^40 of its width
 
@@ -78,7 +79,8 @@ def fit_temperature(flat: Tensor, comps: Components, seed: int) -> Tensor | None
     if comps.weights.shape[0] < 2:
         return None
     gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(flat.shape[0], generator=gen)[:CALIB_SAMPLES]
+    n = int(min(CALIB_SAMPLES, max(200, CALIB_WORK // comps.means.numel())))
+    pick = torch.randperm(flat.shape[0], generator=gen)[:n]
     x0, target = flat[pick], comps.labels[pick]
     log_w = comps.weights.log()
     temps = []
