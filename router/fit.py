@@ -31,6 +31,7 @@ CALIB_TIMES = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
 CALIB_SAMPLES = 2000  # samples (drawn without replacement) the temperature is fitted on, per t ...
 CALIB_WORK = 2e9  # ... fewer (down to 200) when samples x components x dimensions would pass this (latents)
 TEMP_RANGE = (1.0, 1e4)  # T < 1 would sharpen a density that is already too sure; the fit only loosens it
+SLACK_SE = 2.0  # a T counts as worse than the best one when its cross-entropy is this many standard errors above
 _SEARCH_STEPS = 40  # golden-section steps on log T: the bracket shrinks to 0.618^40 of its width
 
 
@@ -104,9 +105,9 @@ def _best_temperature(dens: Tensor, log_w: Tensor, target: Tensor) -> float:
     best = _golden_min(lambda u: float(losses(u).mean()), math.log(TEMP_RANGE[0]), math.log(TEMP_RANGE[1]))
     at_best = losses(best)
 
-    def clearly_worse(log_t: float) -> bool:  # worse than the best T by over two standard errors
+    def clearly_worse(log_t: float) -> bool:  # worse than the best T by over SLACK_SE standard errors
         diff = losses(log_t) - at_best
-        return float(diff.mean()) > 2 * float(diff.std()) / math.sqrt(diff.shape[0])
+        return float(diff.mean()) > SLACK_SE * float(diff.std()) / math.sqrt(diff.shape[0])
 
     if not clearly_worse(0.0):
         return TEMP_RANGE[0]
