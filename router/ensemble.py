@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ddm_node.core.config import Routing
 from ddm_node.core.errors import DDMError
 from router.base import Router
-from router.centroid import broadcast_t
+from router.gaussian import broadcast_t
 
 # routing -> experts per sample, from (experts present, top_k). "full" weights all of them (a sum, not a pick).
 ROUTINGS: dict[str, Callable[[int, int], int]] = {

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from ddm_node.core.config import ModelConfig, RouterConfig
 from ddm_node.core.errors import DDMError
-from ddm_node.core.model import DiTBackbone
-from router.centroid import broadcast_t
+from ddm_node.core.model import DiTBackbone, backbone_flops
+from router.gaussian import broadcast_t
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,28 @@ class RouterNet(nn.Module):
 
 
 def router_model_config(cfg: RouterConfig, image_size: int, channels: int, num_classes: int) -> ModelConfig:
-    """The ModelConfig of a router's backbone: the router's size on the experts' image shape and classes."""
-    return ModelConfig(size=cfg.size, image_size=image_size, channels=channels, num_classes=num_classes)
+    """The ModelConfig of a router's backbone: the router's size on the experts' image shape and classes, with
+    the patch `cfg.max_patch` allows (`router_patch`)."""
+    return ModelConfig(size=cfg.size, image_size=image_size, channels=channels, num_classes=num_classes,
+                       patch_size=router_patch(cfg, image_size))
+
+
+def router_patch(cfg: RouterConfig, image_size: int) -> int:
+    """The largest divisor of `image_size` up to `cfg.max_patch`; 0 (the size's own patch) for max_patch 0."""
+    cfg.validate()
+    if cfg.max_patch == 0:
+        return 0
+    return max(p for p in range(1, min(cfg.max_patch, image_size) + 1) if image_size % p == 0)
+
+
+def router_flops_per_image(cfg: ModelConfig, num_experts: int) -> float:
+    """Forward FLOPs of a `RouterNet` on one image: its DiT backbone and the head on [pooled tokens, c]."""
+    return backbone_flops(cfg) + 2 * 2 * cfg.resolved().hidden * num_experts
+
+
+def training_share(router_flops: float, expert_flops: float) -> float:
+    """The router's share of an ensemble's training FLOPs (router plus every expert)."""
+    return router_flops / (router_flops + expert_flops)
 
 
 class LearnedRouter:

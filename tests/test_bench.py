@@ -178,16 +178,26 @@ def test_quick_mode(tmp_path, module, extra, timeout):
 
 
 def test_routing_quick_shows_the_class_histogram_fixes_high_noise_routing():
-    """bench.routing --quick: the class-aware centroid router routes noisy images far better than pixels alone."""
+    """bench.routing --quick: the class-aware centroid router routes noisy images far better than pixels alone,
+    and its confidence matches its accuracy within 0.05 at every t (digits)."""
     lines = run_script("bench.routing", "--quick", timeout=300)
     assert RATIO_LINE.match(lines[-1]), lines[-1]
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [float(v) for v in line.split("|")[3:-1]]
-            for line in lines if line.startswith("| K=")}
-    assert len(rows) == 8  # K=4 and K=8, four routers each
+    acc: dict = {}
+    gap: dict = {}  # confidence minus accuracy: the second table
+    table = acc
+    for line in lines:
+        if line.startswith("Calibration"):
+            table = gap
+        elif line.startswith("| K="):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            table[tuple(cells[:2])] = [float(v) for v in cells[2:]]
+    assert len(acc) == len(gap) == 12  # K=4 and K=8, six routers each
     for k in ("K=4", "K=8"):
-        pixels, aware = rows[(k, "centroid, pixels")], rows[(k, "centroid, class-aware")]
+        pixels, aware = acc[(k, "centroid, pixels")], acc[(k, "centroid, class-aware")]
         assert aware[-2] > pixels[-2] + 0.2  # t = 0.9: the label carries what the pixels no longer do
         assert all(0.0 <= a <= 1.0 for a in aware + pixels)
+        assert max(abs(g) for g in gap[(k, "centroid, class-aware")][:-1]) <= 0.05
+    assert any("patch 8 (1 token)" in line for line in lines)
 
 
 def test_quality_runs_of_disjoint_seeds_merge_and_bad_files_are_one_line_errors(tmp_path):

@@ -282,20 +282,24 @@ def test_learned_router_subset_and_bad_input():
 
 def test_cluster_stats_from_data_and_round_trip():
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(40, 1, 3, 3, generator=g) * 0.3 - 0.5, torch.randn(60, 1, 3, 3, generator=g) * 0.2 + 0.5])
+    x = torch.cat([torch.randn(160, 1, 3, 3, generator=g) * 0.3 - 0.5,
+                   torch.randn(240, 1, 3, 3, generator=g) * 0.2 + 0.5])
     one = ClusterStats.from_data(x)
-    flat = x.reshape(100, -1).double()
-    assert one.count == 100 and one.sub_means.shape == (1, 9)
+    flat = x.reshape(400, -1).double()
+    assert one.count == 400 and one.sub_means.shape == (1, 9) and one.calib_t is None  # one component: no fit
     assert torch.allclose(one.mean, flat.mean(0)) and torch.allclose(one.var, flat.var(0, unbiased=False))
     three = ClusterStats.from_data(x, sub_centroids=3, seed=0)
     assert three.sub_means.shape == (3, 9) and abs(float(three.sub_weights.sum()) - 1) < 1e-12
+    assert three.calib_temp.shape == three.calib_t.shape == (10,)
     # the mixture's moments are the data's moments (law of total variance; no variance hit the floor here)
     assert torch.allclose(three.mean, flat.mean(0)) and torch.allclose(three.var, flat.var(0, unbiased=False))
     assert torch.equal(ClusterStats.from_data(x, 3, seed=0).sub_means, three.sub_means)
     back = ClusterStats.from_tensors(st_load(st_save(three.to_tensors())))
-    assert back.count == 100
-    for name in ("sub_weights", "sub_means", "sub_vars"):
+    assert back.count == 400
+    for name in ("sub_weights", "sub_means", "sub_vars", "calib_t", "calib_temp"):
         assert torch.equal(getattr(back, name), getattr(three, name))
+    # at least 50 samples per component: 120 samples allow 2 of the 3 asked for
+    assert ClusterStats.from_data(x[:120], sub_centroids=3).sub_means.shape == (2, 9)
     constant = ClusterStats.from_data(torch.zeros(5, 4))
     assert torch.all(constant.sub_vars >= 1e-4)
 
@@ -316,7 +320,7 @@ def test_cluster_stats_from_data_and_round_trip():
     ],
 )
 def test_cluster_stats_rejects_bad_tensors(change, message):
-    d = ClusterStats.from_data(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), 2).to_tensors()
+    d = ClusterStats.from_data(torch.randn(100, 4, generator=torch.Generator().manual_seed(0)), 2).to_tensors()
     change(d)
     with pytest.raises(DDMError, match=message):
         ClusterStats.from_tensors(d)
@@ -336,23 +340,29 @@ def test_class_aware_centroid_router_is_bayes_with_the_class_histogram():
     r = CentroidRouter(stats)
     assert r.class_aware and ClusterStats.from_tensors(st_load(st_save(stats[1].to_tensors()))).class_counts.tolist() \
         == [0.0, 15.0, 15.0]
+    assert stats[1].sub_classes.tolist() == [1, 2]  # one component per class the cluster holds
     plain = CentroidRouter({k: ClusterStats.from_data(torch.zeros(1, 4) + k, 1) for k in range(2)})
     assert not plain.class_aware
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.9, 0.99])
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    uncond = r.log_probs(x, t).double()
     smoothed = torch.tensor(hist, dtype=torch.float64) + 0.5
     log_py_k = (smoothed / smoothed.sum(1, keepdim=True)).log()  # [K, C]
-    expect = uncond + log_py_k[:, y].T
+    # statistics from before per-class components (no sub_classes, no temperature) still load and route the old
+    # way: x_t and y taken as independent given k
+    old = {k: ClusterStats.from_tensors(s.merged().to_tensors()) for k, s in stats.items()}
+    before = CentroidRouter(old)
+    assert before.class_aware and not before.calibrated
+    expect = before.log_probs(x, t).double() + log_py_k[:, y].T
     expect = expect - torch.logsumexp(expect, 1, keepdim=True)
-    assert torch.allclose(r.log_probs(x, t, y).double(), expect, atol=1e-6)
+    assert torch.allclose(before.log_probs(x, t, y).double(), expect, atol=1e-6)
     # near t = 1 the pixels say nothing: the posterior is p(k | y), e.g. class 0 is never routed to cluster 1
-    far = r.log_probs(torch.randn(1, 4), 1.0 - 1e-6, torch.tensor([0])).exp()[0]
-    assert float(far[1]) < 0.02 and float(far[0]) > 0.85
-    # the null class (index C) and no labels are the unconditional posterior
-    assert torch.allclose(r.log_probs(x, t, torch.full((6,), 3)), r.log_probs(x, t))
-    assert torch.allclose(r.subset([0, 2]).log_probs(x, t, y).exp().sum(1), torch.ones(6, dtype=torch.float32))
+    for router in (r, before):
+        far = router.log_probs(torch.randn(1, 4), 1.0 - 1e-6, torch.tensor([0])).exp()[0]
+        assert float(far[1]) < 0.02 and float(far[0]) > 0.85
+        # the null class (index C) and no labels are the unconditional posterior
+        assert torch.allclose(router.log_probs(x, t, torch.full((6,), 3)), router.log_probs(x, t))
+        assert torch.allclose(router.subset([0, 2]).log_probs(x, t, y).exp().sum(1), torch.ones(6, dtype=torch.float32))
 
 
 def test_class_histograms_must_all_be_there_and_agree():
@@ -376,7 +386,7 @@ def test_class_histograms_must_all_be_there_and_agree():
     ],
 )
 def test_cluster_stats_rejects_bad_class_counts(counts, message):
-    d = ClusterStats.from_data(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), 2).to_tensors()
+    d = ClusterStats.from_data(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), 1).to_tensors()
     d["class_counts"] = counts.double()
     with pytest.raises(DDMError, match=message):
         ClusterStats.from_tensors(d)

@@ -244,3 +244,91 @@ def test_sampling_the_full_ensemble_reproduces_the_mixture():
     shares = router.log_probs(xs, 0.0).exp().mean(0).numpy()
     assert np.abs(shares - WEIGHTS).max() < 0.03
     assert ens.expert_samples == 2 * 100 * K * n
+
+
+# ---------- per-(cluster, class) statistics: p(x_t | k, y), not p(x_t | k) ----------
+
+C = 3
+CLASS_N = np.array([[300, 100, 0], [50, 250, 200], [150, 150, 300]])  # samples per (cluster, class); (0, 2) empty
+_rng = np.random.default_rng(11)
+CLASS_MEANS = _rng.uniform(-1.5, 1.5, size=(3, C, D))
+CLASS_VARS = _rng.uniform(0.05, 0.6, size=(3, C, D))
+
+
+def class_stats(k: int, scale: int = 1) -> ClusterStats:
+    """Cluster k as one diagonal Gaussian per class it holds, with its class histogram (the published form)."""
+    n = CLASS_N[k] * scale
+    present = [c for c in range(C) if n[c] > 0]
+    return ClusterStats(
+        count=int(n.sum()),
+        sub_weights=torch.tensor(n[present] / n.sum()),
+        sub_means=torch.tensor(CLASS_MEANS[k, present]),
+        sub_vars=torch.tensor(CLASS_VARS[k, present]),
+        class_counts=torch.tensor(n, dtype=torch.float64),
+        sub_classes=torch.tensor(present, dtype=torch.int64),
+    )
+
+
+def ref_class_posterior(x: np.ndarray, t: float, y: int | None, naive: bool = False) -> np.ndarray:
+    """p(k | x_t, y) by Bayes' rule over the (cluster, class) Gaussians (scipy): pi_k p(y | k) p(x_t | k, y), with
+    p(y | k) add-half smoothed as published; p(x_t | k, y) = p(x_t | k) where the cluster has no sample of y.
+    `naive`: p(x_t | k) in place of p(x_t | k, y) everywhere (x_t and y independent given k)."""
+    n_k = CLASS_N.sum(1)
+    logj = []
+    for k in range(3):
+        dens = np.stack([ref_log_density(x, t, CLASS_MEANS[k, c], CLASS_VARS[k, c]) for c in range(C)], axis=1)
+        with np.errstate(divide="ignore"):
+            log_px = np.logaddexp.reduce(dens + np.log(CLASS_N[k] / n_k[k]), axis=1)
+        if y is None:
+            logj.append(np.log(n_k[k] / n_k.sum()) + log_px)
+            continue
+        log_py = np.log((CLASS_N[k, y] + 0.5) / (n_k[k] + 0.5 * C))
+        own = dens[:, y] if CLASS_N[k, y] > 0 and not naive else log_px
+        logj.append(np.log(n_k[k] / n_k.sum()) + log_py + own)
+    logj = np.stack(logj, axis=1)
+    p = np.exp(logj - logj.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("t", TIMES)
+def test_class_aware_posterior_is_exact_per_cluster_and_class(t):
+    router = CentroidRouter({k: class_stats(k) for k in range(3)})
+    x = points(seed=8)
+    assert router.class_aware and not router.calibrated
+    for y in range(C):
+        got = router.log_probs(torch.tensor(x), t, torch.full((len(x),), y)).exp().numpy()
+        want = ref_class_posterior(x, t, y)
+        assert np.abs(got - want).max() < 1e-6
+        if t < 0.9:  # x_t and y are not independent given k: the naive product is measurably wrong
+            assert np.abs(ref_class_posterior(x, t, y, naive=True) - want).max() > 1e-2
+    # no label, or the null class: the mixture over every component of each cluster
+    uncond = ref_class_posterior(x, t, None)
+    assert np.abs(router.log_probs(torch.tensor(x), t).exp().numpy() - uncond).max() < 1e-6
+    null = router.log_probs(torch.tensor(x), t, torch.full((len(x),), C)).exp().numpy()
+    assert np.abs(null - uncond).max() < 1e-6
+
+
+def test_class_stats_fitted_on_gaussian_data_give_the_exact_posterior():
+    """from_data on samples of the (cluster, class) Gaussians: the fitted router matches the exact posterior up
+    to sampling error, and the temperature each cluster fits on its own data stays near 1 (nothing to correct)."""
+    g = torch.Generator().manual_seed(3)
+    stats = {}
+    for k in range(3):
+        xs, ys = [], []
+        for c in range(C):
+            n = int(CLASS_N[k, c]) * 8
+            xs.append(torch.tensor(CLASS_MEANS[k, c]) + torch.tensor(CLASS_VARS[k, c]).sqrt()
+                      * torch.randn(n, D, generator=g, dtype=torch.float64))
+            ys.append(torch.full((n,), c))
+        stats[k] = ClusterStats.from_data(torch.cat(xs), 1, seed=0, y=torch.cat(ys), num_classes=C)
+        assert stats[k].sub_classes.tolist() == [c for c in range(C) if CLASS_N[k, c] > 0]
+        assert float(stats[k].calib_temp.max()) < 1.25, stats[k].calib_temp
+    router = CentroidRouter(stats)
+    for t in (0.1, 0.5):
+        for y in range(C):  # where it matters: noised samples of class y, from every cluster holding y
+            x = np.concatenate([CLASS_MEANS[k, y] + np.sqrt(CLASS_VARS[k, y]) * np.random.default_rng(k).normal(
+                size=(CLASS_N[k, y] // 5, D)) for k in range(3)])
+            x = (1 - t) * x + t * np.random.default_rng(y).normal(size=x.shape)
+            got = router.log_probs(torch.tensor(x), t, torch.full((len(x),), y)).exp().numpy()
+            diff = np.abs(got - ref_class_posterior(x, t, y))
+            assert diff.mean() < 0.01 and diff.max() < 0.25, (t, y, diff.mean(), diff.max())  # sampling error

@@ -29,6 +29,11 @@ Routing = Literal["top1", "top2", "topk", "full"]  # router/ensemble.py ROUTINGS
 RouterChoice = Literal["auto", "learned", "centroid"]  # "auto": the learned router when the bundle has one
 
 
+# Field metadata key: the value a saved config (a plan, an artifact's config.json) that lacks the field stands for,
+# because it was written before the field existed (`from_dict(..., saved=True)`); the default is for new configs.
+ABSENT = "absent"
+
+
 def choices(tp: Any) -> tuple[str, ...]:
     """The values of a Literal choice type, for argparse."""
     return typing.get_args(tp)
@@ -129,13 +134,30 @@ class TrainConfig:
 
 @dataclass
 class RouterConfig:
-    """Learned router: a small DiT-style classifier on (x_t, t, y)."""
+    """Learned router: a small DiT-style classifier on (x_t, t, y).
+
+    `max_patch` sets its patch: the largest divisor of the image side up to it. A router only tells K
+    clusters apart, so it needs far fewer tokens than an expert that draws every pixel: the default 16 cuts
+    8x8 digits into one token, 28x28 images into four (patch 14) and 32x32 latents into four, which keeps its
+    training near 5% of an ensemble's FLOPs or below (docs/RESULTS.md). 0 keeps the size's own patch, which is
+    what a plan or router artifact written before this field existed used (`ABSENT`)."""
 
     steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
     size: str = "router"
     seed: int = 0
+    max_patch: int = field(default=16, metadata={ABSENT: 0})
+
+    def validate(self) -> RouterConfig:
+        """Range checks (a router artifact's config is checked with these too). Returns self."""
+        for ok, msg in ((self.steps >= 0, "router.steps must be >= 0"),
+                        (self.batch_size >= 1, "router.batch_size must be >= 1"),
+                        (self.lr > 0, "router.lr must be > 0"),
+                        (self.max_patch >= 0, "router.max_patch must be >= 0 (0: the router size's own patch)")):
+            if not ok:
+                raise DDMError(msg)
+        return self
 
 
 @dataclass
@@ -198,7 +220,6 @@ class Config:
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
             (self.train.nproc_per_node >= 1, "train.nproc_per_node must be >= 1"),
-            (self.router.steps >= 0, "router.steps must be >= 0"),
             (self.sample.steps >= 1, "sample.steps must be >= 1"),
             (self.sample.top_k >= 1, "sample.top_k must be >= 1"),
             (self.swarm.lease_ttl > 0, "swarm.lease_ttl must be > 0"),
@@ -213,6 +234,7 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise DDMError(msg)
+        self.router.validate()
         for section in dataclasses.fields(self):  # choices set in code (not parsed) are checked too
             part = getattr(self, section.name)
             for name, tp in typing.get_type_hints(type(part)).items():
@@ -293,13 +315,28 @@ def _build(cls: type, values: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
-def from_dict(values: dict, cls: type = Config, source: str = "config") -> Any:
-    """Build a dataclass of type `cls` from plain data, naming `source` in any error."""
+def from_dict(values: dict, cls: type = Config, source: str = "config", saved: bool = False) -> Any:
+    """Build a dataclass of type `cls` from plain data, naming `source` in any error. `saved`: the data is a whole
+    config written by `to_dict` (a plan, an artifact), so a field it lacks takes its `ABSENT` value."""
     try:
-        obj = _build(cls, values, "")
+        obj = _build(cls, _fill_absent(values, cls) if saved else values, "")
         return obj.validate() if hasattr(obj, "validate") else obj
     except DDMError as exc:
         raise DDMError(f"{source}: {exc}") from None
+
+
+def _fill_absent(values: Any, cls: type) -> Any:
+    """`values` with the `ABSENT` value of every field of `cls` (and of its nested sections) that it lacks."""
+    if not isinstance(values, dict):
+        return values  # _build names the problem
+    out = dict(values)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in out and ABSENT in f.metadata:
+            out[f.name] = f.metadata[ABSENT]
+        elif f.name in out and dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _fill_absent(out[f.name], hints[f.name])
+    return out
 
 
 def parse_set(text: str) -> tuple[str, Any]:

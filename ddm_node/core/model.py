@@ -178,10 +178,22 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_image(cfg: ModelConfig) -> float:
-    """Approximate forward FLOPs of one image (2 * multiply-adds of the linear layers plus attention)."""
+def backbone_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs (2 x multiply-adds) of `DiTBackbone` on one image: patch embedding, the blocks' linear layers
+    and attention, and the conditioning (timestep MLP, each block's adaLN), which is per image, not per token, and
+    dominates when there are few tokens (a router with one token)."""
     cfg = cfg.resolved()
     n = (cfg.image_size // cfg.patch_size) ** 2
     d = cfg.hidden
-    per_block = 2 * n * (3 * d * d + d * d + 8 * d * d) + 2 * 2 * n * n * d
-    return float(cfg.depth * per_block + 2 * n * d * cfg.patch_size**2 * cfg.channels * 2)
+    per_block = 2 * n * (3 * d * d + d * d + 8 * d * d) + 2 * 2 * n * n * d + 2 * d * 6 * d
+    embed = 2 * n * d * cfg.patch_size**2 * cfg.channels
+    timestep = 2 * (256 * d + d * d)  # TimestepEmbedder: 256 frequencies -> d -> d
+    return float(cfg.depth * per_block + embed + timestep)
+
+
+def flops_per_image(cfg: ModelConfig) -> float:
+    """Approximate forward FLOPs of one image through the DiT: the backbone and the final layer (adaLN, linear)."""
+    cfg = cfg.resolved()
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    d = cfg.hidden
+    return backbone_flops(cfg) + 2 * d * 2 * d + 2 * n * d * cfg.patch_size**2 * cfg.channels

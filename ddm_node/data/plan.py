@@ -86,7 +86,7 @@ class Plan:
     @property
     def cfg(self) -> Config:
         """The run config as a validated Config."""
-        return from_dict(self.config, Config, "plan config")
+        return from_dict(self.config, Config, "plan config", saved=True)
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/plan.json` atomically; its bytes equal `to_bytes()`. Returns the path."""
@@ -248,7 +248,7 @@ def _parse(data: dict) -> Plan:
         raise DDMError("shards and eval_ids must be disjoint (a sample id appears twice)")
     if not isinstance(data["config"], dict):
         raise DDMError("config must be a mapping")
-    cfg = from_dict(data["config"], Config, "config")
+    cfg = from_dict(data["config"], Config, "config", saved=True)
     if fit_model(cfg.model, shape, data["num_classes"]) != cfg.model:
         raise DDMError("config model.image_size, channels and num_classes must be set in a plan")
     if cfg.partition.experts != len(parsed):

@@ -268,7 +268,7 @@ def content_problem(expected: Expected, directory: Path, m: Manifest, content: C
     the way a bundle does. Nothing is ever unpickled. Any exception a loader raises on the artifact's contents
     means it does not load (named by type when it is not one of ours)."""
     from ddm_node.train.router_job import load_router
-    from router.centroid import ClusterStats
+    from router.stats import ClusterStats
 
     kind, rules = expected.kind, expected.rules
     try:

@@ -28,7 +28,7 @@ from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.checkpointer import Checkpointer
 from ddm_node.train.distributed import DistContext, any_rank, broadcast_object
 from ddm_node.train.trainer import Trainer
-from router.centroid import ClusterStats
+from router.stats import ClusterStats
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.expert import run_config_hash
 from router.learned import RouterNet, router_model_config
+from router.stats import max_values
 
 MARGIN = 1 << 20  # bytes on top of the tensor data of every safetensors file (headers: names, shapes, offsets)
 CONFIG_BYTES = 64 << 10  # a config.json (ours are a few hundred bytes)
@@ -66,8 +67,8 @@ class ArtifactRules:
             router_state, _, _ = _tensor_bytes(RouterNet(router, k))
         # model and EMA state dicts, AdamW's two moments per parameter and its step counter, the RNG states
         state = 2 * expert_state + 2 * expert_params + 4 * n_params + RNG_BYTES
-        sub = max(1, plan.cfg.partition.sub_centroids)
-        stats = FLOAT64 * (1 + sub + 2 * sub * c * h * w + model.num_classes)  # count, weights, means, vars, classes
+        largest = max(len(s.ids) for s in plan.shards)
+        stats = FLOAT64 * max_values(c * h * w, max(1, plan.cfg.partition.sub_centroids), model.num_classes, largest)
         files = {
             ckpt.EXPERT: {ckpt.MODEL_FILE: inference + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},
             ckpt.STATE: {ckpt.STATE_FILE: state + MARGIN, ckpt.CONFIG_FILE: CONFIG_BYTES},

@@ -98,7 +98,7 @@ def load_router(router_dir: str | Path, require_signature: bool = False, trusted
         experts = [_int_in(e, 0, shards - 1, f"{source}: expert") for e in config["experts"][:shards + 1]]
         if not experts or len(experts) > shards or len(set(experts)) != len(experts):
             raise DDMError(f"{source}: router experts must be 1 to {shards} distinct shards")
-        cfg = from_dict(config["router"], RouterConfig, source=source)
+        cfg = from_dict(config["router"], RouterConfig, source=source, saved=True)
         model_cfg = router_model_config(cfg, _int_in(config["image_size"], 1, MAX_IMAGE, f"{source}: image_size"),
                                         _int_in(config["channels"], 1, MAX_CHANNELS, f"{source}: channels"),
                                         _int_in(config["num_classes"], 0, MAX_CLASSES, f"{source}: num_classes"))
