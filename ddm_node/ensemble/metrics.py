@@ -54,9 +54,15 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     are real and non-negative in exact arithmetic since S1 S2 is similar to a PSD matrix).
     """
     f1, f2 = _check_pair(f1, f2)
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1 = np.atleast_2d(np.cov(f1, rowvar=False))
-    s2 = np.atleast_2d(np.cov(f2, rowvar=False))
+    return _fd(_moments(f1), _moments(f2))
+
+
+def _moments(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def _fd(m1: tuple[np.ndarray, np.ndarray], m2: tuple[np.ndarray, np.ndarray]) -> float:
+    (mu1, s1), (mu2, s2) = m1, m2
     diff = mu1 - mu2
     return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * _trace_sqrt_product(s1, s2)))
 
@@ -227,8 +233,8 @@ def bootstrap_fd(reference: np.ndarray, samples: list[np.ndarray], rounds: int =
     out = np.empty((len(sets), rounds))
     n = len(sets[0]) if sets else 0
     for r in range(rounds):
-        ref = reference[rng.integers(len(reference), size=len(reference))]
+        ref = _moments(reference[rng.integers(len(reference), size=len(reference))])
         pick = rng.integers(n, size=n) if n else None
         for i, s in enumerate(sets):
-            out[i, r] = frechet_distance(ref, s[pick])
+            out[i, r] = _fd(ref, _moments(s[pick]))
     return out
