@@ -705,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routings", nargs="+", choices=ROUTINGS, default=None,
                     help="routings evaluated at the full budget (default top1 top2; quick and full: all)")
     ap.add_argument("--boot", type=int, default=None, help="paired bootstrap rounds (default 200)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=None,
+                    help="fractions of the budget evaluated (the last must be 1)")
+    ap.add_argument("--router-steps", type=int, default=None, help="learned router training steps")
     ap.add_argument("--jobs", type=int, default=None,
                     help="seeds run in parallel processes, one torch thread each (default: one per core, at most "
                          "one per seed)")
@@ -740,6 +743,14 @@ def main(argv: list[str] | None = None) -> int:
         s.routings = list(dict.fromkeys(["top1", *args.routings]))  # top-1 is what the ratio compares
     if args.budget:
         s.budget = args.budget
+    if args.fractions:
+        if sorted(args.fractions) != args.fractions or args.fractions[-1] != 1.0 or args.fractions[0] <= 0:
+            ap.error("--fractions must be increasing, in (0, 1], and end with 1")
+        s.fractions = args.fractions
+    if args.router_steps is not None:
+        if args.router_steps < 1:
+            ap.error("--router-steps must be >= 1")
+        s.router_steps = args.router_steps
     if args.seeds or args.first_seed:
         s.seeds = list(range(args.first_seed, args.first_seed + (args.seeds or len(s.seeds))))
     if args.samples:
