@@ -2,28 +2,31 @@
 
 Everything runs in this process through the library (no daemon): `make_plan` partitions the dataset,
 `train_shard` trains each expert, `train_plan_router` the learned router, `write_bundle`/`load_bundle`
-make the ensemble, `generate`/`score` sample and evaluate it against the plan's held-out split.
+make the ensemble, `generate` samples it, and the metrics score it against the plan's held-out split.
 
-Equal FLOPs: every expert has the same architecture and batch size; the monolith (K = 1, all the data)
-trains for B steps, each of the K experts for B / K steps on its own cluster, so the experts together see
-exactly as many images as the monolith. Training FLOPs = 3 x `flops_per_image` (forward + backward) x
-images seen. The learned router's training FLOPs are counted on top, for the ensembles, and shown.
+Equal FLOPs, two ways to split them (`--split`, the headline; the other is trained too, at the full budget, and
+shown side by side; the monolith, K = 1 at batch B for N steps, is the same model in both):
+- paper: each of the K experts trains all N steps at batch B / K, as the paper does (its experts and monolith
+  train for the same number of steps);
+- current: each expert trains N / K steps at batch B.
+Either way the experts together see N x B images, the monolith's. Training FLOPs = 3 x `flops_per_image`
+(forward + backward) x images seen. The learned router's training FLOPs are counted on top and shown.
 
-Evaluated at several fractions of the budget (for the FD-vs-FLOPs plot: the monolith and top-1 routing
-with both routers), and at the full budget with every router (learned, centroid) and routing (top-1,
-top-2, full). Repeated for several seeds (the training seed, the router seed and the sampling seed change;
-the partition does not). FD_dom and KID are in the features of the repository's domain classifier
-(`ddm_node.ensemble.metrics`, not Inception: FD_dom is not FID).
+Evaluated at several fractions of the budget (for the FD-vs-FLOPs plot: the monolith and top-1 routing with
+both routers), and at the full budget with every router (learned, centroid), the chosen routings, the raw
+(not averaged) weights beside the EMA, and the other split. Repeated for several seeds; a seed changes the
+partition, the training, router and sampling seeds. FD_dom and KID are in the features of the repository's
+domain classifier (`ddm_node.ensemble.metrics`, not Inception: FD_dom is not FID). Every ratio to the monolith
+comes with a 95% paired bootstrap interval (`ratio_ci`: seeds, held-out rows and sample rows redrawn; the
+samples of every configuration share noise and labels, so rows pair).
 
-Run: `python -m bench.quality` (digits, 3 seeds, budget 1600 monolith steps; about 31 CPU-minutes, so
-about 16 minutes on 2 cores: seeds run in parallel processes, `--jobs`), `--full` (digits, 3 seeds, budget
-6000 steps = the default plan's 1500 per expert at K = 4, more samples and sampling steps; about 1.5
-hours), `--dataset fashion-mnist` (needs `apt-get install dataset-fashion-mnist`; a small 28x28 DiT,
-budget 2400 steps, 3 seeds; about 35 CPU-minutes per seed, so about an hour on 2 cores) or `--quick`
-(1 seed, tiny budget; 1-3 minutes; prints its section, writes docs only with `--doc`). Seeds can also
-run on separate machines (`--first-seed N --seeds 1 --doc DIR/RESULTS.md`) and be merged with
-`--from-json DIR*/quality-DATASET.json`. The printed ratio is ensemble FD_dom / monolith FD_dom at the
-full budget for the best ensemble configuration.
+Run: `python -m bench.quality` (digits, 3 seeds, budget 1600 monolith steps; seeds run in parallel processes,
+`--jobs`), `--full` (digits, budget 6000 steps, more samples and sampling steps), `--dataset fashion-mnist`
+(needs `apt-get install dataset-fashion-mnist`; a small 28x28 DiT) or `--quick` (1 seed, tiny budget; prints its
+section, writes docs only with `--doc`). `--budget`, `--fractions`, `--samples`, `--router-steps`,
+`--routings` and `--boot` size a run to the time at hand. Seeds can also run on separate machines
+(`--first-seed N --seeds 1 --doc DIR/RESULTS.md`) and be merged with `--from-json DIR*/quality-DATASET.json`.
+The printed ratio is the best top-1 ensemble's FD_dom / the monolith's at the full budget, headline split.
 """
 
 from __future__ import annotations
