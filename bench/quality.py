@@ -111,6 +111,7 @@ class Settings:
     compare: bool = False  # also train the other split (at the full budget) and show it side by side
     routings: list[str] = field(default_factory=lambda: list(ROUTINGS))  # evaluated at the full budget
     boot_rounds: int = 0  # paired bootstrap rounds for the ratio intervals (0: none)
+    routers: list[str] = field(default_factory=lambda: list(ROUTERS))
 
     def steps(self, k: int, fraction: float, split: str | None = None) -> int:
         """Steps per expert: the paper split trains each of K experts all N steps at batch B / K, the current
@@ -267,8 +268,8 @@ class Run:
             shutil.rmtree(out, ignore_errors=True)
 
     @property
-    def routers(self) -> tuple[str, ...]:
-        return ROUTERS
+    def routers(self) -> list[str]:
+        return self.s.routers
 
     def combos(self, k: int, final: bool) -> list[tuple[str, str]]:
         if k == 1:
@@ -340,7 +341,7 @@ class Run:
         self.log(f"seed {arm.seed} {rec.method} {arm.split} {router}/{routing} {weights} @{arm.steps}: FD_dom "
                  f"{scores.fd_dom:.2f} KID {scores.kid:.4f} P {scores.precision:.2f} R {scores.recall:.2f} "
                  f"(cost x{cost:.2f}, {rec.seconds:.0f}s)")
-        if (arm.final and arm.seed == self.s.seeds[0] and routing == "top1" and router in ("-", "learned")
+        if (arm.final and arm.seed == self.s.seeds[0] and routing == "top1" and router in ("-", self.s.routers[0])
                 and weights == "ema" and arm.split in ("-", self.s.split)):
             self.grids[rec.method] = samples.x[:100].clone()
 
@@ -683,8 +684,8 @@ def report(run: Run, img_dir: Path, doc_rel: Path | None, command: str | None = 
     md = (section_header(NAME, f"Ensemble vs monolith at equal training FLOPs: {s.dataset}"
                                  + ("" if s.label == "default" else f" ({s.label} run)"), command) + table
           + f"\n![FD_dom vs training FLOPs]({rel(plot_path)})\n\n" + "\n".join(lines + [setup])
-          + "\n\nSamples at the full budget (seed " + str(s.seeds[0]) + f", {s.split} split, top-1, learned router for "
-          "the ensembles, EMA weights; first 100 of the evaluated samples, class labels drawn like the training set):\n\n" + grids)
+          + "\n\nSamples at the full budget (seed " + str(s.seeds[0]) + f", {s.split} split, top-1, {s.routers[0]} router "
+          "for the ensembles, EMA weights; first 100 of the evaluated samples, class labels drawn like the training set):\n\n" + grids)
     return md, ratio
 
 
@@ -708,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routings", nargs="+", choices=ROUTINGS, default=None,
                     help="routings evaluated at the full budget (default top1 top2; quick and full: all)")
     ap.add_argument("--boot", type=int, default=None, help="paired bootstrap rounds (default 200)")
+    ap.add_argument("--routers", nargs="+", choices=ROUTERS, default=None,
+                    help="routers evaluated (default both; centroid alone skips training the learned router)")
     ap.add_argument("--fractions", type=float, nargs="+", default=None,
                     help="fractions of the budget evaluated (the last must be 1)")
     ap.add_argument("--router-steps", type=int, default=None, help="learned router training steps")
@@ -746,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         s.routings = list(dict.fromkeys(["top1", *args.routings]))  # top-1 is what the ratio compares
     if args.budget:
         s.budget = args.budget
+    if args.routers:
+        s.routers = list(dict.fromkeys(args.routers))
     if args.fractions:
         if sorted(args.fractions) != args.fractions or args.fractions[-1] != 1.0 or args.fractions[0] <= 0:
             ap.error("--fractions must be increasing, in (0, 1], and end with 1")
@@ -775,12 +780,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = Run(s, root, load_dataset(s.dataset))
         run_all(run, args.jobs if args.jobs is not None else min(len(s.seeds), os.cpu_count() or 1))
-        md, ratio = report(run, img_dir, doc.parent if doc is not None else None)
-        if doc is not None:
-            write_section(doc, s.section, md, intro=INTRO)
+        if doc is not None:  # the records first: a report can be re-rendered from them (--from-json)
             data = (DATA_DIR if doc == RESULTS_MD else doc.parent) / f"quality-{s.tag}.json"
             write_atomic(data, json.dumps({"settings": asdict(s), "command": command_line(), "date": now_str(),
                                            "records": [asdict(r) for r in run.records]}, indent=1).encode())
+        md, ratio = report(run, img_dir, doc.parent if doc is not None else None)
+        if doc is not None:
+            write_section(doc, s.section, md, intro=INTRO)
         print(md)
         print_ratio("best top-1 ensemble/monolith FD_dom at equal training FLOPs", ratio)
     finally:
