@@ -619,6 +619,10 @@ def reading(run: Run, groups: dict[GroupKey, list[Record]]) -> tuple[list[str], 
                  + "); it ranks samples consistently but is not FID, and with a few hundred samples it is biased "
                  "upwards (the same bias for every row). KID draws its subsets with replacement from both sides, so "
                  "its std includes the reference set's noise.")
+    if n_ref and n_ref < 2000:
+        lines.append(f"- Limit: the held-out reference set has only {n_ref} images (the dataset is small), fewer than "
+                     "the 2000 a 64-dimensional FD wants; its noise is in the intervals (the bootstrap redraws it), "
+                     "but every FD_dom here is biased upwards by it.")
     return lines, ratio
 
 
