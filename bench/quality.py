@@ -820,18 +820,40 @@ def _load_saved(path: Path) -> dict:
 
 
 def merge_runs(paths: list[Path]) -> dict:
-    """Saved runs of the same settings and disjoint seeds (parallel `--first-seed` processes) as one."""
+    """Saved runs as one: runs of the same settings and disjoint seeds (parallel `--first-seed` processes), then
+    runs of the other split (`--split S --no-compare` in parallel processes) with the same settings otherwise and
+    the same seeds, whose ensembles join as the side-by-side split. The monolith is the same model in both (same
+    config and seed; CPU training is deterministic): its FD_dom must agree, and the first run's is kept."""
     runs = [_load_saved(p) for p in paths]
-    base = dict(runs[0]["settings"], seeds=[])
+    first = runs[0]["settings"]
+    base = dict(first, seeds=[])
     seeds: list[int] = []
+    others: list[tuple[Path, dict]] = []
     for path, r in zip(paths, runs):
         if dict(r["settings"], seeds=[]) != base:
-            raise SystemExit(f"{path}: settings differ from {paths[0]} (only the seeds may differ)")
+            if dict(r["settings"], split=first["split"], compare=first["compare"]) == first and not first["compare"]:
+                others.append((path, r))
+                continue
+            raise SystemExit(f"{path}: settings differ from {paths[0]} (only the seeds, or the split of a run of the "
+                             "same seeds, may differ)")
         if set(r["settings"]["seeds"]) & set(seeds):
             raise SystemExit(f"{path}: seeds {r['settings']['seeds']} were already loaded")
         seeds += r["settings"]["seeds"]
-    return {"settings": dict(base, seeds=sorted(seeds)), "command": " ; ".join(dict.fromkeys(r["command"] for r in runs)),
-            "date": max(r["date"] for r in runs), "records": [rec for r in runs for rec in r["records"]]}
+    records = [rec for path, r in zip(paths, runs) if all(path != o for o, _ in others) for rec in r["records"]]
+    settings = dict(base, seeds=sorted(seeds))
+    if others:
+        mono = {(m["seed"], m["weights"]): m["fd_dom"] for m in records if m["k"] == 1 and m["fraction"] == 1.0}
+        for path, r in others:
+            for rec in r["records"]:
+                if rec["k"] > 1:
+                    records.append(rec)
+                elif rec["fraction"] == 1.0 and not math.isclose(mono.get((rec["seed"], rec["weights"]), math.nan),
+                                                                  rec["fd_dom"], rel_tol=1e-6):
+                    raise SystemExit(f"{path}: its monolith (seed {rec['seed']}) differs from {paths[0]}'s; not the "
+                                     "same model, so the runs cannot be joined")
+        settings["compare"] = True
+    return {"settings": settings, "command": " ; ".join(dict.fromkeys(r["command"] for r in runs)),
+            "date": max(r["date"] for r in runs), "records": records}
 
 
 def rerender(paths: list[Path], doc: Path, img_dir: Path) -> int:

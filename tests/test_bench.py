@@ -261,3 +261,25 @@ def test_quality_ratio_interval_is_paired():
     _, lo2, hi2 = ratio_ci(shuffled, mono)
     assert hi2 - lo2 > 0.1  # the same numbers without the pairing
     assert math.isnan(ratio_ci([rec(4, 0, [])], [rec(1, 0, [])])[1])  # no draws: no interval
+
+
+def test_quality_runs_of_the_two_splits_join_side_by_side(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from bench.quality import Record, Settings, merge_runs
+
+    def saved(split: str, mono_fd: float = 2.0) -> Path:
+        s = Settings("digits", 100, [4], [0], [1.0], 10, 4, 10, "quick", split=split)
+        recs = [Record(1, 0, 1.0, 100, 1.0, 0.0, "-", "top1", mono_fd, 0.1, 0.5, 0.5, 1.0, 1.0, "-"),
+                Record(4, 0, 1.0, 100, 1.0, 0.0, "centroid", "top1", 1.5, 0.1, 0.5, 0.5, 1.0, 1.0, split)]
+        path = tmp_path / f"{split}-{mono_fd}.json"
+        path.write_text(json.dumps({"settings": asdict(s), "command": f"cmd {split}", "date": split,
+                                    "records": [asdict(r) for r in recs]}))
+        return path
+
+    merged = merge_runs([saved("paper"), saved("current")])
+    assert merged["settings"]["split"] == "paper" and merged["settings"]["compare"] is True
+    assert sorted(r["split"] for r in merged["records"]) == ["-", "current", "paper"]  # one monolith
+    with pytest.raises(SystemExit, match="monolith .* differs"):
+        merge_runs([saved("paper"), saved("current", mono_fd=2.5)])
