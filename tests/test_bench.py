@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -237,3 +238,64 @@ def test_quality_full_runs_keep_the_default_runs_section_and_files():
     assert (s("digits", "full").tag, s("digits", "full").section) == ("digits-full", f"{NAME}.digits-full")
     assert s("fashion-mnist", "default").section == f"{NAME}.fashion-mnist"
     assert s("fashion-mnist", "full").tag == "fashion-mnist-full"
+
+
+def test_quality_splits_give_every_arm_the_monoliths_images():
+    from bench.quality import Settings
+
+    s = Settings("fashion-mnist", 800, [4, 8], [0], [0.5, 1.0], 10, 4, 10, "default", split="paper")
+    images = 800 * 64  # the monolith: N steps at batch B
+    for k in (4, 8):
+        for split in ("paper", "current"):
+            assert s.steps(k, 1.0, split) * s.batch(64, k, split) * k == images
+        assert (s.steps(k, 1.0, "paper"), s.batch(64, k, "paper")) == (800, 64 // k)
+        assert (s.steps(k, 0.5, "current"), s.batch(64, k, "current")) == (400 // k, 64)
+    assert (s.steps(1, 1.0, "current"), s.batch(64, 1, "paper")) == (800, 64)
+    assert s.other == "current" and Settings("digits", 8, [4], [0], [1.0], 1, 1, 1, "quick").split == "current"
+
+
+def test_quality_ratio_interval_is_paired():
+    """Ensemble FDs that are 0.8x the monolith's in every bootstrap round give a tight interval at 0.8, however
+    much the rounds vary together; unpaired draws would spread it."""
+    import numpy as np
+
+    from bench.quality import Record, ratio_ci
+
+    def rec(k: int, seed: int, boot: list[float]) -> Record:
+        return Record(k, seed, 1.0, 10, 1.0, 0.0, "-", "top1", float(np.mean(boot)), 0.0, 0.5, 0.5, 1.0, 1.0,
+                      boot=boot)
+
+    rng = np.random.default_rng(0)
+    mono, ens = [], []
+    for seed in range(3):
+        base = list(rng.uniform(5.0, 15.0, 100))  # large shared noise of the held-out rows
+        mono.append(rec(1, seed, base))
+        ens.append(rec(4, seed, [0.8 * v for v in base]))
+    ratio, lo, hi = ratio_ci(ens, mono)
+    assert ratio == pytest.approx(0.8) and lo == pytest.approx(0.8) and hi == pytest.approx(0.8)
+    shuffled = [rec(4, r.seed, list(rng.permutation(r.boot))) for r in ens]
+    _, lo2, hi2 = ratio_ci(shuffled, mono)
+    assert hi2 - lo2 > 0.1  # the same numbers without the pairing
+    assert math.isnan(ratio_ci([rec(4, 0, [])], [rec(1, 0, [])])[1])  # no draws: no interval
+
+
+def test_quality_runs_of_the_two_splits_join_side_by_side(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from bench.quality import Record, Settings, merge_runs
+
+    def saved(split: str, mono_fd: float = 2.0) -> Path:
+        s = Settings("digits", 100, [4], [0], [1.0], 10, 4, 10, "quick", split=split)
+        recs = [Record(1, 0, 1.0, 100, 1.0, 0.0, "-", "top1", mono_fd, 0.1, 0.5, 0.5, 1.0, 1.0, "-"),
+                Record(4, 0, 1.0, 100, 1.0, 0.0, "centroid", "top1", 1.5, 0.1, 0.5, 0.5, 1.0, 1.0, split)]
+        path = tmp_path / f"{split}-{mono_fd}.json"
+        path.write_text(json.dumps({"settings": asdict(s), "command": f"cmd {split}", "date": split,
+                                    "records": [asdict(r) for r in recs]}))
+        return path
+
+    merged = merge_runs([saved("paper"), saved("current")])
+    assert merged["settings"]["split"] == "paper" and merged["settings"]["compare"] is True
+    assert sorted(r["split"] for r in merged["records"]) == ["-", "current", "paper"]  # one monolith
+    with pytest.raises(SystemExit, match="monolith .* differs"):
+        merge_runs([saved("paper"), saved("current", mono_fd=2.5)])

@@ -73,8 +73,11 @@ def test_quality_quick_compares_ensemble_and_monolith(tmp_path):
     doc, img = tmp_path / "R.md", tmp_path / "img"
     _out, ratio = run_bench("quality", "--doc", str(doc), "--img-dir", str(img))
     body = section(doc, "bench.quality.digits-quick")  # named by its mode: never the default run's section
-    for route in ("top1", "top2", "full"):
-        assert sum(f"| {route} |" in line for line in body.splitlines()) == 2  # learned and centroid, K=4
+    for route in ("top1", "top2", "full"):  # learned and centroid, K=4, paper split, EMA weights
+        assert sum(f"| paper | {r} | {route} | ema |" in line for line in body.splitlines() for r in ("learned", "centroid")) == 2
+    assert sum("| current |" in line for line in body.splitlines()) == 3  # top-1: both routers, raw weights
+    assert re.search(r"\| monolith \| - \| - \| - \| raw \|", body)
+    assert re.search(r"Ratio printed.*95% interval \[[0-9.]+, [0-9.]+\]", body)
     pngs = sorted(p.name for p in img.glob("*.png"))
     assert pngs == ["quality-digits-quick-fd-vs-flops.png", "quality-digits-quick-k4.png",
                     "quality-digits-quick-monolith.png"]

@@ -22,6 +22,13 @@ def test_shipped_configs_load(name):
     assert cfg.model.resolved().hidden > 0
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist.yaml", "mnist.yaml", "latent-b2.yaml", "latent-xl2.yaml"])
+def test_paper_settings_in_the_larger_configs(name):
+    """Logit-normal t and the power EMA (whose length scales with the run); only 8x8 digits keep uniform t."""
+    train = load_config(CONFIGS / name).train
+    assert (train.t_sampling, train.ema) == ("logit_normal", "power")
+
+
 def test_default_yaml_matches_code_defaults():
     assert to_dict(load_config(CONFIGS / "default.yaml")) == to_dict(Config())
 
@@ -42,6 +49,9 @@ def test_overrides_and_int_for_float(tmp_path):
         ("train:\n  bf16: 1\n", "train.bf16 must be true or false"),
         ("train:\n  betas: [0.9]\n", "train.betas must be a list of 2"),
         ("train: 5\n", "train must be a mapping"),
+        ("train:\n  warmup_fraction: 1.5\n", "train.warmup_fraction must be in [0, 1)"),
+        ("train:\n  ema: box\n", "train.ema"),
+        ("train:\n  ema_std: 0\n", "train.ema_std must be in (0, 0.28)"),
         ("sample:\n  routing: top3\n", "sample.routing"),
         ("model:\n  size: huge\n", "model.size: unknown size 'huge'"),
         ("- a\n- b\n", "top level must be a mapping"),

@@ -18,7 +18,7 @@ from ddm_node.ensemble.generate import reference_split, score
 CONFIG = """
 partition: {experts: 4}
 model: {hidden: 64, depth: 3}
-train: {steps: 300, batch_size: 64, lr: 0.003, ema_decay: 0.98, checkpoint_every: 150, warmup_steps: 20}
+train: {steps: 300, batch_size: 64, lr: 0.003, checkpoint_every: 150, warmup_steps: 20}
 router: {steps: 200, batch_size: 128}
 sample: {steps: 16, solver: heun}
 """

@@ -17,7 +17,15 @@ from threadpoolctl import threadpool_limits
 from ddm_node.core.errors import DDMError
 from ddm_node.ensemble import domain_classifier
 from ddm_node.ensemble.domain_classifier import DomainClassifier, get_domain_classifier, train_domain_classifier
-from ddm_node.ensemble.metrics import Scores, evaluate, frechet_distance, kid, precision_recall
+from ddm_node.ensemble.metrics import (
+    Scores,
+    bootstrap_fd,
+    evaluate,
+    frechet_distance,
+    kid,
+    mmd2,
+    precision_recall,
+)
 
 FINGERPRINT = "0123456789abcdef" * 4
 
@@ -305,3 +313,58 @@ def test_precision_recall_synthetic():
     assert p > 0.8 and 0.4 < r < 0.55
     with pytest.raises(DDMError, match="k must"):
         precision_recall(real, real, k=0)
+
+
+class _Features(torch.nn.Module):
+    """The domain classifier's features as a torch module: torchmetrics' `feature` argument."""
+
+    def __init__(self, clf: DomainClassifier):
+        super().__init__()
+        self.clf = clf
+        self.num_features = domain_classifier.FEATURE_DIM
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.clf.features(x))
+
+
+def test_fd_and_kid_match_torchmetrics_with_the_same_features(clf, halves):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    ref, other = halves[0][:400], halves[1][:400]
+    blurred = (other + 0.3 * torch.randn(other.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    fr, fs = clf.features(ref), clf.features(blurred)
+    fid = FrechetInceptionDistance(feature=_Features(clf))
+    fid.update(ref, real=True)
+    fid.update(blurred, real=False)
+    assert frechet_distance(fr, fs) == pytest.approx(float(fid.compute()), rel=1e-5)
+    # one subset of every row: torchmetrics' random subset is then a permutation, and MMD^2 is the full one
+    tm_kid = KernelInceptionDistance(feature=_Features(clf), subsets=1, subset_size=len(ref))
+    tm_kid.update(ref, real=True)
+    tm_kid.update(blurred, real=False)
+    assert mmd2(fr, fs) == pytest.approx(float(tm_kid.compute()[0]), rel=1e-5)
+
+
+def test_kid_spread_includes_both_sides():
+    """Subsets drawn with replacement from both sets: the std is the spread over independent reference and sample
+    sets (a subset the size of each set without replacement would give the same value every time: std 0)."""
+    rng = np.random.default_rng(5)
+    fresh = [mmd2(rng.normal(size=(100, 8)), rng.normal(size=(100, 8)) + 0.3) for _ in range(200)]
+    a, b = rng.normal(size=(100, 8)), rng.normal(size=(100, 8)) + 0.3
+    value, std = kid(a, b, subsets=200, subset_size=100)
+    assert 0.6 < std / np.std(fresh) < 1.6
+    # duplicated rows are not counted as pairs: the bootstrap mean stays near the full-set estimate
+    assert abs(value - mmd2(a, b)) < 0.3 * np.std(fresh)
+
+
+def test_bootstrap_fd_is_paired():
+    rng = np.random.default_rng(6)
+    ref, s = rng.normal(size=(300, 4)), rng.normal(size=(200, 4))
+    worse = s * 1.5
+    draws = bootstrap_fd(ref, [s, s.copy(), worse], rounds=50, seed=1)
+    assert draws.shape == (3, 50)
+    assert np.array_equal(draws[0], draws[1])  # the same rows in every round
+    assert (draws[2] > draws[0]).all()
+    assert np.array_equal(draws, bootstrap_fd(ref, [s, s.copy(), worse], rounds=50, seed=1))
+    with pytest.raises(DDMError, match="same number of rows"):
+        bootstrap_fd(ref, [s, s[:100]])

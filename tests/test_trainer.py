@@ -11,7 +11,7 @@ from safetensors.torch import load, save
 from ddm_node.core.config import ModelConfig, TrainConfig
 from ddm_node.core.errors import DDMError
 from ddm_node.train.flow import flow_matching_loss, interpolate, sample_t
-from ddm_node.train.trainer import Trainer
+from ddm_node.train.trainer import Trainer, ema_decay_at, power_ema_exponent
 
 MODEL = ModelConfig(size="tiny", image_size=8, channels=1, num_classes=10, class_dropout=0.1,
                     hidden=32, depth=2, heads=2)
@@ -112,6 +112,35 @@ def test_warmup_schedule_and_epochs():
     assert (trainer.epoch, trainer.position) == (4, 32)
 
 
+def test_warmup_fraction_scales_with_the_run():
+    cfg = dataclasses.replace(TRAIN, warmup_steps=50, warmup_fraction=0.1, steps=40)
+    assert cfg.warmup() == 4 and dataclasses.replace(cfg, steps=400).warmup() == 40
+    assert dataclasses.replace(cfg, warmup_fraction=0.0).warmup() == 50
+    trainer = Trainer(MODEL, cfg, *random_data(40))
+    assert [trainer.lr_at(s) for s in range(5)] == pytest.approx([TRAIN.lr * f for f in (0.25, 0.5, 0.75, 1, 1)])
+    assert trainer.extra_state()["warmup_steps"] == 4
+
+
+def test_ema_kinds_forget_the_initial_weights():
+    # EDM2's table: sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94
+    assert power_ema_exponent(0.05) == pytest.approx(16.97, abs=0.01)
+    assert power_ema_exponent(0.10) == pytest.approx(6.94, abs=0.01)
+    power = dataclasses.replace(TRAIN, ema="power", ema_std=0.05)
+    fixed = dataclasses.replace(TRAIN, ema="fixed", ema_decay=0.99)
+    assert ema_decay_at(power, 0) == 0.0 and ema_decay_at(fixed, 0) == pytest.approx(0.1)
+    assert ema_decay_at(fixed, 10_000) == 0.99
+    # the power EMA's averaging length grows with the run: decay after n updates is (1 - 1/(n+1))^(gamma+1)
+    assert 1 / (1 - ema_decay_at(power, 999)) == pytest.approx(1000 / 17.97, rel=0.01)
+    # after one update the power EMA is the trained weights: nothing of the (zero-initialised) start is left
+    trainer = Trainer(MODEL, power, *random_data(40))
+    trainer.train_step()
+    for a, b in zip(trainer.model.parameters(), trainer.ema.parameters()):
+        assert torch.equal(a, b)
+    trainer.train_step()
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.ema.parameters()))
+    assert trainer.ema_steps == 2
+
+
 def _roundtrip(trainer: Trainer) -> tuple[dict, dict]:
     """State through safetensors bytes, as a checkpoint file would carry it."""
     return load(save(trainer.state_tensors())), trainer.extra_state()
@@ -135,6 +164,24 @@ def test_resume_is_bit_exact(accum, dropout, mode):
     assert second.step == 5
     second.run(12)
     assert_same_state(full, second)
+
+
+def test_state_without_ema_step_count_resumes_exactly():
+    """States written before the EMA counted its updates (one per step) resume as if they had the count."""
+    x, y = random_data(50)
+    full = Trainer(MODEL, TRAIN, x, y)
+    full.run(9)
+    first = Trainer(MODEL, TRAIN, x, y)
+    first.run(4)
+    tensors, extra = _roundtrip(first)
+    assert extra.pop("ema_steps") == 4
+    second = Trainer(MODEL, TRAIN, x, y)
+    second.load_state(tensors, extra)
+    assert second.ema_steps == 4
+    second.run(9)
+    assert_same_state(full, second)
+    with pytest.raises(DDMError, match="'ema_steps' must be an integer"):
+        Trainer(MODEL, TRAIN, x, y).load_state(tensors, dict(extra, ema_steps=-1))
 
 
 def test_unconditional_and_step0_state():

@@ -31,7 +31,6 @@ train:
   steps: {steps}
   batch_size: 64
   lr: 0.002
-  ema_decay: 0.99
   t_sampling: uniform
   checkpoint_every: {every}
   warmup_steps: 20

@@ -24,6 +24,9 @@ from ddm_node.core.errors import DDMError
 # (partition.features_path; `ddm-node features` writes one)
 Features = Literal["pca", "dataset", "npy"]
 TSampling = Literal["uniform", "logit_normal"]
+# "power": EDM2's power-function EMA, averaging a fixed fraction (train.ema_std) of the steps so far, whatever the
+# run's length; "fixed": decay train.ema_decay, warmed up as min(ema_decay, (1 + n) / (10 + n)) after n updates
+EmaKind = Literal["power", "fixed"]
 Solver = Literal["euler", "heun"]
 Routing = Literal["top1", "top2", "topk", "full"]  # router/ensemble.py ROUTINGS implements each
 RouterChoice = Literal["auto", "learned", "centroid"]  # "auto": the learned router when the bundle has one
@@ -118,10 +121,13 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
-    ema_decay: float = 0.99
+    ema: EmaKind = "power"
+    ema_std: float = 0.05  # "power": relative std of the averaging profile (EDM2's sigma_rel; 0.05-0.1 there)
+    ema_decay: float = 0.99  # "fixed" only
     grad_clip: float = 1.0
     grad_accum: int = 1
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear lr warmup, in steps; unused when warmup_fraction > 0
+    warmup_fraction: float = 0.0  # > 0: the warmup is this fraction of train.steps (scales with the run's length)
     t_sampling: TSampling = "uniform"  # uniform learned 8x8 digits faster here
     seed: int = 0
     checkpoint_every: int = 250
@@ -130,6 +136,12 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     nproc_per_node: int = 1  # >1: DDP over this many processes (GPUs) via torchrun; `start --nproc-per-node`
+
+    def warmup(self) -> int:
+        """Steps of linear lr warmup: warmup_fraction of the run's planned steps when set, else warmup_steps."""
+        if self.warmup_fraction > 0:
+            return max(1, round(self.warmup_fraction * self.steps))
+        return self.warmup_steps
 
 
 @dataclass
@@ -217,6 +229,9 @@ class Config:
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+            (0.0 < self.train.ema_std < 0.28, "train.ema_std must be in (0, 0.28) (the power EMA's sigma_rel)"),
+            (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (0.0 <= self.train.warmup_fraction < 1.0, "train.warmup_fraction must be in [0, 1)"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
             (self.train.nproc_per_node >= 1, "train.nproc_per_node must be >= 1"),

@@ -17,8 +17,8 @@ from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.packing import EvalData, eval_data, read_eval_data, train_ids
 from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import Bundle
-from ddm_node.ensemble.domain_classifier import get_domain_classifier
-from ddm_node.ensemble.metrics import Scores, evaluate
+from ddm_node.ensemble.domain_classifier import DomainClassifier, get_domain_classifier
+from ddm_node.ensemble.metrics import Scores, evaluate_features, features
 from router.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,20 @@ def reference_split(plan: Plan, dataset: Dataset | None = None,
     return torch.from_numpy(d.reference).float(), torch.from_numpy(d.x_train).float(), y_train
 
 
-def score(samples: torch.Tensor, plan: Plan, dataset: Dataset | None = None, seed: int = 0,
-          data: EvalData | None = None) -> Scores:
-    """FD_dom/KID/precision/recall of samples against the plan's held-out split (`data`, else from the dataset)."""
+def reference_features(plan: Plan, dataset: Dataset | None = None,
+                       data: EvalData | None = None) -> tuple[DomainClassifier, np.ndarray]:
+    """The plan's domain classifier and its features of the held-out split (what `score` measures against)."""
     ref, x_train, y_train = reference_split(plan, dataset, data)
     clf = get_domain_classifier(x_train, y_train, max(plan.num_classes, 1) if y_train is not None else 0,
                                 plan.fingerprint)
-    return evaluate(samples, ref, clf, seed=seed)
+    return clf, features(ref, clf, "reference")
+
+
+def score(samples: torch.Tensor, plan: Plan, dataset: Dataset | None = None, seed: int = 0,
+          data: EvalData | None = None) -> Scores:
+    """FD_dom/KID/precision/recall of samples against the plan's held-out split (`data`, else from the dataset)."""
+    clf, fr = reference_features(plan, dataset, data)
+    return evaluate_features(features(samples, clf), fr, clf.hash, seed)
 
 
 def save_grid(x: torch.Tensor, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:

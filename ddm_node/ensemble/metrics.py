@@ -5,7 +5,8 @@ distance here is called FD_dom, never FID.
 
 - `frechet_distance`, `kid` (unbiased MMD^2, cubic polynomial kernel) and `precision_recall`
   (Kynkaanniemi et al. 2019, k-NN manifolds) work on any feature arrays.
-- `evaluate` puts them together into a `Scores` record with a one-line summary.
+- `evaluate` puts them together into a `Scores` record with a one-line summary; `bootstrap_fd` gives paired
+  bootstrap draws of FD for confidence intervals of ratios between sample sets.
 """
 
 from __future__ import annotations
@@ -53,9 +54,15 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     are real and non-negative in exact arithmetic since S1 S2 is similar to a PSD matrix).
     """
     f1, f2 = _check_pair(f1, f2)
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1 = np.atleast_2d(np.cov(f1, rowvar=False))
-    s2 = np.atleast_2d(np.cov(f2, rowvar=False))
+    return _fd(_moments(f1), _moments(f2))
+
+
+def _moments(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def _fd(m1: tuple[np.ndarray, np.ndarray], m2: tuple[np.ndarray, np.ndarray]) -> float:
+    (mu1, s1), (mu2, s2) = m1, m2
     diff = mu1 - mu2
     return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * _trace_sqrt_product(s1, s2)))
 
@@ -83,27 +90,39 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(eig.real, 0.0, None)).sum())
 
 
-def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 50, subset_size: int = 500,
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 50, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception-style distance: unbiased MMD^2 with k(a,b) = (a.b/D + 1)^3, mean and std over subsets.
+    """Kernel Inception-style distance: MMD^2 with k(a,b) = (a.b/D + 1)^3, mean and std over subsets.
 
-    Each subset draws `subset_size` rows (fewer if a set is smaller) from each set without replacement.
+    Each subset draws `subset_size` rows (at most the set's size) from EACH set with replacement (a bootstrap),
+    so the std includes the noise of the reference set as well as the samples'. Within a set, pairs of draws of
+    the same row are left out of the average like the diagonal of the unbiased estimator, so duplicates add no
+    bias.
     """
     f1, f2 = _check_pair(f1, f2)
     if subsets < 1 or subset_size < 2:
         raise DDMError(f"kid: need subsets >= 1 and subset_size >= 2, got {subsets}, {subset_size}")
-    m = min(subset_size, len(f1), len(f2))
     d = f1.shape[1]
     rng = np.random.default_rng(seed)
     values = np.empty(subsets)
     for i in range(subsets):
-        a = f1[rng.choice(len(f1), m, replace=False)]
-        b = f2[rng.choice(len(f2), m, replace=False)]
-        off = m * (m - 1)
-        kaa, kbb, kab = _cubic_kernel(a, a, d), _cubic_kernel(b, b, d), _cubic_kernel(a, b, d)
-        values[i] = ((kaa.sum() - np.trace(kaa)) / off + (kbb.sum() - np.trace(kbb)) / off
-                     - 2.0 * kab.mean())
+        ia = rng.integers(len(f1), size=min(subset_size, len(f1)))
+        ib = rng.integers(len(f2), size=min(subset_size, len(f2)))
+        values[i] = mmd2(f1[ia], f2[ib], ia, ib, d)
     return float(values.mean()), float(values.std())
+
+
+def mmd2(a: np.ndarray, b: np.ndarray, ia: np.ndarray | None = None, ib: np.ndarray | None = None,
+         d: int | None = None) -> float:
+    """Unbiased MMD^2 of rows `a` and `b` under the cubic kernel (torchmetrics' KID on one subset). `ia`/`ib`:
+    the source row of each draw; within-set pairs of the same source row are excluded (None: only i == j)."""
+    d = d or a.shape[1]
+    within = 0.0
+    for x, idx in ((a, ia), (b, ib)):
+        k = _cubic_kernel(x, x, d)
+        same = np.eye(len(x), dtype=bool) if idx is None else idx[:, None] == idx[None, :]
+        within += (k.sum() - k[same].sum()) / (same.size - same.sum())
+    return float(within - 2.0 * _cubic_kernel(a, b, d).mean())
 
 
 def _cubic_kernel(a: np.ndarray, b: np.ndarray, d: int) -> np.ndarray:
@@ -173,18 +192,49 @@ class Scores:
                 f"R {self.recall:.2f}  (n={self.n}, classifier {self.classifier_hash[:8]}...)")
 
 
+def features(images: torch.Tensor, clf: DomainClassifier, what: str = "samples") -> np.ndarray:
+    """The domain classifier's features of images [N,C,H,W] in [-1,1] (N >= 4)."""
+    images = check_images(images, what, clf.input_shape)
+    if len(images) < 4:
+        raise DDMError(f"evaluate: need at least 4 {what} images, got {len(images)}")
+    return clf.features(images)
+
+
 def evaluate(samples: torch.Tensor, reference: torch.Tensor, clf: DomainClassifier, seed: int = 0) -> Scores:
     """FD_dom, KID and precision/recall of `samples` against `reference` images, both [N,C,H,W] in [-1,1]."""
-    samples = check_images(samples, "samples", clf.input_shape)
-    reference = check_images(reference, "reference", clf.input_shape)
-    if len(samples) < 4 or len(reference) < 4:
-        raise DDMError(f"evaluate: need at least 4 samples and 4 reference images, got {len(samples)}, "
-                       f"{len(reference)}")
-    fs, fr = clf.features(samples), clf.features(reference)
+    return evaluate_features(features(samples, clf), features(reference, clf, "reference"), clf.hash, seed)
+
+
+def evaluate_features(fs: np.ndarray, fr: np.ndarray, classifier_hash: str, seed: int = 0) -> Scores:
+    """`evaluate` on features already computed (samples `fs`, reference `fr`)."""
     if min(len(fs), len(fr)) < fs.shape[1]:
         log.warning("FD_dom with %d samples in %d dimensions is strongly biased upwards; use more samples",
                     min(len(fs), len(fr)), fs.shape[1])
     k_mean, k_std = kid(fr, fs, seed=seed)
     precision, recall = precision_recall(fr, fs)
     return Scores(fd_dom=frechet_distance(fr, fs), kid=k_mean, kid_std=k_std, precision=precision, recall=recall,
-                  n=len(samples), classifier_hash=clf.hash)
+                  n=len(fs), classifier_hash=classifier_hash)
+
+
+def bootstrap_fd(reference: np.ndarray, samples: list[np.ndarray], rounds: int = 200, seed: int = 0) -> np.ndarray:
+    """FD of each sample set against `reference` under `rounds` paired bootstrap draws: [len(samples), rounds].
+
+    Each round redraws the reference rows and the sample rows with replacement, with the SAME row indices for
+    every sample set (sets made from the same noise and labels are paired row by row), so a ratio of two sets'
+    FDs within a round carries their shared noise once.
+    """
+    reference = _check_features(reference, "reference features")
+    sets = [_check_pair(reference, s)[1] for s in samples]
+    if len({len(s) for s in sets}) > 1:
+        raise DDMError("bootstrap_fd: paired sample sets must have the same number of rows")
+    if rounds < 1:
+        raise DDMError(f"bootstrap_fd: rounds must be >= 1, got {rounds}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(sets), rounds))
+    n = len(sets[0]) if sets else 0
+    for r in range(rounds):
+        ref = _moments(reference[rng.integers(len(reference), size=len(reference))])
+        pick = rng.integers(n, size=n) if n else None
+        for i, s in enumerate(sets):
+            out[i, r] = _fd(ref, _moments(s[pick]))
+    return out

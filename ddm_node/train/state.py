@@ -68,7 +68,7 @@ def check_extra(extra: dict, num_samples: int | None) -> None:
             continue
         if not _is_number(value) or not 0 <= value <= MAX_HYPER:  # NaN fails the comparison
             raise DDMError(f"training state: '{key}' must be a number in [0, {MAX_HYPER:g}], got {_shown(value)}")
-    for key in ("warmup_steps", "lr_position"):
+    for key in ("warmup_steps", "lr_position", "ema_steps"):
         value = extra.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 0 <= value <= MAX_EXTRA_INT):
@@ -107,6 +107,7 @@ class TrainerState:
     train_cfg: TrainConfig
     num_samples: int
     step: int
+    ema_steps: int
     epoch: int
     position: int
     seed: int
@@ -143,7 +144,8 @@ class TrainerState:
             "seed": self.seed,
             "lr": float(group["lr"]),
             "base_lr": float(self.train_cfg.lr),
-            "warmup_steps": self.train_cfg.warmup_steps,
+            "warmup_steps": self.train_cfg.warmup(),
+            "ema_steps": self.ema_steps,
             "lr_position": self.step,
             "betas": [float(b) for b in group["betas"]],
             "weight_decay": float(group["weight_decay"]),
@@ -173,6 +175,8 @@ class TrainerState:
         self._load_optimizer(tensors, extra, with_optim)
         self._load_rng(tensors)
         self.step, self.epoch, self.position = extra["step"], extra["epoch"], extra["position"]
+        # states written before the EMA counted its updates: it was updated once per step
+        self.ema_steps = extra.get("ema_steps", self.step)
         self.seed = extra["seed"]
         self._perm = None
         logger.info("resumed at step %d (epoch %d, position %d)", self.step, self.epoch, self.position)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import logging
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ddm_node.core.config import Config, ModelConfig, TrainConfig
@@ -73,6 +75,22 @@ def derive_seed(seed: int, *tags: Any) -> int:
     """A 63-bit seed from the run seed and tags, so separate streams never share a sequence."""
     digest = hashlib.sha256(":".join(str(v) for v in (seed, *tags)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def power_ema_exponent(std: float) -> float:
+    """EDM2's gamma for a relative std `std` (sigma_rel): the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - std^-2) gamma + (12 - std^-2) = 0 (Karras et al. 2024, eq. 3)."""
+    t = std ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
+
+
+def ema_decay_at(cfg: TrainConfig, n: int) -> float:
+    """Decay of the EMA update after `n` earlier updates (0-based). Neither kind remembers the initial
+    weights for long: the power EMA's first update copies the weights, the fixed one warms up from 0.1."""
+    if cfg.ema == "power":
+        return (1.0 - 1.0 / (n + 1)) ** (power_ema_exponent(cfg.ema_std) + 1.0)
+    return min(cfg.ema_decay, (1.0 + n) / (10.0 + n))
 
 
 def check_data(x: torch.Tensor, y: torch.Tensor | None, cfg: ModelConfig, device: torch.device,
@@ -146,6 +164,7 @@ class Trainer(TrainerState):
         self.seed = train_cfg.seed  # data-order seed; a loaded state brings its own
         self.gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "stream"))
         self.step = 0
+        self.ema_steps = 0  # EMA updates so far (the power EMA's n); restored on resume
         self.epoch = 0
         self.position = 0  # index of the next sample within this epoch's permutation
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -223,8 +242,9 @@ class Trainer(TrainerState):
 
     # ------------------------------------------------------------------------------------- training
     def lr_at(self, step: int) -> float:
-        """Learning rate of the optimizer step taken at `step` (0-based): linear warmup, then constant."""
-        warmup = self.train_cfg.warmup_steps
+        """Learning rate of the optimizer step taken at `step` (0-based): linear warmup (`TrainConfig.warmup`),
+        then constant."""
+        warmup = self.train_cfg.warmup()
         if warmup > 0 and step < warmup:
             return self.train_cfg.lr * (step + 1) / warmup
         return self.train_cfg.lr
@@ -273,7 +293,9 @@ class Trainer(TrainerState):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.train_cfg.ema_decay)
+        decay = ema_decay_at(self.train_cfg, self.ema_steps)
+        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - decay)
+        self.ema_steps += 1
 
     def _forward_backward(self) -> torch.Tensor:
         """Set the step's lr, zero the gradients and accumulate `grad_accum` micro-batches (all-reduced across
