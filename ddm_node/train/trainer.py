@@ -85,6 +85,15 @@ def power_ema_exponent(std: float) -> float:
     return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of the optimizer step taken at `step` (0-based): linear warmup (`TrainConfig.warmup`), then
+    constant."""
+    warmup = cfg.warmup()
+    if warmup > 0 and step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr
+
+
 def ema_decay_at(cfg: TrainConfig, n: int) -> float:
     """Decay of the EMA update after `n` earlier updates (0-based). Neither kind remembers the initial
     weights for long: the power EMA's first update copies the weights, the fixed one warms up from 0.1."""
@@ -241,14 +250,6 @@ class Trainer(TrainerState):
         return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------- training
-    def lr_at(self, step: int) -> float:
-        """Learning rate of the optimizer step taken at `step` (0-based): linear warmup (`TrainConfig.warmup`),
-        then constant."""
-        warmup = self.train_cfg.warmup()
-        if warmup > 0 and step < warmup:
-            return self.train_cfg.lr * (step + 1) / warmup
-        return self.train_cfg.lr
-
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._bf16:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -300,7 +301,7 @@ class Trainer(TrainerState):
     def _forward_backward(self) -> torch.Tensor:
         """Set the step's lr, zero the gradients and accumulate `grad_accum` micro-batches (all-reduced across
         ranks on the last one). Returns the sum over micro-batches of the global mean loss, as a tensor."""
-        lr = self.lr_at(self.step)
+        lr = lr_at(self.train_cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
