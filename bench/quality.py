@@ -488,7 +488,7 @@ def final_table(run: Run) -> tuple[dict[GroupKey, list[Record]], str]:
                      "-", pm([x.kid for x in f], 4), f"{statistics.fmean(x.precision for x in f):.2f}",
                      f"{statistics.fmean(x.recall for x in f):.2f}", "-", "-", len(f)])
     table = markdown_table(["model", "split", "router", "routing", "weights", "FD_dom (mean ± std)",
-                            "ratio to monolith [95% CI]", "KID (mean ± std)", "precision", "recall",
+                            "ratio to monolith [95% CI] (raw: to the raw monolith)", "KID (mean ± std)", "precision", "recall",
                             "training TFLOPs", "sampling FLOPs vs monolith", "seeds"], rows)
     return groups, table
 
@@ -680,8 +680,10 @@ def report(run: Run, img_dir: Path, doc_rel: Path | None, command: str | None = 
              f"{b.ema} EMA" + (f" (sigma_rel {b.ema_std:g})" if b.ema == "power" else f" ({b.ema_decay:g})")
              + f", lr warmup {b.warmup_fraction:g} of each run; monolith {s.budget} steps at batch {b.batch_size} (B); "
              f"paper split: each of K experts {s.budget} steps at batch B/K; current split: {s.budget}/K steps at "
-             f"batch B; learned router {s.router_steps} steps x {c.router_batch} ({c.router_fpi / 1e6:.2f} MFLOP per "
-             f"image); seeds {s.seeds} (each seed changes the partition, training, router and sampling seeds); "
+             f"batch B; routers: {', '.join(s.routers)}"
+             + (f" (learned: {s.router_steps} steps x {c.router_batch}, {c.router_fpi / 1e6:.2f} MFLOP per image)"
+                if "learned" in s.routers else "")
+             + f"; seeds {s.seeds} (each seed changes the partition, training, router and sampling seeds); "
              f"{s.n_samples} samples per evaluation, Heun with {s.sample_steps} steps; {s.split} split evaluated at "
              f"{s.fractions} of the budget" + (f", the {s.other} split at the full budget" if s.compare else "")
              + f"; {s.boot_rounds} bootstrap rounds. "
