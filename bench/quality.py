@@ -749,10 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         s = Settings(args.dataset, 1600, args.ks or [4, 8], [0, 1, 2], [0.125, 0.25, 0.5, 1.0], 400, 16, 800, "default")
     if fashion and not (args.quick or args.full):
-        # 28x28 on one CPU core: ~6 steps/s at batch 64, so a smaller budget and evaluation than digits'
-        # (about 35 CPU-minutes per seed; the seeds run in parallel processes, see --jobs)
-        s.budget, s.fractions, s.n_samples, s.sample_steps = 2400, [0.25, 0.5, 1.0], 300, 12
-    s.split, s.compare, s.boot_rounds = args.split, not args.no_compare, args.boot if args.boot is not None else 200
+        # The recorded run (docs/RESULTS.md): what a shared 2-core box gave in an hour, three seeds and both splits.
+        # Both routers and larger budgets: --routers learned centroid --budget N --fractions ...
+        s.budget, s.fractions, s.n_samples, s.sample_steps, s.routers = 400, [1.0], 300, 12, ["centroid"]
+    s.split, s.compare = args.split, not args.no_compare
+    s.boot_rounds = args.boot if args.boot is not None else (100 if fashion else 200)
     if not (args.quick or args.full):
         s.routings = ["top1", "top2"]
     if args.routings:
