@@ -138,8 +138,9 @@ def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
     trainers = {e.name for e in ev if e.kind is EventKind.CLAIM}
     idle = [p for p in net.procs if p.name not in trainers]
     assert len(idle) == 2
-    # idle islands mirror: each holds a verified copy of a shard it never trained
-    net.wait_for(lambda _ev: all(any(ckpt.latest_checkpoint(p.work, s) for s in (0, 1)) for p in idle), 60,
+    # idle islands mirror: each holds a verified copy of a shard it never trained (120 s: an idle island also
+    # mirrors the data packs first; 60 s ran out once on a quiet box, 2026-12-03)
+    net.wait_for(lambda _ev: all(any(ckpt.latest_checkpoint(p.work, s) for s in (0, 1)) for p in idle), 120,
                  "idle islands to mirror")
 
 
