@@ -74,3 +74,16 @@ def tiny_cfg():
             "sample.steps": 8, "partition.experts": 2,
         }
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: the machine is shared, and two threads on a busy box are several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

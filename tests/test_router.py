@@ -21,14 +21,8 @@ IDS = [3, 5, 8, 11]  # shard ids need not be contiguous
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the machine is shared, and two threads on a busy box are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 class RecordingExpert:

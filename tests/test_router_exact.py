@@ -22,14 +22,8 @@ TIMES = (0.05, 0.3, 0.7, 0.95)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the machine is shared, and two threads on a busy box are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 def _mixture():

@@ -21,13 +21,8 @@ from router.stats import max_components
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 def _copied_pixels(copies: int, n: int = 600, seed: int = 0):
