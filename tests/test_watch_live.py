@@ -51,7 +51,8 @@ def test_a_training_island_talks_and_status_shows_live_step_and_loss_before_any_
     def live_row():  # `status` joins through the multiaddr of the ready line: it is dialable
         doc = json.loads(net.cli("status", "--initial-peers", maddr, "--run", run_id, "--json"))
         row = doc["shards"][0]
-        return (row, doc) if row["live_step"] and row["loss"] is not None else None
+        known = row["live_step"] and row["loss"] is not None and row["images_per_s"] is not None
+        return (row, doc) if known else None  # the first heartbeat may come before a rate is measured
 
     row, doc = wait_for("a live step in status", live_row, 90, proc)
     assert row["state"] == "training" and row["checkpoints"] == 0 and row["newest_step"] is None
