@@ -19,6 +19,9 @@ import pytest
 SESSION_TAG = f"{uuid.uuid4().hex}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 os.environ["DDM_TEST_SESSION"] = SESSION_TAG
 # Nothing downloads in tests: the hub libraries read these at import, and children inherit them.
+# pytest-xdist workers get COLUMNS=80; piped CLI output (status tables) is meant to be as wide as a serial run's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
 os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
