@@ -204,8 +204,11 @@ def test_handoff_gives_up_without_takers_on_a_second_signal_and_over_a_dead_dht(
     assert not h.wait(timeout=30.0)
     reasons = [e.reason for e in read_events(tmp_path / "events.jsonl")]
     assert reasons == ["no live peer could take it", "asked to leave at once"], reasons
-    nothing, _ = handoff(tmp_path, swarm, FakeChecks(set()), ours=())
+    nothing, left = handoff(tmp_path, swarm, FakeChecks(set()), ours=())
     assert nothing.wait(timeout=30.0)  # nothing of ours announced: nothing to hand over
+    # but the leaving heartbeat goes out all the same: in a whole-swarm stop the trainers handing over must not
+    # wait for idle islands that already left (they waited out the heartbeat TTL, 10 s, before this)
+    assert left == [1]
 
 
 def test_the_peers_seen_are_remembered_for_the_next_start(tmp_path):

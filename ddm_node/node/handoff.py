@@ -45,16 +45,16 @@ class Handoff:
     def wait(self, timeout: float, abort: threading.Event | None = None) -> bool:
         """Serve until our newest checkpoints are held elsewhere (True), or give up (False); see the module doc."""
         ours = [r for r in (self.announcer.current(RecordKind.CKPT, s) for s in range(self.num_shards)) if r]
-        if timeout <= 0 or not ours:
-            return True
         try:
-            return self._wait(ours, timeout, abort)
+            # Always, even with nothing to hand over: a peer handing over its own checkpoints must not count us as a
+            # taker until our last heartbeat expires (in a whole-swarm stop every trainer waited out that TTL).
+            self.announce_leaving()
+            return True if timeout <= 0 or not ours else self._wait(ours, timeout, abort)
         except DDMError as exc:  # the DHT died: the checkpoints stay on disk, announced again at the next start
             log.warning("leaving without a hand-off: %s", exc)
-            return False
+            return not ours
 
     def _wait(self, ours: list[CheckpointRecord], timeout: float, abort: threading.Event | None) -> bool:
-        self.announce_leaving()
         t0 = time.monotonic()
         pending = ours
         while True:
