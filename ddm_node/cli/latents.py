@@ -16,11 +16,18 @@ def cmd_encode(args) -> int:
     ds = load_dataset(args.dataset)
     vae = load_vae(args.vae, device=args.device)
     console = stderr_console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as prog:
-        task = prog.add_task("encode", total=len(ds))
-        out = encode_latents(ds, vae, args.out, batch=args.batch, size=args.size,
-                             on_batch=lambda done: prog.update(task, completed=done))
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console)
+    task = prog.add_task("encode", total=len(ds))
+
+    def advance(done: int) -> None:
+        prog.start()  # at the first batch: a refused --out or a finished DIR shows no bar
+        prog.update(task, completed=done)
+
+    try:
+        out = encode_latents(ds, vae, args.out, batch=args.batch, size=args.size, on_batch=advance)
+    finally:
+        prog.stop()
     c, h, w = out.shape
     what = "already held" if out.already else "written to"
     resumed = f" (resumed at {out.resumed_at})" if out.resumed_at and not out.already else ""

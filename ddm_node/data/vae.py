@@ -118,9 +118,8 @@ def open_vae(ref: VaeRef, override: str | None = None, device: str = "cpu") -> V
     files = vae_files(directory)
     if set(files) != set(ref.files) or files != ref.files:
         bad = sorted(k for k in set(files) | set(ref.files) if files.get(k) != ref.files.get(k))
-        raise DDMError(f"VAE {directory}: {', '.join(bad)} differ from the VAE that made these latents "
-                       f"(sha256 {ref.files.get(bad[0], 'absent')[:12]} expected, found "
-                       f"{files.get(bad[0], 'absent')[:12]})")
+        raise DDMError(f"VAE {directory} is not the one that made these latents: {bad[0]} has sha256 "
+                       f"{files.get(bad[0], 'absent')[:12]}, the plan records {ref.files.get(bad[0], 'absent')[:12]}")
     vae = Vae(source, revision, directory, files, _load_model(directory, files, device))
     if (vae.scaling_factor, vae.shift_factor) != (ref.scaling_factor, ref.shift_factor):
         raise DDMError(f"VAE {directory}: scaling {vae.scaling_factor}/shift {vae.shift_factor} differ from the "
