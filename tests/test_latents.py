@@ -186,6 +186,7 @@ def test_encode_bad_input_is_one_line_and_touches_nothing(run, tmp_path, capsys)
 
 
 def test_an_interrupted_encode_leaves_no_dataset_and_resumes(run, tmp_path):
+    from ddm_node.data.datasets import Dataset
     from ddm_node.data.latents import encode_latents
     from ddm_node.data.vae import load_vae
 
@@ -207,6 +208,11 @@ def test_an_interrupted_encode_leaves_no_dataset_and_resumes(run, tmp_path):
     assert again.already
     with pytest.raises(DDMError, match="multiple of the VAE's downsampling factor 2"):
         encode_latents(ds, vae, tmp_path / "odd", size=9)
+    small = Dataset("digits", ds.x[:16], ds.y[:16], None, 10)  # --size 16: 8x8 images resized, 4x8x8 latents
+    up = encode_latents(small, vae, tmp_path / "up", size=16)
+    ref = load_dataset(f"latents:{up.path}").vae
+    assert up.shape == (4, 8, 8) and ref.image_size == 16
+    assert vae.decode(torch.from_numpy(np.load(up.path / "x.npy")), ref).shape == (16, 1, 16, 16)
 
 
 def test_a_hub_id_resolves_to_its_cached_snapshot(run, tmp_path, monkeypatch):
