@@ -230,8 +230,13 @@ def test_a_hub_id_resolves_to_its_cached_snapshot(run, tmp_path, monkeypatch):
                         lambda repo, revision=None, allow_patterns=(): asked.append((repo, allow_patterns)) or snap)
     vae = load_vae("someone/pipeline/vae")
     assert (vae.source, vae.revision, vae.directory) == ("someone/pipeline/vae", revision, snap / "vae")
-    assert asked == [("someone/pipeline", ["vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-                                           "vae/diffusion_pytorch_model.bin"])]
+    assert asked == [("someone/pipeline", ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"])]
+    shutil.rmtree(snap / "vae")
+    tiny_vae(snap / "vae").save_pretrained(snap / "vae", safe_serialization=False)
+    (snap / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    asked.clear()  # a repo without safetensors: the .bin, asked for only then
+    assert load_vae("someone/pipeline/vae").files.keys() == {"config.json", "diffusion_pytorch_model.bin"}
+    assert [a[1][1] for a in asked] == ["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"]
 
 
 @pytest.mark.parametrize("field, value, needle", [

@@ -141,13 +141,15 @@ def resolve(name: str, revision: str | None = None) -> tuple[Path, str, str | No
     try:
         from huggingface_hub import snapshot_download
 
-        snap = snapshot_download(repo, revision=revision,
-                                 allow_patterns=[f"{prefix}{n}" for n in (CONFIG_FILE, *WEIGHT_FILES)])
+        for weights in WEIGHT_FILES:  # the safetensors file when the repo has one: never both
+            snap = Path(snapshot_download(repo, revision=revision, allow_patterns=[f"{prefix}{CONFIG_FILE}",
+                                                                                   f"{prefix}{weights}"]))
+            if (snap / prefix / weights).is_file():
+                break
     except ImportError:
         raise DDMError(f"a hub VAE needs huggingface_hub: {INSTALL_HINT}") from None
     except Exception as exc:  # noqa: BLE001  (hub errors are many types; all of them are one line here)
         raise DDMError(f"VAE {name!r}: cannot get it from the hub ({_first_line(exc)})") from None
-    snap = Path(snap)
     return snap / sub if sub else snap, name, snap.name if _REVISION.match(snap.name) else revision
 
 
