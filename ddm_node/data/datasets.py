@@ -12,7 +12,9 @@ Specs (nothing is ever downloaded):
   holding ``x.npy`` float32 [N,C,H,W] and optionally ``y.npy`` (int labels) and ``features.npy`` [N,F],
   or a single ``.npy`` file (x only). Latents are used exactly as stored and are NOT limited to [-1, 1]:
   store them already multiplied by the VAE's scaling factor (SD-VAE: ``latent * 0.18215``, about unit
-  variance), and decode samples with ``vae.decode(x / 0.18215)``. See docs/GPU.md.
+  variance), and decode samples with ``vae.decode(x / 0.18215)``. See docs/GPU.md. ``ddm-node encode`` writes such
+  a directory with ``vae.json`` (data/vae_ref.py): the dataset then carries that VAE reference (`Dataset.vae`),
+  the plan records it, and `sample`/`eval` decode through it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import write_atomic
+from ddm_node.data.vae_ref import VaeRef, read_vae_json
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class Dataset:
     features: np.ndarray | None  # float32 [N, F] or None
     num_classes: int  # 0 when unlabeled
     latent: bool = False  # latents (any finite values, possibly memory-mapped) instead of [-1, 1] images
+    vae: VaeRef | None = None  # the VAE that made the latents (DIR/vae.json of `ddm-node encode`)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -423,7 +427,8 @@ def _load_latents(spec: str, path: Path) -> Dataset:
     y, num_classes = _npz_labels(y, len(x), y_path or path)
     f = _load_npy(f_path) if f_path is not None and f_path.is_file() else None
     features = _npz_features(f, len(x), f_path or path)
-    return Dataset(spec, x, y, features, num_classes, latent=True)
+    made = read_vae_json(path) if path.is_dir() else None
+    return Dataset(spec, x, y, features, num_classes, latent=True, vae=made.vae if made is not None else None)
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:

@@ -27,6 +27,7 @@ from ddm_node.core.manifest import write_atomic
 from ddm_node.data.datasets import Dataset, split_indices
 from ddm_node.data.pack import PackRef
 from ddm_node.data.partition import cluster, compute_features
+from ddm_node.data.vae_ref import VaeRef
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,18 @@ class Plan:
     shards: list[Shard]
     config: dict  # config.to_dict(Config) of the full run config (train.steps = per-expert budget)
     packs: Packs | None = None  # version 2 only
+    vae: VaeRef | None = None  # latents made by `ddm-node encode`: the VAE that decodes them (any version)
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes of the plan (what the file holds and the run id hashes). A plan without packs
-        has no "packs" key, so version-1 plans keep their bytes and run ids."""
+        has no "packs" key, nor one without a VAE a "vae" key, so older plans keep their bytes and run ids."""
         data = dataclasses.asdict(self)
         if self.packs is None:
             del data["packs"]
+        if self.vae is None:
+            del data["vae"]
+        else:
+            data["vae"] = self.vae.to_dict()
         return canonical_json(data)
 
     @property
@@ -149,7 +155,7 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
                     centroid=[float(v) for v in centroids[c]]) for c in range(k)]
     plan = Plan(version=PLAN_VERSION, dataset=ds.spec, fingerprint=ds.fingerprint(), shape=list(ds.shape),
                 num_classes=ds.num_classes, n_samples=len(ds), eval_ids=[int(i) for i in eval_ids],
-                shards=shards, config=to_dict(cfg))
+                shards=shards, config=to_dict(cfg), vae=ds.vae)
     log.info("plan %s: %d train / %d eval samples, shard sizes %s", plan.run_id[:12], len(train_ids),
              len(eval_ids), [len(s.ids) for s in shards])
     return plan
@@ -218,7 +224,7 @@ def _parse(data: dict) -> Plan:
         raise DDMError(f"unsupported plan version {version!r} (this node reads {PLAN_VERSION} and {PACKS_VERSION})")
     fields = _FIELDS + (("packs",) if version == PACKS_VERSION else ())
     missing = [f for f in fields if f not in data]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields) - {"vae"})
     if missing or unknown:
         raise DDMError(f"plan field {'missing: ' + missing[0] if missing else 'unknown: ' + unknown[0]}")
     if not isinstance(data["dataset"], str) or not data["dataset"]:
@@ -256,9 +262,12 @@ def _parse(data: dict) -> Plan:
     if cfg.data.dataset != data["dataset"]:
         raise DDMError(f"config data.dataset {cfg.data.dataset!r} != plan dataset {data['dataset']!r}")
     packs = _packs(data["packs"], len(parsed), bool(data["eval_ids"])) if version == PACKS_VERSION else None
+    vae = VaeRef.parse(data["vae"], "vae") if "vae" in data else None
+    if vae is not None and not data["dataset"].startswith("latents:"):
+        raise DDMError("vae: only a latents: dataset has a VAE")
     return Plan(version=version, dataset=data["dataset"], fingerprint=data["fingerprint"], shape=shape,
                 num_classes=data["num_classes"], n_samples=n, eval_ids=data["eval_ids"], shards=parsed,
-                config=data["config"], packs=packs)
+                config=data["config"], packs=packs, vae=vae)
 
 
 def _packs(value: Any, k: int, held_out: bool) -> Packs:

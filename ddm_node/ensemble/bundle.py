@@ -7,6 +7,9 @@ Layout (the shape of Bagel's Paris release):
     OUT/expert_k/stats/             stats.safetensors + manifest (for the centroid router)
     OUT/router/                     config.json, model.safetensors + manifest (learned router, optional)
     OUT/eval_pack/                  the plan's held-out data pack + manifest (optional; `eval` without the dataset)
+
+A latent run's index also names its VAE (`vae`: the plan's reference, data/vae_ref.py): where it is and the sha256 of
+its files, not the weights themselves (see data/vae.py); `sample` and `eval` decode through it.
 """
 
 from __future__ import annotations
@@ -170,6 +173,8 @@ def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], 
         index = {"format": FORMAT, "run_id": plan.run_id, "dataset": plan.dataset, "fingerprint": plan.fingerprint,
                  "shape": list(plan.shape), "num_classes": plan.num_classes, "num_shards": len(plan.shards),
                  "experts": experts, "missing": missing, "router": router}
+        if plan.vae is not None:
+            index["vae"] = plan.vae.to_dict()
         if eval_pack is not None:
             index["eval_pack"] = {"dir": EVAL_PACK, "sha256": plan.packs.eval.sha256, "manifest_id": p.id}
         write_atomic(stage / INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
@@ -265,8 +270,10 @@ class BundleIndex:
     def check_plan(self, plan: Plan, source: str) -> None:
         """The index describes this plan's run: its shards, image shape and classes."""
         k = len(plan.shards)
+        vae = plan.vae.to_dict() if plan.vae is not None else None
         for name, got, want in (("num_shards", self.raw.get("num_shards"), k), ("shape", self.raw.get("shape"),
-                                list(plan.shape)), ("num_classes", self.raw.get("num_classes"), plan.num_classes)):
+                                list(plan.shape)), ("num_classes", self.raw.get("num_classes"), plan.num_classes),
+                                ("vae", self.raw.get("vae"), vae)):
             if got != want:
                 raise IntegrityError(f"{source}: {name} is {str(got)[:40]}, the plan says {want}")
         if any(k_ >= k for k_ in [e.shard for e in self.experts] + list(self.missing)):
