@@ -14,8 +14,7 @@ def cmd_distill(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ddm_node.core.identity import Identity
-    from ddm_node.data.plan import Plan
-    from ddm_node.ensemble.bundle import load_index
+    from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.ensemble.distill import distill, student_config
 
     stop = threading.Event()
@@ -27,21 +26,28 @@ def cmd_distill(args) -> int:
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        plan = Plan.load(args.ensemble, expected_run_id=load_index(args.ensemble).run_id)  # distill verifies all
-        cfg = student_config(plan.cfg, args.steps, args.size, args.config, args.sets)
+        bundle = load_bundle(args.ensemble)  # every file verified
+        plan = bundle.plan
+        cfg = student_config(plan, args.steps, args.size, args.config, args.sets)
         sample = plan.cfg.sample
         for key in ("routing", "router", "top_k"):
             if getattr(args, key) is not None:
                 setattr(sample, key, getattr(args, key))
         identity = Identity.load(args.identity) if args.identity else None
         console = Console(stderr=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as prog:
-            task = prog.add_task("student", total=args.steps, info="")
-            out = distill(args.ensemble, args.out, cfg, sample,
-                          identity=identity, device=args.device, should_stop=stop.is_set,
-                          on_step=lambda step, loss: prog.update(task, completed=step, info=f"loss {loss:.4f}"))
+        prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+        task = prog.add_task("student", total=args.steps, info="")
+
+        def advance(step: int, loss: float) -> None:  # the bar appears with the first step, after every check
+            prog.start()
+            prog.update(task, completed=step, info=f"loss {loss:.4f}")
+
+        out = distill(bundle, args.out, cfg, sample, identity=identity, device=args.device, should_stop=stop.is_set,
+                      on_step=advance)
     finally:
+        if "prog" in locals():
+            prog.stop()
         for s, h in handlers.items():
             signal.signal(s, h)
     if stop.is_set():

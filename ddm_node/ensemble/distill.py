@@ -31,7 +31,8 @@ from ddm_node.core.config import Config, SampleConfig, canonical_json, config_ha
 from ddm_node.core.errors import DDMError
 from ddm_node.core.identity import Identity
 from ddm_node.core.manifest import copy_artifact, read_manifest, write_atomic
-from ddm_node.ensemble.bundle import EVAL_PACK, FORMAT, INDEX, Bundle, load_bundle, load_index
+from ddm_node.data.plan import Plan
+from ddm_node.ensemble.bundle import EVAL_PACK, FORMAT, INDEX, Bundle, load_index
 from ddm_node.ensemble.generate import bundle_eval_data
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.checkpointer import Checkpointer
@@ -45,15 +46,18 @@ STUDENT = "student-{step:08d}"  # one directory per step written: the index swit
 TRAIN_DIR = "train"  # OUT/train: the student's checkpoints (a work dir with shard 0)
 
 
-def student_config(plan_cfg: Config, steps: int, size: str | None = None, config: str | Path | None = None,
+def student_config(plan: Plan, steps: int, size: str | None = None, config: str | Path | None = None,
                    sets: Sequence[str] = ()) -> Config:
     """The student's config: the plan's, with the velocity objective, `config` (a YAML file) and `sets` applied,
-    `steps` steps, and with `size` a named model size of its own (the experts' width, depth and patch dropped)."""
+    `steps` steps, and with `size` a named model size of its own (the experts' width, depth and patch dropped).
+    DDMError when it is not a model the bundle can hold (`student_rules`)."""
+    plan_cfg = plan.cfg
     base = dataclasses.replace(plan_cfg, train=dataclasses.replace(plan_cfg.train, objective="velocity"))
     cfg = load_config(config, {"train.steps": steps}, sets, base=base)
     if size is not None:
         cfg.model = dataclasses.replace(cfg.model, size=size, hidden=0, depth=0, heads=0, patch_size=0)
     cfg.validate()
+    student_rules(plan, cfg.model.resolved(), "the student's config")
     return cfg
 
 
@@ -89,14 +93,14 @@ def _check_out(out: Path, ensemble: Path, identity_hash: str, run_id: str) -> No
                            f"the same flags, or choose a new --out")
 
 
-def distill(ensemble: str | Path, out: str | Path, cfg: Config, sample: SampleConfig,
+def distill(bundle: Bundle, out: str | Path, cfg: Config, sample: SampleConfig,
             identity: Identity | None = None, device: str | None = None,
             on_step: Callable[[int, float], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> Path:
-    """Distill the bundle at `ensemble` into a student trained with `cfg` (`student_config`; `cfg.train.steps`
-    steps in all, resumed from OUT/train) under the routing of `sample`; writes and returns the bundle OUT."""
-    ensemble, out = Path(ensemble), Path(out)
-    bundle = load_bundle(ensemble)
+    """Distill a loaded ensemble `bundle` (`load_bundle`) into a student trained with `cfg` (`student_config`;
+    `cfg.train.steps` steps in all, resumed from OUT/train) under the routing of `sample`; writes and returns the
+    bundle OUT."""
+    ensemble, out = bundle.path, Path(out)
     if bundle.distilled_from is not None:
         raise DDMError(f"{ensemble} is a distilled bundle already; distill from the ensemble it came from")
     student_rules(bundle.plan, cfg.model.resolved(), "the student's config")
