@@ -90,9 +90,12 @@ def test_the_student_learns_the_teachers_velocity(teacher, tmp_path):
     assert error(distill(load_bundle(teacher), tmp_path / "s", cfg, sample, device="cpu")) < 0.7 * first
 
 
-def test_student_size_flag_and_resume_guard(teacher, tmp_path):
+def test_student_size_flag_and_resume_guard(teacher, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["distill", "--ensemble", str(teacher), "--steps", "1", "--out", str(out), "--size", "router",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
     cfg, sample = _student(teacher, 1, size="router")
-    out = distill(load_bundle(teacher), tmp_path / "s", cfg, sample, device="cpu")
     student = load_bundle(out).models[0]
     assert (student.cfg.size, student.cfg.hidden, student.cfg.depth) == ("router", 64, 2)
     other = dict(vars(sample), routing="full")

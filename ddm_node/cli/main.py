@@ -210,8 +210,8 @@ def cmd_verify(args) -> int:
     from ddm_node.ensemble.bundle import verify_bundle
 
     index = verify_bundle(args.dir, require_signature=not args.allow_unsigned, trusted_keys=args.trusted_key or None)
-    print(f"{args.dir}: OK, {len(index['experts'])} experts, router {index['router']['kind']}, "
-          f"missing {index['missing'] or 'none'}")
+    what = "a distilled student" if index.get("student") else f"{len(index['experts'])} experts"
+    print(f"{args.dir}: OK, {what}, router {index['router']['kind']}, missing {index['missing'] or 'none'}")
     return 0
 
 
