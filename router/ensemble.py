@@ -7,7 +7,9 @@ Routing modes:
 In the top-k modes the batch is grouped by chosen expert each call: every expert runs once, on the
 samples that chose it, so top-1 costs about one expert forward per sample plus one router forward.
 
-Classifier-free guidance is applied inside each expert (`Expert`), before the router weighting.
+Classifier-free guidance is applied inside each expert (`Expert`), before the router weighting. An expert trained to
+predict the noise or the data (`train.objective`) has its output converted to velocity first (core/objective.py), so
+guidance and routing both act on velocities whatever each expert predicts (a mixed ensemble, as heterogeneous DDM).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from ddm_node.core.config import Routing
 from ddm_node.core.errors import DDMError
+from ddm_node.core.objective import AsVelocity
 from router.base import Router
 from router.gaussian import broadcast_t
 
@@ -34,15 +37,17 @@ ROUTINGS: dict[str, Callable[[int, int], int]] = {
 class Expert:
     """A velocity model v(x, t, y) with classifier-free guidance applied inside.
 
+    `objective`: what `model` predicts; its output is converted to velocity before guidance (`AsVelocity`).
     y None or all-null: the unconditional velocity. cfg_scale 1: the conditional velocity. Otherwise
     v_u + s (v_c - v_u), with the conditional and unconditional passes in one batched call (samples whose
     label is already null are not doubled).
     """
 
-    def __init__(self, model: nn.Module | Callable[[Tensor, Tensor, Tensor], Tensor], num_classes: int, cfg_scale: float = 1.0):
+    def __init__(self, model: nn.Module | Callable[[Tensor, Tensor, Tensor], Tensor], num_classes: int, cfg_scale: float = 1.0,
+                 objective: str = "velocity"):
         if num_classes < 0:
             raise DDMError(f"num_classes must be >= 0, got {num_classes}")
-        self.model = model
+        self.model = model if objective == "velocity" else AsVelocity(model, objective)
         self.num_classes = num_classes
         self.cfg_scale = float(cfg_scale)
         self.forward_samples = 0  # samples through the model, CFG's doubled passes included
@@ -71,6 +76,21 @@ class Expert:
         out, v_u = v[:b].clone(), v[b:]
         out[idx] = v_u + self.cfg_scale * (out[idx] - v_u)
         return out
+
+
+class SoleRouter:
+    """The router of a one-model bundle (a distilled student): p(k | x_t, t) = 1 for its only expert `k`."""
+
+    def __init__(self, k: int):
+        self.experts = [int(k)]
+
+    def log_probs(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        return torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
+
+    def subset(self, ids) -> SoleRouter:
+        if [int(k) for k in ids] != self.experts:
+            raise DDMError(f"this router knows expert {self.experts[0]} only, not {list(ids)}")
+        return self
 
 
 class EnsembleVelocity:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ddm_node import __version__
+from ddm_node.cli.distill import add_distill_parser
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
 from ddm_node.cli.flags import add_set_flag, positive
 from ddm_node.cli.latents import add_encode_parser
@@ -216,8 +217,8 @@ def cmd_verify(args) -> int:
     from ddm_node.ensemble.bundle import verify_bundle
 
     index = verify_bundle(args.dir, require_signature=not args.allow_unsigned, trusted_keys=args.trusted_key or None)
-    print(f"{args.dir}: OK, {len(index['experts'])} experts, router {index['router']['kind']}, "
-          f"missing {index['missing'] or 'none'}")
+    what = "a distilled student" if index.get("student") else f"{len(index['experts'])} experts"
+    print(f"{args.dir}: OK, {what}, router {index['router']['kind']}, missing {index['missing'] or 'none'}")
     return 0
 
 
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     add_features_parser(sub, positive)
     add_encode_parser(sub, positive)
+    add_distill_parser(sub, positive)
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)

@@ -24,6 +24,9 @@ from ddm_node.core.errors import DDMError
 # (partition.features_path; `ddm-node features` writes one)
 Features = Literal["pca", "dataset", "npy"]
 TSampling = Literal["uniform", "logit_normal"]
+# what an expert predicts under x_t = (1 - t) x0 + t eps: the velocity eps - x0, the noise eps (DDPM-style) or the data
+# x0; the ensemble converts every expert's output to velocity (core/objective.py)
+Objective = Literal["velocity", "epsilon", "x0"]
 # "power": EDM2's power-function EMA, averaging a fixed fraction (train.ema_std) of the steps so far, whatever the
 # run's length; "fixed": decay train.ema_decay, warmed up as min(ema_decay, (1 + n) / (10 + n)) after n updates
 EmaKind = Literal["power", "fixed"]
@@ -129,6 +132,7 @@ class TrainConfig:
     warmup_steps: int = 50  # linear lr warmup, in steps; unused when warmup_fraction > 0
     warmup_fraction: float = 0.0  # > 0: the warmup is this fraction of train.steps (scales with the run's length)
     t_sampling: TSampling = "uniform"  # uniform learned 8x8 digits faster here
+    objective: Objective = field(default="velocity", metadata={ABSENT: "velocity"})  # the network's target
     seed: int = 0
     checkpoint_every: int = 250
     bf16: bool = True  # autocast on CUDA only
@@ -381,10 +385,11 @@ def parse_set(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                sets: Sequence[str] = ()) -> Config:
+                sets: Sequence[str] = (), base: Config | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 100} (None: not given),
-    then `--set KEY=VALUE` strings (`parse_set`; applied last, None included), and validate."""
-    values: dict = {}
+    then `--set KEY=VALUE` strings (`parse_set`; applied last, None included), and validate. `base`: the config
+    the file's keys and the overrides change (default: the built-in defaults), e.g. a plan's for `distill`."""
+    values: dict = to_dict(base) if base is not None else {}
     source = "defaults"
     if path is not None:
         import yaml  # imported here so that model and trainer code runs on machines without pyyaml
@@ -395,11 +400,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except OSError as exc:
             raise DDMError(f"cannot read config {path}: {exc.strerror or exc}") from None
         try:
-            values = yaml.safe_load(text) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise DDMError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
+        if not isinstance(loaded, dict):
             raise DDMError(f"{path}: top level must be a mapping of sections")
+        for section, part in loaded.items():  # key by key over `base`'s sections
+            both = isinstance(part, dict) and isinstance(values.get(section), dict)
+            values[section] = {**values[section], **part} if both else part
     given = [(k, v) for k, v in (overrides or {}).items() if v is not None] + [parse_set(text) for text in sets]
     for dotted, value in given:
         section, _, key = dotted.partition(".")
@@ -420,5 +428,17 @@ def canonical_json(data: Any) -> bytes:
 
 
 def config_hash(obj: Any) -> str:
-    """sha256 of a dataclass's canonical JSON."""
-    return hashlib.sha256(canonical_json(to_dict(obj))).hexdigest()
+    """sha256 of a dataclass's canonical JSON, without the fields at their `ABSENT` value: a config written before
+    such a field existed hashes as it always did (a run's checkpoints keep matching its config hash)."""
+    return hashlib.sha256(canonical_json(_drop_absent(to_dict(obj), type(obj)))).hexdigest()
+
+
+def _drop_absent(values: dict, cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = values[f.name]
+        if ABSENT in f.metadata and value == f.metadata[ABSENT]:
+            continue
+        out[f.name] = _drop_absent(value, hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else value
+    return out

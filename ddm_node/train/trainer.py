@@ -41,7 +41,7 @@ from ddm_node.core.config import Config, ModelConfig, TrainConfig
 from ddm_node.core.errors import DDMError
 from ddm_node.core.model import DiT, count_params
 from ddm_node.train.distributed import DistContext, all_reduce_sum, rank_slice
-from ddm_node.train.flow import flow_matching_loss, sample_t
+from ddm_node.train.flow import Teacher, flow_matching_loss, sample_t
 from ddm_node.train.state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,12 @@ class Trainer(TrainerState):
     """Trains one DiT expert on in-memory samples `x` (float32 [N,C,H,W] in [-1,1]) and labels `y`."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None,
-                 device: str | None = None, dist: DistContext | None = None, check_range: bool = True):
+                 device: str | None = None, dist: DistContext | None = None, check_range: bool = True,
+                 teacher: Teacher | None = None):
         """`dist`: this process's place in a DDP group (None: one process). `check_range=False` accepts data
-        outside [-1, 1] (latents, e.g. SD-VAE latents * 0.18215); finiteness is still checked."""
+        outside [-1, 1] (latents, e.g. SD-VAE latents * 0.18215); finiteness is still checked. `teacher`: regress
+        its velocity at each (x_t, t, y) instead of the flow's own target (distillation, `flow_matching_loss`)."""
+        self.teacher = teacher
         Config(model=model_cfg, train=train_cfg).validate()
         self.dist = dist
         self.world_size = dist.world_size if dist is not None else 1
@@ -283,7 +286,7 @@ class Trainer(TrainerState):
         skip_sync = self._ddp is not None and not sync_grads
         with self._ddp.no_sync() if skip_sync else contextlib.nullcontext():
             with self._autocast():
-                loss = flow_matching_loss(self._forward, x0, y, t, eps)
+                loss = flow_matching_loss(self._forward, x0, y, t, eps, self.train_cfg.objective, self.teacher)
             if self.dist is None:
                 (loss / self.train_cfg.grad_accum).backward()
             else:
