@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ddm_node import __version__
+from ddm_node.cli.export import add_export_parsers
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
 from ddm_node.cli.flags import add_set_flag, positive
 from ddm_node.cli.logs import add_log_flags, setup_logging
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     p.set_defaults(func=cmd_demo)
     add_features_parser(sub, positive)
+    add_export_parsers(sub)
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)
