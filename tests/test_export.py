@@ -117,13 +117,20 @@ def test_exported_pipeline_samples_what_our_sampler_samples(tiny, tmp_path, rout
     noise = torch.randn((n, 1, 8, 8), generator=gen)
     y = torch.tensor([0, 1, 2, 3, 9, 10])  # 10: the null class
     want = _ours(tiny.bundle, noise, y, router)
+    chosen: set[int] = set()
+    log_probs = pipe.router.log_probs
+
+    def spy(x, t, y):
+        logp = log_probs(x, t, y)
+        chosen.update(logp.argmax(1).tolist())
+        return logp
+
+    pipe.router.log_probs = spy
     got = pipe(class_labels=y, latents=noise.clone(), num_inference_steps=STEPS, output_type="latent").images
     assert got.shape == want.shape == (n, 1, 8, 8)
     assert want.abs().max() > 1.0  # the experts are far from their zero initialisation
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # several experts take part: routing is exercised, not one expert's flow
-    logp = pipe.router.log_probs(noise, torch.ones(n), y)
-    assert len(set(logp.argmax(1).tolist())) > 1
+    assert len(chosen) > 1  # several experts took part: the routing is exercised, not one expert's flow
 
 
 def test_generator_guidance_and_images(tiny, tmp_path):
@@ -171,3 +178,92 @@ def test_missing_diffusers_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(DDMError, match=r"pip install 'ddm-node\[latent\]'"):
         require_diffusers()
+
+
+class FakeHub:
+    """A local stand-in for the hub's HTTP API (HF_ENDPOINT points at it): create a repo, pre-upload (every file
+    "regular": sent inline in the commit), commit. Records every request and the files each commit carried."""
+
+    def __init__(self):
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.calls: list[str] = []
+        self.files: dict[str, bytes] = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code: int, doc: dict) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hub.calls.append(f"POST {self.path}")
+                if self.path == "/api/repos/create":
+                    doc = json.loads(raw)
+                    return self._reply(200, {"url": f"{hub.url}/{doc.get('organization', 'me')}/{doc['name']}"})
+                if self.path == "/api/validate-yaml":  # the model card's front matter
+                    return self._reply(200, {"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(raw)["files"]
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+                if "/commit/" in self.path:
+                    for line in raw.decode().splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    return self._reply(200, {"commitUrl": f"{hub.url}/me/tiny/commit/{'a' * 40}",
+                                             "commitOid": "a" * 40})
+                return self._reply(404, {"error": "not here"})
+
+            def do_GET(self):
+                hub.calls.append(f"GET {self.path}")
+                return self._reply(404, {"error": "not here"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def test_push_uploads_every_file_to_the_endpoint(tiny, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("huggingface_hub")
+    from ddm_node.cli import main
+    from ddm_node.export.diffusers_dir import export
+
+    out = export(tiny.partial, tmp_path / "hf", router="centroid")
+    hub = FakeHub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the suite runs offline; this is local
+        assert main(["push", str(out), "--repo", "me/tiny", "--token", "hf_test"]) == 0, capsys.readouterr().err
+    finally:
+        hub.close()
+    assert capsys.readouterr().out.strip().endswith("a" * 40)
+    assert hub.calls[0] == "POST /api/repos/create"
+    sent = {p: hashlib.sha256(b).hexdigest() for p, b in hub.files.items()}
+    assert sent == _tree_hash(out)  # every file of the export, byte for byte
+
+    capsys.readouterr()  # a directory that is not an export, and a dead endpoint: one line each
+    assert main(["push", str(tiny.partial), "--repo", "me/tiny"]) == 2
+    assert "not a ddm-node export" in capsys.readouterr().err
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # closed now: connection refused
+    assert main(["push", str(out), "--repo", "me/tiny", "--token", "hf_test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "push to me/tiny" in err, err

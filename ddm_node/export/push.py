@@ -6,11 +6,13 @@ The endpoint is HF_ENDPOINT when set (read at call time), else the hub's. Only a
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from ddm_node.core.errors import DDMError
 
+log = logging.getLogger(__name__)
 HUB_HINT = "pip install 'ddm-node[hub]'"
 _PIPELINE = "DDMEnsemblePipeline_"
 
@@ -34,15 +36,14 @@ def push(folder: str | Path, repo_id: str, token: str | None = None, private: bo
     check_export(folder)
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
     except ImportError:
         raise DDMError(f"push needs huggingface_hub: {HUB_HINT}") from None
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
-    except HfHubHTTPError as exc:
-        raise DDMError(f"push to {repo_id}: {str(exc).splitlines()[0]}") from None
-    except (OSError, ValueError) as exc:  # connection refused, bad repo id
-        raise DDMError(f"push to {repo_id}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception as exc:  # the one boundary: HTTP errors, the HTTP client's own (refused, timeout), bad ids
+        log.debug("push to %s failed", repo_id, exc_info=True)
+        text = str(exc).strip().splitlines()
+        raise DDMError(f"push to {repo_id}: {type(exc).__name__}: {text[0] if text else 'failed'}") from None
     return str(getattr(info, "commit_url", info))
