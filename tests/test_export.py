@@ -131,6 +131,14 @@ def test_exported_pipeline_samples_what_our_sampler_samples(tiny, tmp_path, rout
     assert want.abs().max() > 1.0  # the experts are far from their zero initialisation
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert len(chosen) > 1  # several experts took part: the routing is exercised, not one expert's flow
+    # the router itself, beyond the argmax: the same log p(k | x_t, t, y) at several times
+    from ddm_node.ensemble.bundle import load_bundle
+
+    ours = load_bundle(tiny.bundle).router(router)
+    for t in (0.05, 0.3, 0.7):
+        x_t = (1 - t) * want.clamp(-1, 1) + t * noise
+        tt = torch.full((n,), t)
+        torch.testing.assert_close(log_probs(x_t, tt, y), ours.log_probs(x_t, tt, y), rtol=1e-4, atol=1e-4)
 
 
 def test_generator_guidance_and_images(tiny, tmp_path):
