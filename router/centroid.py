@@ -142,6 +142,22 @@ class CentroidRouter:
         within = self._per_cluster(joint.masked_fill(~mine, float("-inf")), owner) - log_class_w[:, y].T
         return torch.where(torch.isfinite(log_class_w[:, y].T), within, log_px)
 
+    def export_tensors(self) -> dict[str, Tensor]:
+        """What `log_probs` computes from (for `ddm-node export`): log_pi [K], owner [M], log_w [M], means and
+        variances [M, D]; when class-aware log_py_k [K, C], and with per-class components classes [M] and log_class_w
+        [K, C]; when calibrated, T(t) as one curve (curve_t, curve_temp) through the union of the clusters' points (the
+        count-weighted mean of piecewise-linear curves is piecewise linear there, so it is exact)."""
+        out = {"log_pi": self._log_pi, "owner": self._owner.long(), "log_w": self._log_w, "means": self._means,
+               "variances": self._vars}
+        if self._log_py_k is not None:
+            out["log_py_k"] = self._log_py_k
+        if self._classes is not None:
+            out["classes"], out["log_class_w"] = self._classes.long(), self._log_class_w
+        if self._curves:
+            ts = torch.unique(torch.cat([c[0].reshape(-1).to(torch.float64) for c in self._curves]))
+            out["curve_t"], out["curve_temp"] = ts, self.temperature(ts)
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
     def _on(self, device: torch.device) -> tuple[Tensor, ...]:
         """The stacked component tensors on `device` (cached: sampling calls this every step)."""
         if device not in self._cache:

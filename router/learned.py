@@ -91,6 +91,11 @@ class LearnedRouter:
         self.experts: list[int] = experts
         self._columns = _columns  # logit column of each entry of `experts`
 
+    @property
+    def columns(self) -> list[int]:
+        """The net's logit column of each entry of `experts`."""
+        return list(self._columns)
+
     def log_probs(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         """Normalized log-probabilities [B, len(experts)] in x's dtype; logits of other experts are masked out."""
         p = next(self.net.parameters())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ddm_node import __version__
 from ddm_node.cli.distill import add_distill_parser
+from ddm_node.cli.export import add_export_parsers
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
 from ddm_node.cli.flags import add_set_flag, positive
 from ddm_node.cli.latents import add_encode_parser
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_features_parser(sub, positive)
     add_encode_parser(sub, positive)
     add_distill_parser(sub, positive)
+    add_export_parsers(sub)
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)
