@@ -275,3 +275,19 @@ def test_push_uploads_every_file_to_the_endpoint(tiny, tmp_path, monkeypatch, ca
     assert main(["push", str(out), "--repo", "me/tiny", "--token", "hf_test"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "push to me/tiny" in err, err
+
+
+@pytest.mark.parametrize("change, needle", [({"objectives": {1: "epsilon"}}, "expert 1 predicts epsilon"),
+                                            ({"distilled_from": {"run": "x"}}, "distilled bundle")])
+def test_export_refuses_what_the_pipeline_would_sample_wrongly(tiny, tmp_path, monkeypatch, change, needle):
+    """The exported pipeline sums routed velocities: an epsilon or x0 expert, or a student bundle, is refused."""
+    import dataclasses
+
+    from ddm_node.core.errors import DDMError
+    from ddm_node.ensemble.bundle import load_bundle
+    from ddm_node.export import diffusers_dir
+
+    monkeypatch.setattr(diffusers_dir, "load_bundle", lambda d: dataclasses.replace(load_bundle(d), **change))
+    with pytest.raises(DDMError, match=needle):
+        diffusers_dir.export(tiny.bundle, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

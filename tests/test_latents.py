@@ -280,3 +280,24 @@ def test_fashion_mnist_latent_run_end_to_end(tmp_path, capsys, one_torch_thread)
     assert main(["eval", "--ensemble", str(tmp_path / "bundle"), "--n", "200", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(scores["fd_dom"]) and np.isfinite(scores["kid"])
+
+
+def test_a_latent_bundle_exports_with_its_vae_and_the_pipeline_decodes_images(run, tmp_path):
+    """export copies the local VAE the plan names (files hashed as recorded) into vae/, and the diffusers pipeline
+    decodes its samples through it: images of the VAE's size, not latents."""
+    from diffusers import DiffusionPipeline
+
+    from ddm_node.export.diffusers_dir import export
+
+    out = export(run / "bundle", tmp_path / "exported")
+    ref = Plan.load(run / "plan").vae
+    assert {name: sha256(out / "vae" / name) for name in ref.files} == ref.files
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert f"latent space of `{ref.source}`" in (out / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 8, 8) and 0 <= images.min() and images.max() <= 1  # 4x4x4 latents decoded
+    latents = pipe(batch_size=2, num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (2, 4, 4, 4)

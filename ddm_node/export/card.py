@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
+from ddm_node.data.vae_ref import VaeRef
 from ddm_node.ensemble.bundle import Bundle
-from ddm_node.export.vae import VaeLink
+from ddm_node.export.vae import local_vae
 
 MAX_SCORES = 32
 
@@ -19,7 +20,7 @@ def _scores(index: dict) -> list[tuple[str, float]]:
             and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
-def model_card(bundle: Bundle, router: str, vae: VaeLink | None) -> str:
+def model_card(bundle: Bundle, router: str, vae: VaeRef | None) -> str:
     """README.md text: YAML front matter for the hub, then the run, its signers, routing, scores and usage."""
     plan, index = bundle.plan, bundle.index
     experts = {e["shard"]: e for e in index["experts"]}
@@ -47,11 +48,11 @@ def model_card(bundle: Bundle, router: str, vae: VaeLink | None) -> str:
     lines += ["", "## Scores", ""]
     lines += [f"- {k}: {v:.6g}" for k, v in scores] or ["The bundle records no scores (`ddm-node eval` measures them)."]
     if vae is not None:
-        where = "copied into `vae/`" if vae.local else "not included: pass it when loading (below)"
+        where = "copied into `vae/`" if local_vae(vae) else "not included: pass it when loading (below)"
         lines += ["", "## VAE", "", f"The experts work in the latent space of `{vae.source}`"
                   + (f" (revision `{vae.revision}`)" if vae.revision else "")
                   + f", scaling factor {vae.scaling_factor:g}, shift {vae.shift_factor or 0:g}; {where}."]
-    load_vae = (f', vae=AutoencoderKL.from_pretrained("{vae.source}")' if vae is not None and not vae.local else "")
+    load_vae = (f', vae=AutoencoderKL.from_pretrained("{vae.source}")' if vae is not None and not local_vae(vae) else "")
     lines += ["", "## Usage", "", "```python", "import torch", "from diffusers import AutoencoderKL, DiffusionPipeline",
               "", f'pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO"{load_vae}, trust_remote_code=True)',
               "images = pipe(batch_size=4, num_inference_steps=32, generator=torch.Generator().manual_seed(0)"

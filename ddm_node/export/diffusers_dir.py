@@ -26,7 +26,7 @@ from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import commit_dir, staging_dir, write_atomic
 from ddm_node.ensemble.bundle import Bundle, load_bundle
 from ddm_node.export.card import model_card
-from ddm_node.export.vae import VaeLink, vae_link
+from ddm_node.export.vae import write_vae
 from ddm_node.export.weights import dit_config, dit_to_diffusers, router_to_diffusers
 from router.centroid import CentroidRouter
 from router.learned import LearnedRouter
@@ -57,7 +57,8 @@ def export(bundle_dir: str | Path, out: str | Path, fmt: str = "diffusers", rout
         raise DDMError(f"{out} already exists; export writes a new directory (remove it or pick another --out)")
     diffusers = require_diffusers()
     bundle = load_bundle(bundle_dir)
-    vae = vae_link(bundle.index, str(Path(bundle_dir) / "model_index.json"))
+    _check_exportable(bundle, bundle_dir)
+    vae = bundle.plan.vae
     stage = staging_dir(out)
     try:
         index = {"_class_name": [PIPELINE_MODULE, PIPELINE_PREFIX + "_".join(str(k) for k in sorted(bundle.models))],
@@ -68,7 +69,7 @@ def export(bundle_dir: str | Path, out: str | Path, fmt: str = "diffusers", rout
         routes = bundle.router(router)
         index["router"] = _write_router(routes, bundle, stage / "router")
         index["scheduler"] = _write_scheduler(stage / "scheduler")
-        index["vae"] = vae.write(stage / "vae") if vae is not None else [None, None]
+        index["vae"] = write_vae(vae, stage / "vae") if vae is not None else [None, None]
         write_atomic(stage / "model_index.json", json.dumps(index, indent=2, sort_keys=True).encode())
         write_atomic(stage / "README.md", model_card(bundle, type(routes).__name__, vae).encode())
         if out.exists():
@@ -79,6 +80,16 @@ def export(bundle_dir: str | Path, out: str | Path, fmt: str = "diffusers", rout
         raise
     log.info("exported %s as %s to %s", bundle_dir, fmt, out)
     return out
+
+
+def _check_exportable(bundle: Bundle, where: str | Path) -> None:
+    """The exported pipeline sums velocities over routed experts: refuse what it would sample wrongly."""
+    if bundle.distilled_from is not None:
+        raise DDMError(f"{where} is a distilled bundle (one student, no router); export takes an ensemble bundle")
+    other = {k: o for k, o in bundle.objectives.items() if o != "velocity"}
+    if other:
+        k = min(other)
+        raise DDMError(f"{where}: expert {k} predicts {other[k]}; export --format diffusers takes velocity experts only")
 
 
 def _write_expert(bundle: Bundle, k: int, folder: Path) -> list[str]:
@@ -126,4 +137,4 @@ def _write_scheduler(folder: Path) -> list[str]:
     return ["diffusers", "FlowMatchEulerDiscreteScheduler"]
 
 
-__all__ = ["FORMATS", "VaeLink", "export", "require_diffusers"]
+__all__ = ["FORMATS", "export", "require_diffusers"]
