@@ -18,6 +18,7 @@ from ddm_node.cli.logs import add_log_flags, setup_logging
 from ddm_node.cli.observing import add_dashboard_parser
 from ddm_node.cli.packs import add_pack_parser, add_packs_flag, with_packs
 from ddm_node.cli.start import add_start_parser
+from ddm_node.cli.text import add_embed_text_parser, add_prompt_flags, read_prompts
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -141,8 +142,9 @@ def cmd_sample(args) -> int:
 
     bundle = load_bundle(args.ensemble)
     cfg = sample_config(args, bundle.plan)
-    s = generate(bundle, args.n, cfg, seed=args.seed)
-    save_grid(s.x, args.out)
+    prompts = read_prompts(args)
+    s = generate(bundle, args.n, cfg, seed=args.seed, prompts=prompts)
+    save_grid(s.x, args.out, ncol=len(prompts) if prompts else None)
     if args.npz:
         import io
 
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_flags(p)
     p.add_argument("--out", required=True, help="PNG grid path")
     p.add_argument("--npz", help="also write the samples as .npz (x, y)")
+    add_prompt_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FD_dom, KID, precision/recall of ensemble samples on the held-out split")
@@ -325,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     p.set_defaults(func=cmd_demo)
     add_features_parser(sub, positive)
+    add_embed_text_parser(sub, positive)
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)

@@ -96,7 +96,7 @@ class Bundle:
         return CentroidRouter({k: self.stats[k] for k in present})
 
     def velocity(self, sample: SampleConfig) -> EnsembleVelocity:
-        experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale) for k, m in self.models.items()}
+        experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale, m.cfg.text_dim or 0) for k, m in self.models.items()}
         return EnsembleVelocity(experts, self.router(sample.router), routing=sample.routing, top_k=sample.top_k)
 
 

@@ -32,7 +32,8 @@ def interpolate(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.T
 
 
 def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, y: torch.Tensor | None,
-                       t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between model(x_t, t, y) and the target velocity eps - x0 (computed in float32)."""
-    v = model(interpolate(x0, t, eps), t, y)
+                       t: torch.Tensor, eps: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between model(x_t, t, y, **cond) and the target velocity eps - x0 (computed in float32);
+    `cond`: a text model's `text` and `text_drop`."""
+    v = model(interpolate(x0, t, eps), t, y, **cond)
     return F.mse_loss(v.float(), (eps - x0).float())
