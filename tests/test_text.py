@@ -165,3 +165,16 @@ def test_bad_text_input_is_one_line(world, tmp_path, capsys):
     rc = main(["sample", "--ensemble", str(world.bundle), "--n", "2", "--prompt", " ", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "empty prompts" in err and len(err.splitlines()) == 1
+
+
+def test_centroid_router_routes_labeled_text_runs_on_labels_and_pixels_alone():
+    from router.centroid import CentroidRouter, ClusterStats
+
+    gen = torch.Generator().manual_seed(0)
+    stats = {k: ClusterStats.from_data(torch.randn(40, 4, generator=gen) + 2 * k, 2, y=torch.arange(40) % 3,
+                                       num_classes=3, calibrate=False) for k in range(2)}
+    router = CentroidRouter(stats)
+    x, t, y = torch.randn(5, 4, generator=gen), torch.full((5,), 0.3), torch.tensor([0, 1, 2, 0, 1])
+    text = torch.randn(5, 16, generator=gen)
+    torch.testing.assert_close(router.log_probs(x, t, Cond(y, text)), router.log_probs(x, t, y))
+    assert (router.log_probs(x, t, y) - router.log_probs(x, t, None)).abs().max() > 1e-6  # the labels count
