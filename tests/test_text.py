@@ -26,6 +26,7 @@ from ddm_node.train.router_job import train_plan_router
 from router.base import Cond
 from router.ensemble import Expert
 
+pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WORDS = "zero one two three four five six seven eight nine".split()
