@@ -71,8 +71,10 @@ def world(tmp_path_factory) -> World:
     data.mkdir()
     np.save(data / "x.npy", digits.x[:N])  # no y.npy: the text is the only condition
     (root / "captions.txt").write_text("".join(f"digit {WORDS[d]}\n" for d in digits.y[:N]))
-    info = embed_captions(str(encoder), root / "captions.txt", data)
-    assert (info.count, info.dim) == (N, 16)
+    assert main(["embed-text", "--encoder", str(encoder), "--captions", str(root / "captions.txt"),
+                 "--out", str(data)]) == 0
+    info = json.loads((data / "text.json").read_text())
+    assert (info["count"], info["dim"], info["encoder"]) == (N, 16, str(encoder))
     cfg = load_config(overrides={"data.dataset": f"latents:{data}", "model.hidden": 32, "model.depth": 1,
                                  "model.heads": 2, "train.steps": 40, "train.batch_size": 32,
                                  "train.checkpoint_every": 40, "train.warmup_steps": 5, "router.steps": 30,
