@@ -181,3 +181,13 @@ def test_centroid_router_routes_labeled_text_runs_on_labels_and_pixels_alone():
     text = torch.randn(5, 16, generator=gen)
     torch.testing.assert_close(router.log_probs(x, t, Cond(y, text)), router.log_probs(x, t, y))
     assert (router.log_probs(x, t, y) - router.log_probs(x, t, None)).abs().max() > 1e-6  # the labels count
+
+
+def test_an_expert_config_from_before_text_loads_as_text_dim_0(tmp_path):
+    from ddm_node.core.config import ModelConfig, to_dict
+    from ddm_node.train.checkpoint import read_model_config
+
+    old = to_dict(ModelConfig(image_size=8, channels=1, num_classes=10).resolved())
+    del old["text_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert read_model_config(tmp_path).text_dim == 0
