@@ -15,6 +15,11 @@ the experts fitted on their own data (router/fit.py), averaged over the clusters
 A cluster whose statistics predate per-class components (or that holds no sample of y) falls back to
 p(x_t | k, y) = p(x_t | k), the naive-Bayes step. Without y (or with the null class of classifier-free
 guidance, or when a cluster lacks a class histogram) the posterior is the unconditional one.
+
+Text: the statistics are of pixels (or latents) and labels only, so this router cannot see a prompt. In a
+text-conditioned run it routes on x_t (and y) alone and ignores the text of a `Cond`: at high noise it hands a
+sample to the clusters in proportion to their size, not to the one whose captions match the prompt, and the
+expert it picks still follows the prompt. The learned router sees the text (router/learned.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ddm_node.core.errors import DDMError
+from router.base import Cond, Conditioning
 from router.gaussian import broadcast_t, component_log_density, interp
 from router.stats import VAR_FLOOR, ClusterStats
 
@@ -102,11 +108,12 @@ class CentroidRouter:
         total = sum(n for _, _, n in self._curves)
         return sum(n * interp(t, ts.to(t.device), temps.to(t.device)) for ts, temps, n in self._curves) / total
 
-    def log_probs(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+    def log_probs(self, x: Tensor, t: Tensor | float, y: Conditioning = None) -> Tensor:
         """Normalized log p(k | x_t, t[, y]) [B, len(experts)] in x's dtype.
 
         `y` counts when the stats are class-aware; a label outside [0, C) (the null class of
-        classifier-free guidance) or no `y` gives the unconditional posterior."""
+        classifier-free guidance) or no `y` gives the unconditional posterior. Text in a `Cond` is ignored."""
+        y = Cond.of(y).y
         b = x.shape[0]
         flat = x.detach().reshape(b, -1).to(torch.float64)
         if flat.shape[1] != self.dim:

@@ -21,6 +21,7 @@ from ddm_node.cli.logs import add_log_flags, setup_logging
 from ddm_node.cli.observing import add_dashboard_parser
 from ddm_node.cli.packs import add_pack_parser, add_packs_flag, with_packs
 from ddm_node.cli.start import add_start_parser
+from ddm_node.cli.text import add_embed_text_parser, add_prompt_flags, read_prompts
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -146,9 +147,10 @@ def cmd_sample(args) -> int:
     bundle = load_bundle(args.ensemble)
     vae = bundle_vae(bundle, args.vae)  # a latent run's VAE, checked before any sampling
     cfg = sample_config(args, bundle.plan)
-    s = generate(bundle, args.n, cfg, seed=args.seed)
+    prompts = read_prompts(args)
+    s = generate(bundle, args.n, cfg, seed=args.seed, prompts=prompts)
     images = to_images(vae, bundle, s.x)
-    save_grid(images, args.out)
+    save_grid(images, args.out, ncol=len(prompts) if prompts else None)
     if args.npz:
         import io
 
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_flags(p)
     p.add_argument("--out", required=True, help="PNG grid path")
     p.add_argument("--npz", help="also write the samples as .npz (x, y; a latent run: x latents, images decoded)")
+    add_prompt_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FD_dom, KID, precision/recall of ensemble samples on the held-out split")
@@ -339,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encode_parser(sub, positive)
     add_distill_parser(sub, positive)
     add_export_parsers(sub)
+    add_embed_text_parser(sub, positive)
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)

@@ -92,7 +92,9 @@ class ModelConfig:
     image_size: int | None = None  # None: the dataset's (square) image size
     channels: int | None = None  # None: the dataset's channels
     num_classes: int | None = None  # None: the dataset's class count (0 when unlabeled); 0: unconditional
-    class_dropout: float = 0.1  # label dropout that trains the null class for CFG
+    class_dropout: float = 0.1  # condition dropout (labels and text together) that trains the null condition for CFG
+    # width of the pooled text embedding the model conditions on: None = the dataset's (0 without text); 0 = none
+    text_dim: int | None = field(default=None, metadata={ABSENT: 0})
     hidden: int = 0
     depth: int = 0
     heads: int = 0
@@ -113,6 +115,17 @@ class ModelConfig:
             heads=self.heads or n,
             patch_size=self.patch_size or p,
         )
+
+
+@dataclass
+class TextConfig:
+    """The text encoder a text-conditioned run's embeddings came from (make_plan copies the dataset's text.json), so
+    that `sample --prompt` embeds prompts with the same encoder. Empty: the run has no text."""
+
+    encoder: str = ""  # hub id or directory the embeddings were computed with
+    sha256: str = ""  # over every file of the encoder (weights, config, tokenizer): data/text.py encoder_sha256
+    captions_sha256: str = ""  # the captions file the dataset's embeddings came from
+    max_length: int = 0  # tokens per caption (padded and truncated)
 
 
 @dataclass
@@ -215,6 +228,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def validate(self) -> Config:
         """Range and choice checks that types alone do not catch. Returns self."""
@@ -229,6 +243,7 @@ class Config:
             (self.model.channels is None or self.model.channels >= 1, "model.channels must be >= 1"),
             (self.model.num_classes is None or self.model.num_classes >= 0, "model.num_classes must be >= 0"),
             (0.0 <= self.model.class_dropout < 1.0, "model.class_dropout must be in [0, 1)"),
+            (self.model.text_dim is None or 0 <= self.model.text_dim <= 1 << 16, "model.text_dim must be in [0, 65536]"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),

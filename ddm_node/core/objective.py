@@ -71,5 +71,5 @@ class AsVelocity:
         _check(objective)
         self.model, self.objective = model, objective
 
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        return to_velocity(self.objective, self.model(x, t, y), x, t)
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond: Tensor | None) -> Tensor:
+        return to_velocity(self.objective, self.model(x, t, y, **cond), x, t)

@@ -106,7 +106,7 @@ class Bundle:
         return CentroidRouter({k: self.stats[k] for k in present})
 
     def velocity(self, sample: SampleConfig) -> EnsembleVelocity:
-        experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale, self.objectives.get(k, "velocity"))
+        experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale, m.cfg.text_dim or 0, self.objectives.get(k, "velocity"))
                    for k, m in self.models.items()}
         return EnsembleVelocity(experts, self.router(sample.router), routing=sample.routing, top_k=sample.top_k)
 

@@ -103,6 +103,8 @@ def distill(bundle: Bundle, out: str | Path, cfg: Config, sample: SampleConfig,
     ensemble, out = bundle.path, Path(out)
     if bundle.distilled_from is not None:
         raise DDMError(f"{ensemble} is a distilled bundle already; distill from the ensemble it came from")
+    if bundle.plan.cfg.model.text_dim:
+        raise DDMError(f"{ensemble} is text-conditioned; distilling text-conditioned ensembles is not supported yet")
     student_rules(bundle.plan, cfg.model.resolved(), "the student's config")
     data = bundle_eval_data(bundle)
     record = distilled_from(bundle, sample, "eval_pack" if bundle.eval_pack is not None else "dataset")

@@ -215,7 +215,7 @@ def latest_checkpoint(work_dir: str | Path, shard: int, require_signature: bool 
 def _parse_model_cfg(data: object, source: str) -> ModelConfig:
     if not isinstance(data, dict):
         raise DDMError(f"{source}: model config must be a mapping")
-    return from_dict(data, ModelConfig, source=source).resolved()
+    return from_dict(data, ModelConfig, source=source, saved=True).resolved()  # saved: older files lack text_dim
 
 
 def load_state(state_dir: str | Path, trainer: Trainer, require_signature: bool = False,

@@ -40,6 +40,7 @@ class ShardData:
     x: torch.Tensor
     y: torch.Tensor | None
     latent: bool = False  # latents are not limited to [-1, 1] (datasets spec latents:PATH)
+    text: torch.Tensor | None = None  # pooled text embeddings [N, D] of a text-conditioned run
 
 
 def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None, work_dir: str | Path | None = None) -> ShardData:
@@ -48,7 +49,8 @@ def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None, work_dir:
     rows = shard_rows(plan, shard, work_dir, dataset)
     x = torch.from_numpy(np.ascontiguousarray(rows.x)).float()
     y = torch.from_numpy(rows.y).long() if rows.y is not None and plan.cfg.model.num_classes > 0 else None
-    return ShardData(x, y, latent=rows.latent)
+    text = torch.from_numpy(np.ascontiguousarray(rows.text)).float() if rows.text is not None else None
+    return ShardData(x, y, latent=rows.latent, text=text)
 
 
 def run_config_hash(plan: Plan) -> str:
@@ -135,7 +137,8 @@ def train_shard(
     data = shard_data(plan, shard, dataset, work_dir)
     if _is_main(dist):
         ensure_stats(plan, shard, work_dir, data, identity)
-    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, dist=dist, check_range=not data.latent)
+    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, dist=dist, check_range=not data.latent,
+                      text=data.text)
     saver = Checkpointer(work_dir, plan.run_id, shard, run_config_hash(plan), identity)
     return train_loop(trainer, saver, target, resume_from=resume_from, on_step=on_step, on_checkpoint=on_checkpoint,
                       should_stop=should_stop, on_start=on_start, dist=dist, on_losses=on_losses)

@@ -38,13 +38,15 @@ Teacher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tens
 
 def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, y: torch.Tensor | None,
                        t: torch.Tensor, eps: torch.Tensor, objective: str = "velocity",
-                       teacher: Teacher | None = None) -> torch.Tensor:
-    """Mean squared error (in float32) between model(x_t, t, y) and the `objective`'s target: eps - x0, eps or x0.
+                       teacher: Teacher | None = None, **cond: torch.Tensor) -> torch.Tensor:
+    """Mean squared error (in float32) between model(x_t, t, y, **cond) and the `objective`'s target: eps - x0, eps
+    or x0. `cond`: a text model's `text` and `text_drop`.
 
     With a `teacher` (distillation) the target is the teacher's velocity at the same (x_t, t, y), expressed in the
-    objective (`from_velocity`), computed without gradients and outside any autocast (a float32 target)."""
+    objective (`from_velocity`), computed without gradients and outside any autocast (a float32 target). Students of
+    text-conditioned ensembles are not built (distill refuses them), so the teacher sees no text."""
     x_t = interpolate(x0, t, eps)
-    pred = model(x_t, t, y)
+    pred = model(x_t, t, y, **cond)
     if teacher is None:
         return F.mse_loss(pred.float(), training_target(objective, x0, eps).float())
     with torch.no_grad(), torch.autocast(device_type=x_t.device.type, enabled=False):

@@ -61,7 +61,7 @@ class ArtifactRules:
         model = plan.cfg.model.resolved()
         c, h, w = (int(s) for s in plan.shape)
         k = len(plan.shards)
-        router = router_model_config(plan.cfg.router, h, c, model.num_classes).resolved()
+        router = router_model_config(plan.cfg.router, h, c, model.num_classes, model.text_dim or 0).resolved()
         with torch.device("meta"):
             expert = DiT(model)
             expert_state, expert_params, n_params = _tensor_bytes(expert)
