@@ -144,10 +144,10 @@ def cmd_sample(args) -> int:
     from ddm_node.ensemble.generate import generate, save_grid
     from ddm_node.ensemble.images import bundle_vae, to_images
 
+    prompts = read_prompts(args)  # the flags first: a bad one is the only line printed
     bundle = load_bundle(args.ensemble)
     vae = bundle_vae(bundle, args.vae)  # a latent run's VAE, checked before any sampling
     cfg = sample_config(args, bundle.plan)
-    prompts = read_prompts(args)
     s = generate(bundle, args.n, cfg, seed=args.seed, prompts=prompts)
     images = to_images(vae, bundle, s.x)
     save_grid(images, args.out, ncol=len(prompts) if prompts else None)

@@ -168,9 +168,8 @@ class Trainer(TrainerState):
         outside [-1, 1] (latents, e.g. SD-VAE latents * 0.18215); finiteness is still checked. `teacher`: regress
         its velocity at each (x_t, t, y) instead of the flow's own target (distillation, `flow_matching_loss`).
         `text`: pooled text embeddings [N, model.text_dim] of a text-conditioned model."""
-        self.teacher = teacher
         Config(model=model_cfg, train=train_cfg).validate()
-        self.dist = dist
+        self.teacher, self.dist = teacher, dist
         self.world_size = dist.world_size if dist is not None else 1
         self.rank = dist.rank if dist is not None else 0
         self._rows = rank_slice(train_cfg.batch_size, self.rank, self.world_size)
