@@ -66,6 +66,7 @@ from ddm_node.core.model import DiT, flops_per_image
 from ddm_node.data.datasets import Dataset, load_dataset
 from ddm_node.data.plan import Plan, make_plan
 from ddm_node.ensemble.bundle import load_bundle, sources_from_work_dirs, write_bundle
+from ddm_node.ensemble.distill import distill, student_config
 from ddm_node.ensemble.generate import generate, reference_features, reference_split, save_grid
 from ddm_node.ensemble.metrics import Scores, bootstrap_fd, evaluate_features, features
 from ddm_node.train.checkpoint import latest_checkpoint, load_expert
@@ -112,6 +113,7 @@ class Settings:
     routings: list[str] = field(default_factory=lambda: list(ROUTINGS))  # evaluated at the full budget
     boot_rounds: int = 0  # paired bootstrap rounds for the ratio intervals (0: none)
     routers: list[str] = field(default_factory=lambda: list(ROUTERS))
+    distill_steps: int = 0  # > 0: each full-budget ensemble is also distilled into one student (router "student")
 
     def steps(self, k: int, fraction: float, split: str | None = None) -> int:
         """Steps per expert: the paper split trains each of K experts all N steps at batch B / K, the current
@@ -265,6 +267,8 @@ class Run:
                               "-" if k == 1 else "centroid", "top1", weights="raw")
                 if k > 1 and self.s.compare:
                     self.other_split(k, seed, bundle, router_flops)
+                if k > 1 and self.s.distill_steps:
+                    self.distilled(bundle, plan_dir, arm)
             shutil.rmtree(out, ignore_errors=True)
 
     @property
@@ -294,6 +298,22 @@ class Run:
             self.evaluate(replace(bundle, models=ema), plan, arm, router, "top1")
         self.evaluate(replace(bundle, models=raw_models(plan, plan_dir / "work")), plan, arm, "centroid", "top1",
                       weights="raw")
+
+    def distilled(self, bundle, plan_dir: Path, arm: Arm) -> None:
+        """The ensemble distilled into one student of the experts' size (ddm-node distill: top-1 teacher, the
+        monolith's batch), evaluated beside it at its own sampling cost (one model pass per step, no router)."""
+        steps, batch = self.s.distill_steps, DATASETS[self.s.dataset].get("train.batch_size", 64)
+        cfg = student_config(bundle.plan, steps, sets=[f"train.batch_size={batch}", f"train.checkpoint_every={steps}",
+                                                       f"train.seed={arm.seed}", "train.threads=1"])
+        t = time.time()
+        out = distill(bundle, plan_dir / "student", cfg, replace(bundle.plan.cfg.sample, routing="top1"), device="cpu")
+        self.log(f"seed {arm.seed} K={arm.k}: student distilled in {steps} steps at batch {batch} in "
+                 f"{time.time() - t:.0f}s")
+        # its training: 3 passes of the student and one of a top-1 teacher expert per image (the centroid router
+        # is a few dot products)
+        flops = 4 * self.costs.expert_fpi * batch * steps
+        self.evaluate(load_bundle(out), bundle.plan, replace(arm, expert_flops=arm.expert_flops + flops),
+                      "student", "top1")
 
     def restore(self) -> None:
         """Costs and the real-data floor for records loaded from JSON (both are deterministic and cheap)."""
@@ -495,7 +515,7 @@ def final_table(run: Run) -> tuple[dict[GroupKey, list[Record]], str]:
 
 def headline(run: Run, r: Record) -> bool:
     """Records of the FD-vs-FLOPs comparison: the headline split (and the monolith), EMA weights."""
-    return r.split in ("-", run.s.split) and r.weights == "ema"
+    return r.split in ("-", run.s.split) and r.weights == "ema" and r.router != "student"
 
 
 def plot(run: Run, path: Path) -> None:
@@ -554,7 +574,7 @@ def _top1_by_fraction(run: Run) -> list[str]:
 
 def best_top1(run: Run, groups: dict[GroupKey, list[Record]], split: str) -> tuple[GroupKey, tuple] | None:
     """The top-1 EMA ensemble of `split` with the lowest mean FD_dom, and its ratio to the monolith."""
-    cands = [k for k in groups if k[0] == split and k[3] == "top1" and k[4] == "ema"]
+    cands = [k for k in groups if k[0] == split and k[3] == "top1" and k[4] == "ema" and k[2] != "student"]
     if not cands or not mono_of(groups):
         return None
     key = min(cands, key=lambda k: statistics.fmean(r.fd_dom for r in groups[k]))
@@ -724,6 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", type=float, nargs="+", default=None,
                     help="fractions of the budget evaluated (the last must be 1)")
     ap.add_argument("--router-steps", type=int, default=None, help="learned router training steps")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="also distill each full-budget ensemble into one student in this many steps (router "
+                         "'student' in the table; its training FLOPs include the ensemble's)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="seeds run in parallel processes, one torch thread each (default: one per core, at most "
                          "one per seed)")
@@ -774,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
         s.seeds = list(range(args.first_seed, args.first_seed + (args.seeds or len(s.seeds))))
     if args.samples:
         s.n_samples = args.samples
+    if args.distill_steps < 0:
+        ap.error("--distill-steps must be >= 0")
+    s.distill_steps = args.distill_steps
     if args.jobs is not None and args.jobs < 1:
         ap.error("--jobs must be >= 1")
     if args.first_seed < 0 or (args.seeds is not None and args.seeds < 1):

@@ -90,7 +90,7 @@ def measure(dataset: str, k: int, router_steps: int, max_images: int, seed: int 
     cfg = config(dataset, k, router_steps, seed)
     ds = load_dataset(dataset)
     plan = make_plan(cfg, ds)
-    x, cluster, y = plan_router_data(plan, ds)
+    x, cluster, y, _ = plan_router_data(plan, ds)
     num_classes = plan.cfg.model.num_classes  # the plan fills it from the dataset
     experts = [s.index for s in plan.shards]
     rs = routers(x, cluster, y, cfg, experts, num_classes)

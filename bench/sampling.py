@@ -75,7 +75,7 @@ class Sides:
         c, h, w = b.plan.shape
         self.noise = torch.randn((s.n, c, h, w), generator=torch.Generator().manual_seed(0))
         self.y = class_labels(b.plan, s.n, 0)
-        self.experts = {k: Expert(m, m.cfg.num_classes) for k, m in b.models.items()}
+        self.experts = {k: Expert(m, m.cfg.num_classes, objective=b.objectives[k]) for k, m in b.models.items()}
         self.k = len(self.experts)
         self.routers = {"learned": b.router("learned"), "centroid": b.router("centroid")}
         self.velocity = {BASE: self.experts[0],

@@ -15,6 +15,11 @@ the experts fitted on their own data (router/fit.py), averaged over the clusters
 A cluster whose statistics predate per-class components (or that holds no sample of y) falls back to
 p(x_t | k, y) = p(x_t | k), the naive-Bayes step. Without y (or with the null class of classifier-free
 guidance, or when a cluster lacks a class histogram) the posterior is the unconditional one.
+
+Text: the statistics are of pixels (or latents) and labels only, so this router cannot see a prompt. In a
+text-conditioned run it routes on x_t (and y) alone and ignores the text of a `Cond`: at high noise it hands a
+sample to the clusters in proportion to their size, not to the one whose captions match the prompt, and the
+expert it picks still follows the prompt. The learned router sees the text (router/learned.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ddm_node.core.errors import DDMError
+from router.base import Cond, Conditioning
 from router.gaussian import broadcast_t, component_log_density, interp
 from router.stats import VAR_FLOOR, ClusterStats
 
@@ -102,11 +108,12 @@ class CentroidRouter:
         total = sum(n for _, _, n in self._curves)
         return sum(n * interp(t, ts.to(t.device), temps.to(t.device)) for ts, temps, n in self._curves) / total
 
-    def log_probs(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+    def log_probs(self, x: Tensor, t: Tensor | float, y: Conditioning = None) -> Tensor:
         """Normalized log p(k | x_t, t[, y]) [B, len(experts)] in x's dtype.
 
         `y` counts when the stats are class-aware; a label outside [0, C) (the null class of
-        classifier-free guidance) or no `y` gives the unconditional posterior."""
+        classifier-free guidance) or no `y` gives the unconditional posterior. Text in a `Cond` is ignored."""
+        y = Cond.of(y).y
         b = x.shape[0]
         flat = x.detach().reshape(b, -1).to(torch.float64)
         if flat.shape[1] != self.dim:
@@ -141,6 +148,22 @@ class CentroidRouter:
         mine = classes[None, :] == y[:, None]  # [B, M]
         within = self._per_cluster(joint.masked_fill(~mine, float("-inf")), owner) - log_class_w[:, y].T
         return torch.where(torch.isfinite(log_class_w[:, y].T), within, log_px)
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """What `log_probs` computes from (for `ddm-node export`): log_pi [K], owner [M], log_w [M], means and
+        variances [M, D]; when class-aware log_py_k [K, C], and with per-class components classes [M] and log_class_w
+        [K, C]; when calibrated, T(t) as one curve (curve_t, curve_temp) through the union of the clusters' points (the
+        count-weighted mean of piecewise-linear curves is piecewise linear there, so it is exact)."""
+        out = {"log_pi": self._log_pi, "owner": self._owner.long(), "log_w": self._log_w, "means": self._means,
+               "variances": self._vars}
+        if self._log_py_k is not None:
+            out["log_py_k"] = self._log_py_k
+        if self._classes is not None:
+            out["classes"], out["log_class_w"] = self._classes.long(), self._log_class_w
+        if self._curves:
+            ts = torch.unique(torch.cat([c[0].reshape(-1).to(torch.float64) for c in self._curves]))
+            out["curve_t"], out["curve_temp"] = ts, self.temperature(ts)
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def _on(self, device: torch.device) -> tuple[Tensor, ...]:
         """The stacked component tensors on `device` (cached: sampling calls this every step)."""

@@ -1,7 +1,8 @@
 """Learned router: the paper's classifier p(k | x_t, t, y), a small DiT trained with cross-entropy on cluster labels.
 
 Training data are noised samples x_t = (1 - t) x0 + t eps with t ~ U(0, 1) and the cluster label of x0.
-Class labels are dropped to the null class with probability 0.1, so the router also works without y.
+Class labels (and text, for a text-conditioned run: pooled embeddings [N, D] through the backbone's text MLP) are
+dropped to the null ones with probability 0.1 (`condition_dropout`), so the router also works without them.
 Everything is in memory: the caller hands the images and labels; this module reads no files.
 """
 
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 from ddm_node.core.config import ModelConfig, RouterConfig
 from ddm_node.core.errors import DDMError
-from ddm_node.core.model import DiTBackbone, backbone_flops
+from ddm_node.core.model import DiTBackbone, backbone_flops, condition_dropout
+from router.base import Cond, Conditioning
 from router.gaussian import broadcast_t
 
 log = logging.getLogger(__name__)
@@ -45,17 +47,20 @@ class RouterNet(nn.Module):
         nn.init.zeros_(self.head.weight)  # uniform p(k) at the start
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Logits [B, K] for images x [B, C, H, W], times t [B] and labels y [B] (None: the null class)."""
-        h, c = self.backbone(x, t, y)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, text: Tensor | None = None,
+                text_drop: Tensor | None = None) -> Tensor:
+        """Logits [B, K] for images x [B, C, H, W], times t [B], labels y [B] (None: the null class) and pooled text
+        [B, D] (None: the null text; `text_drop` [B]: rows that take it)."""
+        h, c = self.backbone(x, t, y, text, text_drop)
         return self.head(self.norm(torch.cat([h.mean(dim=1), c], dim=1)))
 
 
-def router_model_config(cfg: RouterConfig, image_size: int, channels: int, num_classes: int) -> ModelConfig:
-    """The ModelConfig of a router's backbone: the router's size on the experts' image shape and classes, with
-    the patch `cfg.max_patch` allows (`router_patch`)."""
+def router_model_config(cfg: RouterConfig, image_size: int, channels: int, num_classes: int,
+                        text_dim: int = 0) -> ModelConfig:
+    """The ModelConfig of a router's backbone: the router's size on the experts' image shape, classes and text
+    width, with the patch `cfg.max_patch` allows (`router_patch`)."""
     return ModelConfig(size=cfg.size, image_size=image_size, channels=channels, num_classes=num_classes,
-                       patch_size=router_patch(cfg, image_size))
+                       patch_size=router_patch(cfg, image_size), text_dim=text_dim)
 
 
 def router_patch(cfg: RouterConfig, image_size: int) -> int:
@@ -91,12 +96,23 @@ class LearnedRouter:
         self.experts: list[int] = experts
         self._columns = _columns  # logit column of each entry of `experts`
 
-    def log_probs(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """Normalized log-probabilities [B, len(experts)] in x's dtype; logits of other experts are masked out."""
+    @property
+    def columns(self) -> list[int]:
+        """The net's logit column of each entry of `experts`."""
+        return list(self._columns)
+
+    def log_probs(self, x: Tensor, t: Tensor | float, y: Conditioning = None) -> Tensor:
+        """Normalized log-probabilities [B, len(experts)] in x's dtype; logits of other experts are masked out.
+        `y`: labels or a `Cond`; its text counts when the router was trained with text (else it is ignored)."""
         p = next(self.net.parameters())
+        cond = Cond.of(y)
         tt = broadcast_t(t, x.shape[0], torch.float32, p.device)
-        yy = None if y is None else y.to(device=p.device, dtype=torch.long)
-        logits = self.net(x.to(device=p.device, dtype=p.dtype), tt, yy)[:, self._columns]
+        yy = None if cond.y is None else cond.y.to(device=p.device, dtype=torch.long)
+        text_dim = self.net.backbone.text_dim
+        if text_dim and cond.text is not None:
+            cond.check(x.shape[0], text_dim)
+        text = cond.text.to(device=p.device, dtype=p.dtype) if text_dim and cond.text is not None else None
+        logits = self.net(x.to(device=p.device, dtype=p.dtype), tt, yy, text)[:, self._columns]
         return F.log_softmax(logits.double(), dim=1).to(device=x.device, dtype=x.dtype)
 
     def subset(self, ids: Iterable[int]) -> LearnedRouter:
@@ -131,17 +147,22 @@ def train_router(
     cfg: RouterConfig,
     device: torch.device | str | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    text: Tensor | None = None,
 ) -> LearnedRouter:
-    """Train a router on images x [N, C, H, W] in [-1, 1] with cluster ids `cluster` [N] (values in `experts`).
+    """Train a router on images x [N, C, H, W] in [-1, 1] with cluster ids `cluster` [N] (values in `experts`)
+    and, for a text-conditioned run, pooled text embeddings `text` [N, D].
 
     Deterministic for a given `cfg.seed` on CPU (own generator, initialisation under a forked RNG).
     `on_step(step, loss)` is called after every optimizer step. Returns the router in eval mode.
     """
     x, labels, y = _check_inputs(x, cluster, y, num_classes, image_size, channels, experts)
+    if text is not None and (text.ndim != 2 or text.shape[0] != x.shape[0] or not torch.isfinite(text).all()):
+        raise DDMError(f"router text embeddings must be finite [{x.shape[0]}, D], got {tuple(text.shape)}")
+    text_dim = 0 if text is None else int(text.shape[1])
     device = torch.device(device or "cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        net = RouterNet(router_model_config(cfg, image_size, channels, num_classes), len(experts))
+        net = RouterNet(router_model_config(cfg, image_size, channels, num_classes, text_dim), len(experts))
     net = net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -152,10 +173,11 @@ def train_router(
         t = torch.rand(cfg.batch_size, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        yb = _drop_labels(None if y is None else y[idx], cfg.batch_size, num_classes, gen)
+        yb, drop = _drop_conditions(None if y is None else y[idx], text is not None, cfg.batch_size, num_classes, gen)
+        tb = None if text is None else text[idx].float().to(device)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.steps, cfg.lr)
-        logits = net(xt.to(device), t.to(device), yb.to(device))
+        logits = net(xt.to(device), t.to(device), yb.to(device), tb, None if tb is None else drop.to(device))
         loss = F.cross_entropy(logits, labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,12 +188,18 @@ def train_router(
     return LearnedRouter(net.eval(), list(experts))
 
 
-def _drop_labels(y: Tensor | None, batch: int, num_classes: int, gen: torch.Generator) -> Tensor:
-    """Class labels with a LABEL_DROPOUT share replaced by the null class (all null when there are none)."""
-    if y is None or num_classes == 0:
-        return torch.full((batch,), num_classes, dtype=torch.long)
-    drop = torch.rand(batch, generator=gen) < LABEL_DROPOUT
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+def _drop_conditions(y: Tensor | None, text: bool, batch: int, num_classes: int,
+                     gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Class labels with the rows `condition_dropout` picks (a LABEL_DROPOUT share) replaced by the null class (all
+    null when there are none), and those rows (their text takes the null text too). Nothing is drawn for a run
+    with neither labels nor text."""
+    labeled = y is not None and num_classes > 0
+    if not labeled and not text:
+        return torch.full((batch,), num_classes, dtype=torch.long), torch.zeros(batch, dtype=torch.bool)
+    drop = condition_dropout(batch, LABEL_DROPOUT, gen)
+    if not labeled:
+        return torch.full((batch,), num_classes, dtype=torch.long), drop
+    return torch.where(drop, torch.full_like(y, num_classes), y), drop
 
 
 def _check_inputs(

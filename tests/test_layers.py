@@ -35,12 +35,15 @@ LAYERS: dict[str, int] = {
     "ddm_node/ensemble": 3,  # bundle, generate, metrics
     "ddm_node/node": 4,
     "ddm_node/clients": 4,  # assemble, status
+    "ddm_node/export": 4,  # a bundle as a diffusers pipeline directory; push to the hub
+    "ddm_node/export/remote": 4,  # code that runs inside diffusers (copied into the export; imports none of ours)
     "ddm_node/observe": 5,  # metrics, dashboard server and view, tensorboard (reads node and clients)
     "ddm_node/cli": 6,  # main, demo, localnet
 }
 # Folders that count as one: they may import each other although they share a level.
 GROUP: dict[str, str] = {"ddm_node": "ground", "ddm_node/core": "ground", "proto": "transfer",
-                         "ddm_node/transfer": "transfer"}
+                         "ddm_node/transfer": "transfer",
+         "ddm_node/export": "export", "ddm_node/export/remote": "export"}
 
 
 @dataclass(frozen=True, order=True)

@@ -173,7 +173,7 @@ def test_make_plan_shards(digits, digits_plan):
     assert plan.fingerprint == digits.fingerprint() and plan.dataset == "digits"
     # the defaults leave the model's data fields unset; the plan takes them from digits: 8x8, 1 channel, 10 classes
     assert cfg.model.image_size is None and cfg.model.channels is None and cfg.model.num_classes is None
-    assert plan.cfg == dataclasses.replace(cfg, model=ModelConfig(image_size=8, channels=1, num_classes=10)).validate()
+    assert plan.cfg == dataclasses.replace(cfg, model=ModelConfig(image_size=8, channels=1, num_classes=10, text_dim=0)).validate()
     assert make_plan(Config(), digits).run_id == plan.run_id  # deterministic
     other = make_plan(Config(partition=PartitionConfig(seed=1)), digits)
     assert other.run_id != plan.run_id

@@ -12,8 +12,9 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
+from ddm_node.core.objective import EDGE
 from router.centroid import CentroidRouter, ClusterStats
-from router.ensemble import EnsembleVelocity
+from router.ensemble import EnsembleVelocity, Expert
 from router.sampler import sample
 
 D, K = 6, 4
@@ -88,8 +89,9 @@ def ref_marginal_velocity_score(x: np.ndarray, t: float, comps: list[int], weigh
 # ---------- the system under test: analytic experts + CentroidRouter + EnsembleVelocity ----------
 
 
-def analytic_expert(c: int):
-    """The exact velocity of component c, in torch (diagonal closed form, written separately from the reference)."""
+def analytic_expert(c: int, objective: str = "velocity"):
+    """The exact prediction of component c under `objective`, in torch (diagonal closed form, written separately from
+    the reference): E[eps - x0 | x_t] (velocity), E[eps | x_t] (epsilon) or E[x0 | x_t] (x0)."""
     mu = torch.tensor(MEANS[c])
     s2 = torch.tensor(VARS[c])
 
@@ -99,9 +101,20 @@ def analytic_expert(c: int):
         r = x - (1 - tt) * mu
         e_eps = tt / s * r
         e_x0 = mu + (1 - tt) * s2 / s * r
-        return e_eps - e_x0
+        return {"velocity": e_eps - e_x0, "epsilon": e_eps, "x0": e_x0}[objective]
 
     return v
+
+
+# A mixed ensemble (heterogeneous DDM): the experts predict different things; the ensemble weights velocities.
+MIXED = ("epsilon", "x0", "velocity", "epsilon")
+
+
+def mixed_experts(convert: bool = True) -> dict[int, Expert]:
+    """Component c's analytic expert predicting MIXED[c], wrapped as the bundle wraps it (no conversion: `convert`
+    False, what an ensemble that ignored the objectives would weight)."""
+    return {c: Expert(analytic_expert(c, MIXED[c]), 0, objective=MIXED[c] if convert else "velocity")
+            for c in range(K)}
 
 
 def exact_stats(c: int, scale: int = 1000) -> ClusterStats:
@@ -165,6 +178,37 @@ def test_full_ensemble_is_the_marginal_velocity(t):
 
 
 @pytest.mark.parametrize("t", TIMES)
+def test_mixed_objective_ensemble_is_the_marginal_velocity(t):
+    """Experts that predict the noise, the data and the velocity, converted to velocity before the router weights
+    them: still the exact marginal flow. Weighting their raw outputs is far from it."""
+    router = CentroidRouter({c: exact_stats(c) for c in range(K)})
+    x = points(seed=4)
+    want = ref_marginal_velocity(x, t, list(range(K)), WEIGHTS)
+    got = EnsembleVelocity(mixed_experts(), router, routing="full")(torch.tensor(x), t).numpy()
+    assert np.abs(got - want).max() < 1e-5
+    raw = EnsembleVelocity(mixed_experts(convert=False), router, routing="full")(torch.tensor(x), t).numpy()
+    assert np.abs(raw - want).max() > 1e-1
+    # top-1 routing follows the same argmax whatever the experts predict, and returns a velocity
+    top1 = EnsembleVelocity(mixed_experts(), router, routing="top1")(torch.tensor(x), t).numpy()
+    pick = ref_posterior(x, t, list(range(K)), WEIGHTS).argmax(1)
+    own = np.stack([ref_velocity_conditioning(x, t, MEANS[c], VARS[c]) for c in range(K)], axis=1)
+    assert np.abs(top1 - own[np.arange(len(x)), pick]).max() < 1e-5
+
+
+def test_mixed_objectives_at_the_singular_ends_are_finite_and_bounded():
+    """Epsilon at t = 1 and x0 at t = 0 carry no velocity; the conversion divides by at least EDGE there, so the
+    ensemble stays finite (and exact again once t is EDGE away from the end)."""
+    router = CentroidRouter({c: exact_stats(c) for c in range(K)})
+    ens = EnsembleVelocity(mixed_experts(), router, routing="full")
+    x = torch.tensor(points(seed=9))
+    for t in (0.0, 1.0):
+        assert torch.isfinite(ens(x, t)).all()
+    for t in (EDGE, 1 - EDGE):
+        want = ref_marginal_velocity(x.numpy(), t, list(range(K)), WEIGHTS)
+        assert np.abs(ens(x, t).numpy() - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("t", TIMES)
 def test_missing_experts_give_the_marginal_of_the_rest(t):
     """Experts {0, 2} only: the router renormalizes, giving the flow of the mixture of components 0 and 2."""
     router = CentroidRouter({c: exact_stats(c) for c in range(K)})
@@ -220,11 +264,14 @@ def test_sub_centroid_ensemble_is_the_marginal_velocity():
         assert np.abs(got - ref_marginal_velocity(x, t, list(range(K)), WEIGHTS)).max() < 1e-5
 
 
-def test_sampling_the_full_ensemble_reproduces_the_mixture():
-    """Heun, 100 steps, from noise: the samples' moments and component shares match the mixture's."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["velocity", "mixed"])
+def test_sampling_the_full_ensemble_reproduces_the_mixture(mixed):
+    """Heun, 100 steps, from noise: the samples' moments and component shares match the mixture's (also when the
+    experts predict noise, data and velocity: the clamped ends cost nothing measurable)."""
     n = 2000
     router = CentroidRouter({c: exact_stats(c) for c in range(K)})
-    ens = EnsembleVelocity({c: analytic_expert(c) for c in range(K)}, router, routing="full")
+    experts = mixed_experts() if mixed else {c: analytic_expert(c) for c in range(K)}
+    ens = EnsembleVelocity(experts, router, routing="full")
     noise = torch.randn(n, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     xs = sample(ens, noise, steps=100, solver="heun")
     mean = (WEIGHTS[:, None] * MEANS).sum(0)

@@ -147,7 +147,7 @@ def test_stats_size_rule_covers_what_an_expert_writes(tmp_path):
     from ddm_node.train.router_job import plan_router_data
 
     plan = make_plan(load_config(overrides={"partition.experts": 2}), load_dataset("digits"))
-    x, cluster, y = plan_router_data(plan)
+    x, cluster, y, _ = plan_router_data(plan)
     big = max(range(2), key=lambda i: int((cluster == i).sum()))
     stats = ClusterStats.from_data(x[cluster == big], 4, y=y[cluster == big], num_classes=10)
     size = len(st_save(stats.to_tensors()))

@@ -12,12 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ddm_node import __version__
+from ddm_node.cli.distill import add_distill_parser
+from ddm_node.cli.export import add_export_parsers
 from ddm_node.cli.features import FEATURES_METAVAR, add_features_parser, features_overrides
 from ddm_node.cli.flags import add_set_flag, positive
+from ddm_node.cli.latents import add_encode_parser
 from ddm_node.cli.logs import add_log_flags, setup_logging
 from ddm_node.cli.observing import add_dashboard_parser
 from ddm_node.cli.packs import add_pack_parser, add_packs_flag, with_packs
 from ddm_node.cli.start import add_start_parser
+from ddm_node.cli.text import add_embed_text_parser, add_prompt_flags, read_prompts
 from ddm_node.core.config import RouterChoice, Routing, Solver, choices
 from ddm_node.core.errors import DDMError
 
@@ -138,16 +142,20 @@ def cmd_sample(args) -> int:
     from ddm_node.core.manifest import write_atomic
     from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.ensemble.generate import generate, save_grid
+    from ddm_node.ensemble.images import bundle_vae, to_images
 
+    prompts = read_prompts(args)  # the flags first: a bad one is the only line printed
     bundle = load_bundle(args.ensemble)
+    vae = bundle_vae(bundle, args.vae)  # a latent run's VAE, checked before any sampling
     cfg = sample_config(args, bundle.plan)
-    s = generate(bundle, args.n, cfg, seed=args.seed)
-    save_grid(s.x, args.out)
+    s = generate(bundle, args.n, cfg, seed=args.seed, prompts=prompts)
+    images = to_images(vae, bundle, s.x)
+    save_grid(images, args.out, ncol=len(prompts) if prompts else None)
     if args.npz:
         import io
 
         buf = io.BytesIO()
-        arrays = {"x": s.x.numpy()}
+        arrays = {"x": s.x.numpy()} | ({"images": images.numpy()} if vae is not None else {})
         if s.y is not None:
             arrays["y"] = s.y.numpy()
         np.savez(buf, **arrays)
@@ -163,12 +171,15 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from ddm_node.ensemble.bundle import load_bundle
     from ddm_node.ensemble.generate import bundle_eval_data, generate, score
+    from ddm_node.ensemble.images import bundle_vae, image_eval_data, scored_images
 
     bundle = load_bundle(args.ensemble)
+    vae = bundle_vae(bundle, args.vae)  # a latent run scores decoded images on both sides (ensemble/images.py)
     cfg = sample_config(args, bundle.plan)
     data = bundle_eval_data(bundle)  # the bundle's held-out pack, else the plan's dataset
     s = generate(bundle, args.n, cfg, seed=args.seed, data=data)
-    scores = score(s.x, bundle.plan, seed=args.seed, data=data)
+    scores = score(scored_images(vae, bundle, s.x), bundle.plan, seed=args.seed,
+                   data=image_eval_data(vae, bundle, data))
     if args.json:
         import dataclasses
 
@@ -209,8 +220,8 @@ def cmd_verify(args) -> int:
     from ddm_node.ensemble.bundle import verify_bundle
 
     index = verify_bundle(args.dir, require_signature=not args.allow_unsigned, trusted_keys=args.trusted_key or None)
-    print(f"{args.dir}: OK, {len(index['experts'])} experts, router {index['router']['kind']}, "
-          f"missing {index['missing'] or 'none'}")
+    what = "a distilled student" if index.get("student") else f"{len(index['experts'])} experts"
+    print(f"{args.dir}: OK, {what}, router {index['router']['kind']}, missing {index['missing'] or 'none'}")
     return 0
 
 
@@ -231,6 +242,8 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=choices(Solver))
     p.add_argument("--cfg-scale", dest="cfg_scale", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", metavar="DIR", help="a latent run's VAE directory when it moved from where the plan "
+                   "records it (its files must hash as recorded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive("--n"), default=64)
     add_sample_flags(p)
     p.add_argument("--out", required=True, help="PNG grid path")
-    p.add_argument("--npz", help="also write the samples as .npz (x, y)")
+    p.add_argument("--npz", help="also write the samples as .npz (x, y; a latent run: x latents, images decoded)")
+    add_prompt_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FD_dom, KID, precision/recall of ensemble samples on the held-out split")
@@ -325,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     p.set_defaults(func=cmd_demo)
     add_features_parser(sub, positive)
+    add_encode_parser(sub, positive)
+    add_distill_parser(sub, positive)
+    add_export_parsers(sub)
+    add_embed_text_parser(sub, positive)
     add_dashboard_parser(sub)
     for p in sub.choices.values():  # -v/-q and the log flags after the subcommand too
         add_log_flags(p, in_subcommand=True)

@@ -7,10 +7,6 @@ and ill-typed values with a one-line `DDMError` naming the field and the file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import re
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,12 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ddm_node.core.errors import DDMError
+from ddm_node.core.typed import ABSENT, canonical_json, coerce, config_hash, to_dict
+from ddm_node.core.typed import from_dict as _from_dict
 
 # Choices: the CLI derives its flags' choices from these, and `_coerce` checks them in every config.
 # clustering features: PCA of pixels, the dataset's own `features`, or an .npy file of encoder features
 # (partition.features_path; `ddm-node features` writes one)
 Features = Literal["pca", "dataset", "npy"]
 TSampling = Literal["uniform", "logit_normal"]
+# what an expert predicts under x_t = (1 - t) x0 + t eps: the velocity eps - x0, the noise eps (DDPM-style) or the data
+# x0; the ensemble converts every expert's output to velocity (core/objective.py)
+Objective = Literal["velocity", "epsilon", "x0"]
 # "power": EDM2's power-function EMA, averaging a fixed fraction (train.ema_std) of the steps so far, whatever the
 # run's length; "fixed": decay train.ema_decay, warmed up as min(ema_decay, (1 + n) / (10 + n)) after n updates
 EmaKind = Literal["power", "fixed"]
@@ -32,9 +33,6 @@ Routing = Literal["top1", "top2", "topk", "full"]  # router/ensemble.py ROUTINGS
 RouterChoice = Literal["auto", "learned", "centroid"]  # "auto": the learned router when the bundle has one
 
 
-# Field metadata key: the value a saved config (a plan, an artifact's config.json) that lacks the field stands for,
-# because it was written before the field existed (`from_dict(..., saved=True)`); the default is for new configs.
-ABSENT = "absent"
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -89,7 +87,9 @@ class ModelConfig:
     image_size: int | None = None  # None: the dataset's (square) image size
     channels: int | None = None  # None: the dataset's channels
     num_classes: int | None = None  # None: the dataset's class count (0 when unlabeled); 0: unconditional
-    class_dropout: float = 0.1  # label dropout that trains the null class for CFG
+    class_dropout: float = 0.1  # condition dropout (labels and text together) that trains the null condition for CFG
+    # width of the pooled text embedding the model conditions on: None = the dataset's (0 without text); 0 = none
+    text_dim: int | None = field(default=None, metadata={ABSENT: 0})
     hidden: int = 0
     depth: int = 0
     heads: int = 0
@@ -113,6 +113,17 @@ class ModelConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text encoder a text-conditioned run's embeddings came from (make_plan copies the dataset's text.json), so
+    that `sample --prompt` embeds prompts with the same encoder. Empty: the run has no text."""
+
+    encoder: str = ""  # hub id or directory the embeddings were computed with
+    sha256: str = ""  # over every file of the encoder (weights, config, tokenizer): data/text.py encoder_sha256
+    captions_sha256: str = ""  # the captions file the dataset's embeddings came from
+    max_length: int = 0  # tokens per caption (padded and truncated)
+
+
+@dataclass
 class TrainConfig:
     """Flow-matching trainer for one expert."""
 
@@ -129,6 +140,7 @@ class TrainConfig:
     warmup_steps: int = 50  # linear lr warmup, in steps; unused when warmup_fraction > 0
     warmup_fraction: float = 0.0  # > 0: the warmup is this fraction of train.steps (scales with the run's length)
     t_sampling: TSampling = "uniform"  # uniform learned 8x8 digits faster here
+    objective: Objective = field(default="velocity", metadata={ABSENT: "velocity"})  # the network's target
     seed: int = 0
     checkpoint_every: int = 250
     bf16: bool = True  # autocast on CUDA only
@@ -211,6 +223,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    text: TextConfig = field(default_factory=TextConfig, metadata={ABSENT: dataclasses.asdict(TextConfig())})
 
     def validate(self) -> Config:
         """Range and choice checks that types alone do not catch. Returns self."""
@@ -225,6 +238,7 @@ class Config:
             (self.model.channels is None or self.model.channels >= 1, "model.channels must be >= 1"),
             (self.model.num_classes is None or self.model.num_classes >= 0, "model.num_classes must be >= 0"),
             (0.0 <= self.model.class_dropout < 1.0, "model.class_dropout must be in [0, 1)"),
+            (self.model.text_dim is None or 0 <= self.model.text_dim <= 1 << 16, "model.text_dim must be in [0, 65536]"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
@@ -254,104 +268,9 @@ class Config:
             part = getattr(self, section.name)
             for name, tp in typing.get_type_hints(type(part)).items():
                 if typing.get_origin(tp) is Literal:
-                    _coerce(getattr(part, name), tp, f"{section.name}.{name}")
+                    coerce(getattr(part, name), tp, f"{section.name}.{name}")
         self.model.resolved()
         return self
-
-
-_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise DDMError(f"{where} must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except DDMError as exc:
-                errors.append(str(exc))
-        raise DDMError(errors[0] if errors else f"{where} has an invalid value")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise DDMError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise DDMError(f"{where} must be a list, got {type(value).__name__}")
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            quoted = [f"'{a}'" for a in allowed]
-            raise DDMError(f"{where} must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DDMError(f"{where} must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DDMError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise DDMError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise DDMError(f"{where} must be a string, got {type(value).__name__} {value!r}")
-        return value
-    raise DDMError(f"{where}: unsupported type {tp!r}")
-
-
-def _build(cls: type, values: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise DDMError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def from_dict(values: dict, cls: type = Config, source: str = "config", saved: bool = False) -> Any:
-    """Build a dataclass of type `cls` from plain data, naming `source` in any error. `saved`: the data is a whole
-    config written by `to_dict` (a plan, an artifact), so a field it lacks takes its `ABSENT` value."""
-    try:
-        obj = _build(cls, _fill_absent(values, cls) if saved else values, "")
-        return obj.validate() if hasattr(obj, "validate") else obj
-    except DDMError as exc:
-        raise DDMError(f"{source}: {exc}") from None
-
-
-def _fill_absent(values: Any, cls: type) -> Any:
-    """`values` with the `ABSENT` value of every field of `cls` (and of its nested sections) that it lacks."""
-    if not isinstance(values, dict):
-        return values  # _build names the problem
-    out = dict(values)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name not in out and ABSENT in f.metadata:
-            out[f.name] = f.metadata[ABSENT]
-        elif f.name in out and dataclasses.is_dataclass(hints[f.name]):
-            out[f.name] = _fill_absent(out[f.name], hints[f.name])
-    return out
 
 
 def parse_set(text: str) -> tuple[str, Any]:
@@ -375,16 +294,17 @@ def parse_set(text: str) -> tuple[str, Any]:
     if name not in fields:
         raise DDMError(f"--set {key}: unknown key '{name}' in {section} (known: {', '.join(sorted(fields))})")
     try:
-        return key, _coerce(value, fields[name], key)
+        return key, coerce(value, fields[name], key)
     except DDMError as exc:
         raise DDMError(f"--set {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                sets: Sequence[str] = ()) -> Config:
+                sets: Sequence[str] = (), base: Config | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 100} (None: not given),
-    then `--set KEY=VALUE` strings (`parse_set`; applied last, None included), and validate."""
-    values: dict = {}
+    then `--set KEY=VALUE` strings (`parse_set`; applied last, None included), and validate. `base`: the config
+    the file's keys and the overrides change (default: the built-in defaults), e.g. a plan's for `distill`."""
+    values: dict = to_dict(base) if base is not None else {}
     source = "defaults"
     if path is not None:
         import yaml  # imported here so that model and trainer code runs on machines without pyyaml
@@ -395,11 +315,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except OSError as exc:
             raise DDMError(f"cannot read config {path}: {exc.strerror or exc}") from None
         try:
-            values = yaml.safe_load(text) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise DDMError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
+        if not isinstance(loaded, dict):
             raise DDMError(f"{path}: top level must be a mapping of sections")
+        for section, part in loaded.items():  # key by key over `base`'s sections
+            both = isinstance(part, dict) and isinstance(values.get(section), dict)
+            values[section] = {**values[section], **part} if both else part
     given = [(k, v) for k, v in (overrides or {}).items() if v is not None] + [parse_set(text) for text in sets]
     for dotted, value in given:
         section, _, key = dotted.partition(".")
@@ -409,16 +332,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return from_dict(values, Config, f"{source} with --set" if sets else source)
 
 
-def to_dict(obj: Any) -> dict:
-    """Plain-data form of a config dataclass (tuples become lists, as in JSON)."""
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
+def from_dict(values: dict, cls: type = Config, source: str = "config", saved: bool = False) -> Any:
+    """`typed.from_dict` with the run's `Config` as the default type."""
+    return _from_dict(values, cls, source, saved)
 
 
-def canonical_json(data: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, no spaces, UTF-8. Hashes and signatures are over these."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def config_hash(obj: Any) -> str:
-    """sha256 of a dataclass's canonical JSON."""
-    return hashlib.sha256(canonical_json(to_dict(obj))).hexdigest()
+__all__ = ["ABSENT", "Config", "canonical_json", "config_hash", "from_dict", "load_config", "parse_set", "to_dict"]

@@ -3,6 +3,11 @@
 One readable file, after facebookresearch/DiT. The expert predicts the flow-matching velocity
 v = eps - x0 at time t in [0, 1]. The null class (index `num_classes`) serves classifier-free
 guidance and unconditional models (num_classes = 0 leaves only the null class).
+
+Text (`text_dim` > 0): a pooled text embedding [B, text_dim] is projected by an MLP and added to the
+timestep and class embedding, so it conditions every block through adaLN. A learned null text stands in
+for rows without text (`text` None, or `text_drop` set): what classifier-free guidance's unconditional
+pass uses, trained by `condition_dropout`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from ddm_node.core.config import ModelConfig
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def condition_dropout(batch: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Rows [batch] (bool) whose conditions, class label and text together, are replaced by the null ones in
+    training, so that the model also learns the unconditional velocity classifier-free guidance needs. The one
+    dropout policy of experts (p = model.class_dropout) and the learned router."""
+    return torch.rand(batch, generator=gen) < p
 
 
 class TimestepEmbedder(nn.Module):
@@ -97,21 +109,42 @@ class DiTBackbone(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(cfg.hidden, self.grid)[None], persistent=False)
         self.t_embed = TimestepEmbedder(cfg.hidden)
         self.y_embed = nn.Embedding(cfg.num_classes + 1, cfg.hidden)  # last row: the null class
+        self.text_dim = cfg.text_dim or 0
+        if self.text_dim:
+            self.text_embed = nn.Sequential(nn.Linear(self.text_dim, cfg.hidden), nn.SiLU(),
+                                            nn.Linear(cfg.hidden, cfg.hidden))
+            self.null_text = nn.Parameter(torch.zeros(self.text_dim))  # the learned null text of CFG
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads) for _ in range(cfg.depth))
 
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns tokens [B, grid*grid, hidden] and the conditioning vector c [B, hidden]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, text: torch.Tensor | None = None,
+                text_drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns tokens [B, grid*grid, hidden] and the conditioning vector c [B, hidden]. `text` [B, text_dim]
+        (None: the null text for every row); `text_drop` [B] bool: rows that take the null text instead."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embed(t) + self.y_embed(y)
+        if self.text_dim:
+            c = c + self.text_embed(self._text(text, text_drop, x.shape[0]))
+        elif text is not None:
+            raise ValueError("this model has no text conditioning (model.text_dim 0) but was given text")
         for block in self.blocks:
             h = block(h, c)
         return h, c
+
+    def _text(self, text: torch.Tensor | None, drop: torch.Tensor | None, b: int) -> torch.Tensor:
+        """[B, text_dim]: the embeddings, the null text where `drop` is set or for every row without `text`."""
+        null = self.null_text.expand(b, -1)
+        if text is None:
+            return null
+        if tuple(text.shape) != (b, self.text_dim):
+            raise ValueError(f"text must be [{b}, {self.text_dim}], got {tuple(text.shape)}")
+        text = text.to(null.dtype)
+        return text if drop is None else torch.where(drop.to(text.device)[:, None], null, text)
 
     def init_weights(self) -> None:
         """DiT's initialisation: xavier linears, zeroed adaLN so every block starts as the identity."""
@@ -129,6 +162,8 @@ class DiTBackbone(nn.Module):
         nn.init.normal_(self.y_embed.weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        if self.text_dim:
+            nn.init.normal_(self.null_text, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -169,8 +204,9 @@ class DiT(nn.Module):
         h = h.reshape(h.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        h, c = self.backbone(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, text_drop: torch.Tensor | None = None) -> torch.Tensor:
+        h, c = self.backbone(x, t, y, text, text_drop)
         return self.unpatchify(self.final(h, c))
 
 
@@ -188,7 +224,8 @@ def backbone_flops(cfg: ModelConfig) -> float:
     per_block = 2 * n * (3 * d * d + d * d + 8 * d * d) + 2 * 2 * n * n * d + 2 * d * 6 * d
     embed = 2 * n * d * cfg.patch_size**2 * cfg.channels
     timestep = 2 * (256 * d + d * d)  # TimestepEmbedder: 256 frequencies -> d -> d
-    return float(cfg.depth * per_block + embed + timestep)
+    text = 2 * ((cfg.text_dim or 0) * d + d * d) if cfg.text_dim else 0  # the text MLP: text_dim -> d -> d
+    return float(cfg.depth * per_block + embed + timestep + text)
 
 
 def flops_per_image(cfg: ModelConfig) -> float:

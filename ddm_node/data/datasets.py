@@ -9,10 +9,13 @@ Specs (nothing is ever downloaded):
 - ``npz:PATH``: array ``x`` [N,H,W] or [N,C,H,W], optional ``y`` int labels, optional ``features`` [N,F].
 - ``folder:PATH``: PATH/<class>/*.png|jpg (labeled) or PATH/*.png|jpg (unlabeled), loaded with Pillow.
 - ``latents:PATH``: precomputed latents, memory-mapped (numpy ``mmap_mode="r"``): PATH is a directory
-  holding ``x.npy`` float32 [N,C,H,W] and optionally ``y.npy`` (int labels) and ``features.npy`` [N,F],
-  or a single ``.npy`` file (x only). Latents are used exactly as stored and are NOT limited to [-1, 1]:
+  holding ``x.npy`` float32 [N,C,H,W] and optionally ``y.npy`` (int labels), ``features.npy`` [N,F] and
+  pooled text embeddings ``text.npy`` [N,D] with ``text.json`` (data/text.py, ``ddm-node embed-text``), or a single
+  ``.npy`` file (x only). Latents are used exactly as stored and are NOT limited to [-1, 1]:
   store them already multiplied by the VAE's scaling factor (SD-VAE: ``latent * 0.18215``, about unit
-  variance), and decode samples with ``vae.decode(x / 0.18215)``. See docs/GPU.md.
+  variance), and decode samples with ``vae.decode(x / 0.18215)``. See docs/GPU.md. ``ddm-node encode`` writes such
+  a directory with ``vae.json`` (data/vae_ref.py): the dataset then carries that VAE reference (`Dataset.vae`),
+  the plan records it, and `sample`/`eval` decode through it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import numpy as np
 
 from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import write_atomic
+from ddm_node.data.text import TextInfo, check_text, load_text
+from ddm_node.data.vae_ref import VaeRef, read_vae_json
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,9 @@ class Dataset:
     features: np.ndarray | None  # float32 [N, F] or None
     num_classes: int  # 0 when unlabeled
     latent: bool = False  # latents (any finite values, possibly memory-mapped) instead of [-1, 1] images
+    vae: VaeRef | None = None  # the VAE that made the latents (DIR/vae.json of `ddm-node encode`)
+    text: np.ndarray | None = None  # float32 [N, D] pooled text embeddings (data/text.py), or None
+    text_info: TextInfo | None = None  # the encoder and captions they came from
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +89,8 @@ class Dataset:
                 raise DDMError(f"{where}: features must be float32 [N,F] with N={len(x)}")
             if not np.isfinite(f).all():
                 raise DDMError(f"{where}: features must be finite")
+        if self.text is not None:
+            check_text(self.text, len(x), where)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -92,7 +102,7 @@ class Dataset:
         return (int(c), int(h), int(w))
 
     def fingerprint(self) -> str:
-        """sha256 over a dtype/shape header, the image bytes and (when present) the label bytes."""
+        """sha256 over a dtype/shape header, the image bytes and (when present) the label and text bytes."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             y_head = "none" if self.y is None else f"{self.y.dtype.str}{list(self.y.shape)}"
@@ -100,6 +110,8 @@ class Dataset:
             h.update(np.ascontiguousarray(self.x).data)
             if self.y is not None:
                 h.update(np.ascontiguousarray(self.y).data)
+            if self.text is not None:  # data without text keeps its fingerprint
+                h.update(f"text={list(self.text.shape)}\n".encode() + np.ascontiguousarray(self.text).data)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -423,7 +435,10 @@ def _load_latents(spec: str, path: Path) -> Dataset:
     y, num_classes = _npz_labels(y, len(x), y_path or path)
     f = _load_npy(f_path) if f_path is not None and f_path.is_file() else None
     features = _npz_features(f, len(x), f_path or path)
-    return Dataset(spec, x, y, features, num_classes, latent=True)
+    made = read_vae_json(path) if path.is_dir() else None
+    text, info = load_text(path, len(x)) if path.is_dir() else (None, None)
+    return Dataset(spec, x, y, features, num_classes, latent=True, vae=made.vae if made is not None else None,
+                   text=text, text_info=info)
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:

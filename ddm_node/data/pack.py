@@ -347,7 +347,7 @@ def _check_values(t: dict[str, np.ndarray], want: PartSpec, start: int, stop: in
         raise spec.error(f"{file}: sample ids are not the plan's")
     if "y" in t and len(t["y"]) and (t["y"].min() < 0 or t["y"].max() >= spec.num_classes):
         raise spec.error(f"{file}: labels outside [0, {spec.num_classes})")
-    for c in ("x", "features"):
+    for c in ("x", "features", "text"):
         if c in t and not np.isfinite(t[c]).all():
             raise spec.error(f"{file}: {c} holds NaN or infinite values")
     if spec.bounded and "x" in t and len(t["x"]) and (t["x"].min() < -1.0 or t["x"].max() > 1.0):

@@ -2,10 +2,10 @@
 or the evaluation data from a pack or from the dataset (the same arrays either way).
 
 Slots: slot k < K is shard k's pack (part "rows": ids, x, y when labeled, the dataset's features when it has
-them); slot K is the held-out pack (part "heldout": the held-out samples; "domain": the training samples the
-domain classifier of `eval` learns from, all of them up to DOMAIN_CAP, else a seeded choice; "train": every
-training label in plan order, for drawing class labels). Packs live under a directory named by their sha256:
-PLAN_DIR/packs/<sha256>/ after `partition`, WORK/packs/<sha256>/ on an island.
+them, text when the model conditions on text); slot K is the held-out pack (part "heldout": the held-out
+samples; "domain": the training samples the domain classifier of `eval` learns from, all of them up to DOMAIN_CAP,
+else a seeded choice; "train": every training label in plan order, for drawing class labels). Packs live under a
+directory named by their sha256: PLAN_DIR/packs/<sha256>/ after `partition`, WORK/packs/<sha256>/ on an island.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Rows:
     x: np.ndarray
     y: np.ndarray | None
     latent: bool
+    text: np.ndarray | None = None  # float32 [N, D] pooled text embeddings of a text-conditioned run
 
 
 @dataclass
@@ -89,6 +90,10 @@ def _labeled(plan: Plan) -> bool:
     return plan.num_classes > 0
 
 
+def _text_dim(plan: Plan) -> int:
+    return plan.cfg.model.text_dim or 0
+
+
 def spec(plan: Plan, slot: int, ref: PackRef | None = None) -> PackSpec:
     """What the pack of `slot` must be, from the plan (`ref`: the plan's own unless given)."""
     c, h, w = plan.shape
@@ -96,8 +101,9 @@ def spec(plan: Plan, slot: int, ref: PackRef | None = None) -> PackSpec:
     rows = {"ids": ids, "x": image} | ({"y": label} if _labeled(plan) else {})
     if slot < len(plan.shards):
         shard = np.asarray(plan.shards[slot].ids, dtype=np.int64)
-        parts = {"rows": PartSpec(len(shard), rows | {"features": Column("float32", None)}, frozenset({"features"}),
-                                  shard)}
+        text = {"text": Column("float32", (_text_dim(plan),))} if _text_dim(plan) else {}
+        parts = {"rows": PartSpec(len(shard), rows | {"features": Column("float32", None)} | text,
+                                  frozenset({"features"}), shard)}
         kind = SHARD_KIND
     else:
         held, domain = np.asarray(plan.eval_ids, dtype=np.int64), domain_ids(plan)
@@ -120,6 +126,8 @@ def build_pack(plan: Plan, ds: Dataset, slot: int, dest: str | Path) -> PackRef:
             out["y"] = Take(ds.y, ids)
         if features and ds.features is not None:
             out["features"] = Take(ds.features, ids)
+        if features and _text_dim(plan) and ds.text is not None:
+            out["text"] = Take(ds.text, ids)
         return out
 
     if slot < len(plan.shards):
@@ -191,11 +199,12 @@ def shard_rows(plan: Plan, shard: int, work_dir: str | Path | None = None, datas
         path = pack_path(work_dir, pack_ref(plan, shard))
         if path.is_dir():
             cols = read_pack(path, spec(plan, shard))["rows"]
-            return Rows(cols["x"], cols.get("y"), latent)
+            return Rows(cols["x"], cols.get("y"), latent, cols.get("text"))
     ds = dataset if dataset is not None else _dataset(plan, f"and WORK/packs holds no pack of shard {shard}")
     check_dataset(plan, ds)
     ids = plan.shards[shard].ids
-    return Rows(np.asarray(ds.x[ids]), ds.y[ids] if ds.y is not None else None, ds.latent)
+    text = ds.text[ids] if ds.text is not None and _text_dim(plan) else None
+    return Rows(np.asarray(ds.x[ids]), ds.y[ids] if ds.y is not None else None, ds.latent, text)
 
 
 def plan_rows(plan: Plan, work_dir: str | Path | None = None, dataset: Dataset | None = None) -> list[Rows]:

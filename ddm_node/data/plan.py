@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from ddm_node.core.config import Config, ModelConfig, canonical_json, from_dict, to_dict
+from ddm_node.core.config import Config, ModelConfig, TextConfig, canonical_json, from_dict, to_dict
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.jsonsafe import loads as load_json
 from ddm_node.core.manifest import write_atomic
 from ddm_node.data.datasets import Dataset, split_indices
 from ddm_node.data.pack import PackRef
 from ddm_node.data.partition import cluster, compute_features
+from ddm_node.data.vae_ref import VaeRef
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,18 @@ class Plan:
     shards: list[Shard]
     config: dict  # config.to_dict(Config) of the full run config (train.steps = per-expert budget)
     packs: Packs | None = None  # version 2 only
+    vae: VaeRef | None = None  # latents made by `ddm-node encode`: the VAE that decodes them (any version)
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes of the plan (what the file holds and the run id hashes). A plan without packs
-        has no "packs" key, so version-1 plans keep their bytes and run ids."""
+        has no "packs" key, nor one without a VAE a "vae" key, so older plans keep their bytes and run ids."""
         data = dataclasses.asdict(self)
         if self.packs is None:
             del data["packs"]
+        if self.vae is None:
+            del data["vae"]
+        else:
+            data["vae"] = self.vae.to_dict()
         return canonical_json(data)
 
     @property
@@ -140,7 +146,10 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
     cfg.validate()
     if cfg.data.dataset != ds.spec:
         raise DDMError(f"config data.dataset {cfg.data.dataset!r} does not match the dataset {ds.spec!r}")
-    cfg = dataclasses.replace(cfg, model=fit_model(cfg.model, ds.shape, ds.num_classes))  # the plan's are concrete
+    text_dim = 0 if ds.text is None else int(ds.text.shape[1])
+    model = fit_model(cfg.model, ds.shape, ds.num_classes, text_dim)  # the plan's are concrete
+    text = ds.text_info.to_config() if model.text_dim and ds.text_info is not None else TextConfig()
+    cfg = dataclasses.replace(cfg, model=model, text=text)  # the plan names the text encoder for `sample --prompt`
     train_ids, eval_ids = split_indices(len(ds), cfg.data.holdout_fraction, cfg.data.split_seed)
     k = cfg.partition.experts
     feats = compute_features(ds, cfg.partition, train_ids)
@@ -149,7 +158,7 @@ def make_plan(cfg: Config, ds: Dataset) -> Plan:
                     centroid=[float(v) for v in centroids[c]]) for c in range(k)]
     plan = Plan(version=PLAN_VERSION, dataset=ds.spec, fingerprint=ds.fingerprint(), shape=list(ds.shape),
                 num_classes=ds.num_classes, n_samples=len(ds), eval_ids=[int(i) for i in eval_ids],
-                shards=shards, config=to_dict(cfg))
+                shards=shards, config=to_dict(cfg), vae=ds.vae)
     log.info("plan %s: %d train / %d eval samples, shard sizes %s", plan.run_id[:12], len(train_ids),
              len(eval_ids), [len(s.ids) for s in shards])
     return plan
@@ -163,15 +172,16 @@ def check_dataset(plan: Plan, ds: Dataset) -> None:
                        f"{plan.dataset!r} with fingerprint {plan.fingerprint[:16]}..")
 
 
-def fit_model(model: ModelConfig, shape: Sequence[int], num_classes: int) -> ModelConfig:
-    """`model` with image size, channels and class count taken from the data where unset (None). A value the
-    config pins must agree with the data, or every island would fail later: DDMError naming the key to change."""
+def fit_model(model: ModelConfig, shape: Sequence[int], num_classes: int, text_dim: int = 0) -> ModelConfig:
+    """`model` with image size, channels, class count and text width taken from the data where unset (None). A
+    value the config pins must agree with the data, or every island would fail later: DDMError naming the key."""
     c, h, w = (int(v) for v in shape)
     if h != w:
         raise DDMError(f"the dataset's images are {h}x{w}; the model needs square images")
     fit = dataclasses.replace(model, image_size=h if model.image_size is None else model.image_size,
                               channels=c if model.channels is None else model.channels,
-                              num_classes=num_classes if model.num_classes is None else model.num_classes)
+                              num_classes=num_classes if model.num_classes is None else model.num_classes,
+                              text_dim=text_dim if model.text_dim is None else model.text_dim)
     if fit.image_size != h:
         raise DDMError(_contradiction("model.image_size", fit.image_size, f"{h}x{w} images", h))
     if fit.channels != c:
@@ -180,6 +190,10 @@ def fit_model(model: ModelConfig, shape: Sequence[int], num_classes: int) -> Mod
         data = f"{num_classes} classes" if num_classes else "unlabeled images"
         raise DDMError(_contradiction("model.num_classes", fit.num_classes, data, num_classes,
                                       " or 0 (unconditional)" if num_classes else ""))
+    if fit.text_dim not in (0, text_dim):
+        data = f"{text_dim}-wide text embeddings" if text_dim else "data without text embeddings (ddm-node embed-text)"
+        raise DDMError(_contradiction("model.text_dim", fit.text_dim, data, text_dim, " or 0 (no text)" if text_dim
+                                      else ""))
     if h % fit.resolved().patch_size:
         raise DDMError(f"model.patch_size {fit.patch_size} does not divide the dataset's {h}x{w} images: "
                        f"leave it unset (0) to follow model.size, or set a divisor of {h}")
@@ -218,7 +232,7 @@ def _parse(data: dict) -> Plan:
         raise DDMError(f"unsupported plan version {version!r} (this node reads {PLAN_VERSION} and {PACKS_VERSION})")
     fields = _FIELDS + (("packs",) if version == PACKS_VERSION else ())
     missing = [f for f in fields if f not in data]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields) - {"vae"})
     if missing or unknown:
         raise DDMError(f"plan field {'missing: ' + missing[0] if missing else 'unknown: ' + unknown[0]}")
     if not isinstance(data["dataset"], str) or not data["dataset"]:
@@ -249,16 +263,21 @@ def _parse(data: dict) -> Plan:
     if not isinstance(data["config"], dict):
         raise DDMError("config must be a mapping")
     cfg = from_dict(data["config"], Config, "config", saved=True)
-    if fit_model(cfg.model, shape, data["num_classes"]) != cfg.model:
-        raise DDMError("config model.image_size, channels and num_classes must be set in a plan")
+    if fit_model(cfg.model, shape, data["num_classes"], cfg.model.text_dim or 0) != cfg.model:
+        raise DDMError("config model.image_size, channels, num_classes and text_dim must be set in a plan")
+    if bool(cfg.model.text_dim) != bool(cfg.text.encoder):
+        raise DDMError("config text.encoder must name the text encoder exactly when model.text_dim > 0")
     if cfg.partition.experts != len(parsed):
         raise DDMError(f"config partition.experts {cfg.partition.experts} != {len(parsed)} shards")
     if cfg.data.dataset != data["dataset"]:
         raise DDMError(f"config data.dataset {cfg.data.dataset!r} != plan dataset {data['dataset']!r}")
     packs = _packs(data["packs"], len(parsed), bool(data["eval_ids"])) if version == PACKS_VERSION else None
+    vae = VaeRef.parse(data["vae"], "vae") if "vae" in data else None
+    if vae is not None and not data["dataset"].startswith("latents:"):
+        raise DDMError("vae: only a latents: dataset has a VAE")
     return Plan(version=version, dataset=data["dataset"], fingerprint=data["fingerprint"], shape=shape,
                 num_classes=data["num_classes"], n_samples=n, eval_ids=data["eval_ids"], shards=parsed,
-                config=data["config"], packs=packs)
+                config=data["config"], packs=packs, vae=vae)
 
 
 def _packs(value: Any, k: int, held_out: bool) -> Packs:

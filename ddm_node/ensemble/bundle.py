@@ -7,6 +7,12 @@ Layout (the shape of Bagel's Paris release):
     OUT/expert_k/stats/             stats.safetensors + manifest (for the centroid router)
     OUT/router/                     config.json, model.safetensors + manifest (learned router, optional)
     OUT/eval_pack/                  the plan's held-out data pack + manifest (optional; `eval` without the dataset)
+
+A latent run's index also names its VAE (`vae`: the plan's reference, data/vae_ref.py): where it is and the sha256 of
+its files, not the weights themselves (see data/vae.py); `sample` and `eval` decode through it.
+
+A distilled bundle (ensemble/distill.py) holds one student in place of the experts and the router:
+    OUT/student/                    config.json, model.safetensors, manifest (index: "student", "distilled_from")
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ from ddm_node.core.workdir import step_of
 from ddm_node.data.pack import PACK_KIND, manifest_problem
 from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
-from ddm_node.train.limits import ArtifactRules
+from ddm_node.train.limits import ArtifactRules, student_rules
 from ddm_node.train.router_job import load_router
 from router.base import Router
 from router.centroid import CentroidRouter, ClusterStats
-from router.ensemble import EnsembleVelocity, Expert
+from router.ensemble import EnsembleVelocity, Expert, SoleRouter
 
 log = logging.getLogger(__name__)
 INDEX = "model_index.json"
@@ -74,6 +80,8 @@ class Bundle:
     stats: dict[int, ClusterStats]
     learned: Router | None = None  # a LearnedRouter when the bundle has one
     missing: list[int] = field(default_factory=list)
+    objectives: dict[int, str] = field(default_factory=dict)  # what each model predicts (absent: the velocity)
+    distilled_from: dict | None = None  # a distilled bundle: models holds its student alone (key 0), no router
 
     @property
     def eval_pack(self) -> Path | None:
@@ -82,7 +90,9 @@ class Bundle:
         return self.path / EVAL_PACK if isinstance(entry, dict) and self.plan.packs is not None else None
 
     def router(self, kind: RouterChoice = "auto") -> Router:
-        """The router over the experts present: learned when present (or asked), else centroid."""
+        """The router over the experts present: learned when present (or asked), else centroid; a student needs none."""
+        if self.distilled_from is not None:
+            return SoleRouter(0)
         if kind == "auto":
             kind = "learned" if self.learned is not None else "centroid"
         return ROUTER_KINDS[kind](self, sorted(self.models))
@@ -96,7 +106,8 @@ class Bundle:
         return CentroidRouter({k: self.stats[k] for k in present})
 
     def velocity(self, sample: SampleConfig) -> EnsembleVelocity:
-        experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale) for k, m in self.models.items()}
+        experts = {k: Expert(m, m.cfg.num_classes, sample.cfg_scale, m.cfg.text_dim or 0, self.objectives.get(k, "velocity"))
+                   for k, m in self.models.items()}
         return EnsembleVelocity(experts, self.router(sample.router), routing=sample.routing, top_k=sample.top_k)
 
 
@@ -170,6 +181,8 @@ def write_bundle(out: str | Path, plan: Plan, sources: dict[int, ExpertSource], 
         index = {"format": FORMAT, "run_id": plan.run_id, "dataset": plan.dataset, "fingerprint": plan.fingerprint,
                  "shape": list(plan.shape), "num_classes": plan.num_classes, "num_shards": len(plan.shards),
                  "experts": experts, "missing": missing, "router": router}
+        if plan.vae is not None:
+            index["vae"] = plan.vae.to_dict()
         if eval_pack is not None:
             index["eval_pack"] = {"dir": EVAL_PACK, "sha256": plan.packs.eval.sha256, "manifest_id": p.id}
         write_atomic(stage / INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
@@ -224,6 +237,7 @@ class BundleIndex:
     router_manifest_id: str
     raw: dict
     eval_pack_id: str | None = None  # the held-out data pack's manifest (OUT/eval_pack), when the bundle has one
+    student: ExpertEntry | None = None  # a distilled bundle's one model (shard 0, no stats), in place of the experts
 
     @classmethod
     def parse(cls, data: object, source: str) -> BundleIndex:
@@ -248,7 +262,17 @@ class BundleIndex:
         if not isinstance(missing, list) or len(missing) > MAX_SHARD + 1:
             raise IntegrityError(f"{source}: missing must be a list of shards")
         missing = tuple(_num(k, f"{source}: missing[]", 0, MAX_SHARD) for k in missing)
-        if router.get("kind") not in ROUTER_KINDS:
+        student = data.get("student")
+        if student is not None:
+            if entries or router.get("kind") != "none" or not isinstance(student, dict) or not isinstance(
+                    data.get("distilled_from"), dict):
+                raise IntegrityError(f"{source}: a distilled bundle lists its student alone (no experts, router kind "
+                                     "none) and where it was distilled from")
+            student = ExpertEntry(0, _child(student.get("dir"), f"{source}: student"),
+                                  _num(student.get("step"), f"{source}: student.step", 0, MAX_INT),
+                                  _hex(student.get("publisher"), f"{source}: student.publisher", allow_empty=True),
+                                  _hex(student.get("manifest_id"), f"{source}: student.manifest_id"), "")
+        elif router.get("kind") not in ROUTER_KINDS:
             raise IntegrityError(f"{source}: router kind must be one of {', '.join(ROUTER_KINDS)}")
         learned = router["kind"] == "learned"
         router_dir = _child(router.get("dir"), f"{source}: router") if learned else None
@@ -260,13 +284,15 @@ class BundleIndex:
             raise IntegrityError(f"{source}: eval_pack must name the directory {EVAL_PACK}")
         pack_id = None if pack is None else _hex(pack.get("manifest_id"), f"{source}: eval_pack.manifest_id")
         return cls(_hex(data.get("run_id"), f"{source}: run_id"), tuple(entries), missing, router_dir, router_id, data,
-                   pack_id)
+                   pack_id, student)
 
     def check_plan(self, plan: Plan, source: str) -> None:
         """The index describes this plan's run: its shards, image shape and classes."""
         k = len(plan.shards)
+        vae = plan.vae.to_dict() if plan.vae is not None else None
         for name, got, want in (("num_shards", self.raw.get("num_shards"), k), ("shape", self.raw.get("shape"),
-                                list(plan.shape)), ("num_classes", self.raw.get("num_classes"), plan.num_classes)):
+                                list(plan.shape)), ("num_classes", self.raw.get("num_classes"), plan.num_classes),
+                                ("vae", self.raw.get("vae"), vae)):
             if got != want:
                 raise IntegrityError(f"{source}: {name} is {str(got)[:40]}, the plan says {want}")
         if any(k_ >= k for k_ in [e.shard for e in self.experts] + list(self.missing)):
@@ -322,6 +348,8 @@ def _artifact_dir(path: Path, rel: str) -> Path:
 def _listed(index: BundleIndex) -> list[tuple[str, str, int, str, int | None]]:
     """(directory, kind, shard, manifest id, step) of every artifact the index lists."""
     out = []
+    if index.student is not None:
+        out.append((index.student.dir, ckpt.EXPERT, 0, index.student.manifest_id, index.student.step))
     for e in index.experts:
         out.append((e.dir, ckpt.EXPERT, e.shard, e.manifest_id, e.step))
         out.append((f"{e.dir}/stats", ckpt.STATS, e.shard, e.stats_manifest_id, None))
@@ -356,12 +384,13 @@ def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys
     path = Path(path)
     index = load_index(path)
     plan = _bundle_plan(path, index)
-    rules = ArtifactRules.for_plan(plan)
+    plan_rules = ArtifactRules.for_plan(plan)
     if index.eval_pack_id is not None:
         _verify_eval_pack(path, index, plan, require_signature, trusted_keys)
     for rel, kind, shard, manifest_id, step in _listed(index):
         d = _artifact_dir(path, rel)
         m = verify_artifact(d, require_signature=require_signature, trusted_keys=trusted_keys)
+        rules = _rules(d, index, plan, plan_rules) if kind == ckpt.EXPERT else plan_rules  # config.json verified
         got = (m.kind, m.run_id, m.shard, m.id, m.step if step is not None else None)
         if got != (kind, index.run_id, shard, manifest_id, step):
             raise IntegrityError(f"{d / MANIFEST}: is a {m.kind} of run {m.run_id[:12]} shard {m.shard} step "
@@ -378,6 +407,13 @@ def verify_bundle(path: str | Path, require_signature: bool = True, trusted_keys
     return index.raw
 
 
+def _rules(d: Path, index: BundleIndex, plan: Plan, plan_rules: ArtifactRules) -> ArtifactRules:
+    """The rules for the expert artifact in `d`: the plan's, or a student's (its own size: `student_rules`)."""
+    if index.student is None or d.name != index.student.dir:
+        return plan_rules
+    return student_rules(plan, ckpt.read_model_config(d), str(d / ckpt.CONFIG_FILE))
+
+
 def load_bundle(path: str | Path, verify: bool = True, require_signature: bool = False) -> Bundle:
     """Load a bundle's experts, stats and learned router (verifying every file by default). Only what the index
     lists is read, and each expert's config must be the plan's before a model is built from it."""
@@ -387,13 +423,18 @@ def load_bundle(path: str | Path, verify: bool = True, require_signature: bool =
     index = load_index(path)
     plan = _bundle_plan(path, index)
     rules = ArtifactRules.for_plan(plan)
-    models, stats = {}, {}
-    for e in index.experts:
-        models[e.shard] = ckpt.load_expert(_artifact_dir(path, e.dir), verify=False, expected=rules.model)
-        stats[e.shard] = ClusterStats.from_tensors(ckpt.read_stats(_artifact_dir(path, f"{e.dir}/stats"), verify=False))
+    models, stats, objectives = {}, {}, {}
+    for e in index.experts + ((index.student,) if index.student is not None else ()):
+        d = _artifact_dir(path, e.dir)
+        models[e.shard] = ckpt.load_expert(d, verify=False, expected=_rules(d, index, plan, rules).model)
+        objectives[e.shard] = ckpt.expert_objective(d)
+        if e is not index.student:
+            stats[e.shard] = ClusterStats.from_tensors(ckpt.read_stats(_artifact_dir(path, f"{e.dir}/stats"),
+                                                                       verify=False))
     if not models:
         raise DDMError(f"{path}: bundle holds no experts")
     learned = None
     if index.router_dir is not None:
         learned = load_router(_artifact_dir(path, index.router_dir), require_signature=require_signature, rules=rules)
-    return Bundle(path, plan, index.raw, models, stats, learned, list(index.missing))
+    return Bundle(path, plan, index.raw, models, stats, learned, list(index.missing), objectives,
+                  index.raw["distilled_from"] if index.student is not None else None)

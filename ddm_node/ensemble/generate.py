@@ -19,6 +19,7 @@ from ddm_node.data.plan import Plan
 from ddm_node.ensemble.bundle import Bundle
 from ddm_node.ensemble.domain_classifier import DomainClassifier, get_domain_classifier
 from ddm_node.ensemble.metrics import Scores, evaluate_features, features
+from router.base import Cond
 from router.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,19 @@ def class_labels(plan: Plan, n: int, seed: int, dataset: Dataset | None = None,
     return labels[pick]
 
 
+def prompt_text(plan: Plan, prompts: list[str], n: int) -> torch.Tensor:
+    """Pooled embeddings [n, D] of `prompts` by the plan's text encoder: sample i gets prompt i mod len(prompts)."""
+    from ddm_node.data.text_encoder import embed_prompts
+
+    emb = torch.from_numpy(embed_prompts(plan.cfg.text, prompts, plan.cfg.model.text_dim or 0))
+    return emb[torch.arange(n) % len(prompts)]
+
+
 def generate(bundle: Bundle, n: int, cfg: SampleConfig, seed: int = 0, batch: int = 256,
-             dataset: Dataset | None = None, data: EvalData | None = None) -> Samples:
+             dataset: Dataset | None = None, data: EvalData | None = None,
+             prompts: list[str] | None = None) -> Samples:
     """Draw n samples from the bundle's ensemble with the ODE solver, seeded (class labels from `data`, else from
-    `dataset` or the plan's dataset)."""
+    `dataset` or the plan's dataset; with `prompts`, sample i follows prompt i mod len(prompts))."""
     if n < 1:
         raise DDMError(f"--n must be >= 1, got {n}")
     c, h, w = bundle.plan.shape
@@ -79,11 +89,14 @@ def generate(bundle: Bundle, n: int, cfg: SampleConfig, seed: int = 0, batch: in
     if data is None and dataset is None and bundle.eval_pack is not None and bundle.plan.cfg.model.num_classes:
         data = read_eval_data(bundle.eval_pack, bundle.plan)  # labels from the held-out pack: no dataset needed
     y = class_labels(bundle.plan, n, seed, dataset, data)
+    text = prompt_text(bundle.plan, prompts, n) if prompts else None
     velocity = bundle.velocity(cfg)
     start = time.perf_counter()
     out = []
     for i in range(0, n, batch):
         yb = None if y is None else y[i:i + batch]
+        if text is not None:
+            yb = Cond(yb, text[i:i + batch])
         out.append(sample(velocity, noise[i:i + batch], cfg.steps, cfg.solver, yb))
     x = torch.cat(out)
     if not bundle.plan.dataset.startswith("latents:"):  # pixels live in [-1, 1]; latents are unbounded

@@ -31,8 +31,18 @@ from ddm_node.core.config import ModelConfig, TrainConfig, canonical_json, from_
 from ddm_node.core.errors import DDMError, IntegrityError
 from ddm_node.core.identity import Identity
 from ddm_node.core.jsonsafe import load_file as load_json_file
-from ddm_node.core.manifest import FileEntry, Manifest, commit_dir, seal, staging_dir, verify_artifact
+from ddm_node.core.manifest import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    commit_dir,
+    read_manifest,
+    seal,
+    staging_dir,
+    verify_artifact,
+)
 from ddm_node.core.model import DiT
+from ddm_node.core.objective import OBJECTIVES
 from ddm_node.core.workdir import STEP_RE, WorkDir, step_of
 from ddm_node.train.state import check_extra
 from ddm_node.train.trainer import Trainer
@@ -144,7 +154,7 @@ def write_checkpoint(work_dir: str | Path, run_id: str, shard: int, trainer: Tra
         _save_tensors(inference_tensors(trainer.ema.state_dict()), expert / MODEL_FILE)
         _write_json(expert / CONFIG_FILE, model_cfg)
         _seal(expert, EXPERT, run_id, shard, step, config_hash, (MODEL_FILE, CONFIG_FILE), identity,
-              {**user_extra, "step": step})
+              {**user_extra, "step": step, "objective": trainer.train_cfg.objective})
         _save_tensors(trainer.state_tensors(), state / STATE_FILE)
         _write_json(state / CONFIG_FILE, {"model": model_cfg, "train": to_dict(trainer.train_cfg)})
         _seal(state, STATE, run_id, shard, step, config_hash, (STATE_FILE, CONFIG_FILE), identity,
@@ -205,7 +215,7 @@ def latest_checkpoint(work_dir: str | Path, shard: int, require_signature: bool 
 def _parse_model_cfg(data: object, source: str) -> ModelConfig:
     if not isinstance(data, dict):
         raise DDMError(f"{source}: model config must be a mapping")
-    return from_dict(data, ModelConfig, source=source).resolved()
+    return from_dict(data, ModelConfig, source=source, saved=True).resolved()  # saved: older files lack text_dim
 
 
 def load_state(state_dir: str | Path, trainer: Trainer, require_signature: bool = False,
@@ -294,6 +304,16 @@ def load_expert(expert_dir: str | Path, verify: bool = True, require_signature: 
                            f"expected {list(shape)}")
     model.load_state_dict(weights, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def expert_objective(expert_dir: str | Path) -> str:
+    """What an expert artifact's network predicts (`train.objective`), from its manifest's extra; experts written
+    before the field existed predict the velocity. IntegrityError for anything but a known objective."""
+    value = read_manifest(expert_dir).extra.get("objective", "velocity")
+    if value not in OBJECTIVES:
+        raise IntegrityError(f"{Path(expert_dir) / MANIFEST}: objective must be one of {', '.join(OBJECTIVES)}, "
+                             f"got {str(value)[:24]!r}")
+    return value
 
 
 def stats_dir(work_dir: str | Path, shard: int) -> Path:

@@ -40,6 +40,7 @@ class ShardData:
     x: torch.Tensor
     y: torch.Tensor | None
     latent: bool = False  # latents are not limited to [-1, 1] (datasets spec latents:PATH)
+    text: torch.Tensor | None = None  # pooled text embeddings [N, D] of a text-conditioned run
 
 
 def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None, work_dir: str | Path | None = None) -> ShardData:
@@ -48,7 +49,8 @@ def shard_data(plan: Plan, shard: int, dataset: Dataset | None = None, work_dir:
     rows = shard_rows(plan, shard, work_dir, dataset)
     x = torch.from_numpy(np.ascontiguousarray(rows.x)).float()
     y = torch.from_numpy(rows.y).long() if rows.y is not None and plan.cfg.model.num_classes > 0 else None
-    return ShardData(x, y, latent=rows.latent)
+    text = torch.from_numpy(np.ascontiguousarray(rows.text)).float() if rows.text is not None else None
+    return ShardData(x, y, latent=rows.latent, text=text)
 
 
 def run_config_hash(plan: Plan) -> str:
@@ -133,14 +135,36 @@ def train_shard(
     work_dir = Path(work_dir)
     target = cfg.train.steps if steps is None else steps
     data = shard_data(plan, shard, dataset, work_dir)
-    main = _is_main(dist)
-    if main:
+    if _is_main(dist):
         ensure_stats(plan, shard, work_dir, data, identity)
-    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, dist=dist, check_range=not data.latent)
-    latest = _resume(trainer, work_dir, shard, resume_from, dist)
+    trainer = Trainer(cfg.model, cfg.train, data.x, data.y, device=device, dist=dist, check_range=not data.latent,
+                      text=data.text)
+    saver = Checkpointer(work_dir, plan.run_id, shard, run_config_hash(plan), identity)
+    return train_loop(trainer, saver, target, resume_from=resume_from, on_step=on_step, on_checkpoint=on_checkpoint,
+                      should_stop=should_stop, on_start=on_start, dist=dist, on_losses=on_losses)
+
+
+def train_loop(
+    trainer: Trainer,
+    saver: Checkpointer,
+    target: int,
+    resume_from: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    dist: DistContext | None = None,
+    on_losses: Callable[[int, list[float]], None] | None = None,
+) -> Path | None:
+    """The one training loop around a built `trainer`: resume (`resume_from`, else the newest valid checkpoint in
+    the saver's work dir), train to step `target` with periodic checkpoints, and checkpoint where it stopped (the
+    budget, or `should_stop`). An expert's shard (`train_shard`) and a distilled student (ensemble/distill.py) both
+    train here. Returns the newest checkpoint directory (None if nothing was trained or written), the same on every
+    rank."""
+    main = _is_main(dist)
+    latest = _resume(trainer, saver.work_dir, saver.shard, resume_from, dist)
     if trainer.step >= target:
         return latest
-    saver = Checkpointer(work_dir, plan.run_id, shard, run_config_hash(plan), identity)
 
     def checkpoint(step: int) -> None:
         if main:  # the other ranks go on; their next collective waits for rank 0

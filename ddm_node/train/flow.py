@@ -1,4 +1,5 @@
-"""Flow matching: x_t = (1 - t) x0 + t eps (data at t=0, noise at t=1); the network predicts v = eps - x0."""
+"""Flow matching: x_t = (1 - t) x0 + t eps (data at t=0, noise at t=1); the network predicts v = eps - x0, or the
+noise or the data (`train.objective`, core/objective.py), or a teacher's velocity (distillation)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm_node.core.errors import DDMError
+from ddm_node.core.objective import from_velocity, training_target
 
 T_MODES = ("uniform", "logit_normal")
 
@@ -31,8 +33,23 @@ def interpolate(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.T
     return (1 - tb) * x0 + tb * eps
 
 
+Teacher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, y: torch.Tensor | None,
-                       t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between model(x_t, t, y) and the target velocity eps - x0 (computed in float32)."""
-    v = model(interpolate(x0, t, eps), t, y)
-    return F.mse_loss(v.float(), (eps - x0).float())
+                       t: torch.Tensor, eps: torch.Tensor, objective: str = "velocity",
+                       teacher: Teacher | None = None, **cond: torch.Tensor) -> torch.Tensor:
+    """Mean squared error (in float32) between model(x_t, t, y, **cond) and the `objective`'s target: eps - x0, eps
+    or x0. `cond`: a text model's `text` and `text_drop`.
+
+    With a `teacher` (distillation) the target is the teacher's velocity at the same (x_t, t, y), expressed in the
+    objective (`from_velocity`), computed without gradients and outside any autocast (a float32 target). Students of
+    text-conditioned ensembles are not built (distill refuses them), so the teacher sees no text."""
+    x_t = interpolate(x0, t, eps)
+    pred = model(x_t, t, y, **cond)
+    if teacher is None:
+        return F.mse_loss(pred.float(), training_target(objective, x0, eps).float())
+    with torch.no_grad(), torch.autocast(device_type=x_t.device.type, enabled=False):
+        x32 = x_t.float()
+        target = from_velocity(objective, teacher(x32, t.float(), y).float(), x32, t.float())
+    return F.mse_loss(pred.float(), target)

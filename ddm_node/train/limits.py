@@ -10,11 +10,13 @@ headers; nothing of ours is larger, and a manifest that declares more is refused
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ddm_node.core.config import ModelConfig
+from ddm_node.core.config import MODEL_SIZES, ModelConfig, to_dict
+from ddm_node.core.errors import DDMError
 from ddm_node.core.manifest import Manifest
 from ddm_node.core.model import DiT
 from ddm_node.data.plan import Plan
@@ -59,7 +61,7 @@ class ArtifactRules:
         model = plan.cfg.model.resolved()
         c, h, w = (int(s) for s in plan.shape)
         k = len(plan.shards)
-        router = router_model_config(plan.cfg.router, h, c, model.num_classes).resolved()
+        router = router_model_config(plan.cfg.router, h, c, model.num_classes, model.text_dim or 0).resolved()
         with torch.device("meta"):
             expert = DiT(model)
             expert_state, expert_params, n_params = _tensor_bytes(expert)
@@ -93,6 +95,28 @@ class ArtifactRules:
                         f"({mib(allowed[name])})")
         missing = sorted(set(allowed) - set(m.files))
         return f"it lacks {missing[0]}" if missing else None
+
+
+# What a distilled student may choose for itself (ensemble/distill.py); the rest of its config is the plan's.
+STUDENT_FIELDS = ("size", "hidden", "depth", "heads", "patch_size", "class_dropout")
+_LARGEST = dict(zip(("hidden", "depth", "heads"), (max(s[i] for s in MODEL_SIZES.values()) for i in range(3))))
+
+
+def student_rules(plan: Plan, cfg: ModelConfig, source: str) -> ArtifactRules:
+    """The rules for a student distilled from this plan's ensemble, whose (resolved) model config is `cfg`: the
+    plan's model but for `STUDENT_FIELDS`, no wider, deeper or with more heads than the largest named size, and a
+    patch that divides the images. DDMError naming `source` and the problem otherwise."""
+    want = dataclasses.replace(plan.cfg.model.resolved(), **{f: getattr(cfg, f) for f in STUDENT_FIELDS})
+    ckpt.check_model_config(cfg, want, source)
+    for name, most in _LARGEST.items():
+        if getattr(cfg, name) > most:
+            raise DDMError(f"{source}: model {name} {getattr(cfg, name)} is beyond the largest model size's ({most})")
+    if cfg.patch_size < 1 or cfg.image_size % cfg.patch_size:
+        raise DDMError(f"{source}: model patch_size {cfg.patch_size} does not divide the {cfg.image_size}px images")
+    try:
+        return ArtifactRules.for_plan(dataclasses.replace(plan, config={**plan.config, "model": to_dict(cfg)}))
+    except ValueError as exc:  # the DiT refuses the shape (hidden not a multiple of heads)
+        raise DDMError(f"{source}: {exc}") from None
 
 
 def mib(n: int) -> str:

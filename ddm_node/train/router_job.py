@@ -29,16 +29,18 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def plan_router_data(plan: Plan, dataset: Dataset | None = None,
-                     work_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """All training samples of the plan with their shard index as the label (from `dataset`, the data packs in
-    `work_dir`, or the plan's dataset: `data.packing.plan_rows`)."""
+def plan_router_data(plan: Plan, dataset: Dataset | None = None, work_dir: str | Path | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """All training samples of the plan with their shard index as the label, their class labels and their text
+    embeddings (from `dataset`, the data packs in `work_dir`, or the plan's dataset: `data.packing.plan_rows`)."""
     rows = plan_rows(plan, work_dir, dataset)
     cluster = [s.index for s in plan.shards for _ in s.ids]
     x = torch.from_numpy(np.concatenate([r.x for r in rows])).float()
     labeled = rows[0].y is not None and plan.cfg.model.num_classes > 0
     y = torch.from_numpy(np.concatenate([r.y for r in rows])).long() if labeled else None
-    return x, torch.tensor(cluster, dtype=torch.long), y
+    texted = rows[0].text is not None and bool(plan.cfg.model.text_dim)
+    text = torch.from_numpy(np.concatenate([r.text for r in rows])).float() if texted else None
+    return x, torch.tensor(cluster, dtype=torch.long), y, text
 
 
 def train_plan_router(plan: Plan, out_dir: str | Path, steps: int | None = None, identity: Identity | None = None,
@@ -48,10 +50,10 @@ def train_plan_router(plan: Plan, out_dir: str | Path, steps: int | None = None,
     cfg = plan.cfg.router
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
-    x, cluster, y = plan_router_data(plan, dataset, work_dir)
+    x, cluster, y, text = plan_router_data(plan, dataset, work_dir)
     c, h, _ = plan.shape
     experts = [s.index for s in plan.shards]
-    router = train_router(x, cluster, y, plan.cfg.model.num_classes, h, c, experts, cfg, on_step=on_step)
+    router = train_router(x, cluster, y, plan.cfg.model.num_classes, h, c, experts, cfg, on_step=on_step, text=text)
     return write_router(out_dir, plan, router, cfg, identity)
 
 
@@ -61,6 +63,8 @@ def write_router(out_dir: str | Path, plan: Plan, router: LearnedRouter, cfg: Ro
     c, h, _ = plan.shape
     config = {"router": to_dict(cfg), "image_size": h, "channels": c, "num_classes": plan.cfg.model.num_classes,
               "experts": list(router.experts)}
+    if router.net.backbone.text_dim:  # routers without text keep their config bytes
+        config["text_dim"] = router.net.backbone.text_dim
     stage = staging_dir(out_dir)
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in router.net.state_dict().items()}
@@ -79,6 +83,7 @@ MAX_IMAGE = 1024  # pixels per side, channels, classes and experts a router conf
 MAX_CHANNELS = 64
 MAX_CLASSES = 1 << 20
 MAX_EXPERTS = 65536
+MAX_TEXT_DIM = 1 << 16
 
 
 def load_router(router_dir: str | Path, require_signature: bool = False, trusted_keys=None,
@@ -101,7 +106,8 @@ def load_router(router_dir: str | Path, require_signature: bool = False, trusted
         cfg = from_dict(config["router"], RouterConfig, source=source, saved=True)
         model_cfg = router_model_config(cfg, _int_in(config["image_size"], 1, MAX_IMAGE, f"{source}: image_size"),
                                         _int_in(config["channels"], 1, MAX_CHANNELS, f"{source}: channels"),
-                                        _int_in(config["num_classes"], 0, MAX_CLASSES, f"{source}: num_classes"))
+                                        _int_in(config["num_classes"], 0, MAX_CLASSES, f"{source}: num_classes"),
+                                        _int_in(config.get("text_dim", 0), 0, MAX_TEXT_DIM, f"{source}: text_dim"))
     except (KeyError, TypeError, ValueError) as exc:
         raise DDMError(f"{source}: malformed router config ({str(exc)[:200]})") from None
     if rules is not None:

@@ -39,9 +39,9 @@ import torch
 
 from ddm_node.core.config import Config, ModelConfig, TrainConfig
 from ddm_node.core.errors import DDMError
-from ddm_node.core.model import DiT, count_params
+from ddm_node.core.model import DiT, condition_dropout, count_params
 from ddm_node.train.distributed import DistContext, all_reduce_sum, rank_slice
-from ddm_node.train.flow import flow_matching_loss, sample_t
+from ddm_node.train.flow import Teacher, flow_matching_loss, sample_t
 from ddm_node.train.state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -141,15 +141,35 @@ def check_data(x: torch.Tensor, y: torch.Tensor | None, cfg: ModelConfig, device
     return x, y.cpu()  # labels stay on the host: reading them from the GPU would sync every step
 
 
+def check_text(text: torch.Tensor | None, n: int, cfg: ModelConfig) -> torch.Tensor | None:
+    """Pooled text embeddings [n, model.text_dim] as float32 on the host, None for a model without text."""
+    dim = cfg.text_dim or 0
+    if not dim:
+        if text is not None:
+            logger.info("model has no text conditioning (model.text_dim 0): ignoring the text embeddings")
+        return None
+    if text is None:
+        raise DDMError(f"model.text_dim is {dim} but the shard has no text embeddings (ddm-node embed-text)")
+    if not isinstance(text, torch.Tensor) or tuple(text.shape) != (n, dim) or not text.is_floating_point():
+        shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+        raise DDMError(f"text embeddings must be float [{n}, {dim}] (one per sample, model.text_dim wide), got {shape}")
+    if not bool(torch.isfinite(text).all()):
+        raise DDMError("text embeddings contain NaN or infinite values")
+    return text.float().cpu()
+
+
 class Trainer(TrainerState):
     """Trains one DiT expert on in-memory samples `x` (float32 [N,C,H,W] in [-1,1]) and labels `y`."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None,
-                 device: str | None = None, dist: DistContext | None = None, check_range: bool = True):
+                 device: str | None = None, dist: DistContext | None = None, check_range: bool = True,
+                 teacher: Teacher | None = None, text: torch.Tensor | None = None):
         """`dist`: this process's place in a DDP group (None: one process). `check_range=False` accepts data
-        outside [-1, 1] (latents, e.g. SD-VAE latents * 0.18215); finiteness is still checked."""
+        outside [-1, 1] (latents, e.g. SD-VAE latents * 0.18215); finiteness is still checked. `teacher`: regress
+        its velocity at each (x_t, t, y) instead of the flow's own target (distillation, `flow_matching_loss`).
+        `text`: pooled text embeddings [N, model.text_dim] of a text-conditioned model."""
         Config(model=model_cfg, train=train_cfg).validate()
-        self.dist = dist
+        self.teacher, self.dist = teacher, dist
         self.world_size = dist.world_size if dist is not None else 1
         self.rank = dist.rank if dist is not None else 0
         self._rows = rank_slice(train_cfg.batch_size, self.rank, self.world_size)
@@ -165,6 +185,7 @@ class Trainer(TrainerState):
         if dist is not None and (dist.backend == "nccl") != self.cuda:
             raise DDMError(f"process group backend {dist.backend} does not fit device {self.device} (NCCL needs CUDA)")
         self.x, self.y = check_data(x, y, self.model_cfg, self.device, check_range)
+        self.text = check_text(text, int(self.x.shape[0]), self.model_cfg)
         self.num_samples = int(self.x.shape[0])
         self.lazy_loss = self.cuda  # see the module docstring; tests flip it to compare both paths
         self._build_model()
@@ -269,21 +290,22 @@ class Trainer(TrainerState):
         c, h, w = self.x.shape[1:]
         eps = torch.randn((b, c, h, w), generator=self.gen, pin_memory=self.cuda)
         null = self.model_cfg.num_classes
-        if self.y is None:
-            y = torch.full((b,), null, dtype=torch.long)
-        else:
-            y = self.y[idx]
-            if self.model_cfg.class_dropout > 0:
-                drop = torch.rand(b, generator=self.gen) < self.model_cfg.class_dropout
-                y = torch.where(drop, torch.full_like(y, null), y)
+        y = torch.full((b,), null, dtype=torch.long) if self.y is None else self.y[idx]
+        drop = torch.zeros(b, dtype=torch.bool)
+        if self.model_cfg.class_dropout > 0 and (self.y is not None or self.text is not None):
+            drop = condition_dropout(b, self.model_cfg.class_dropout, self.gen)  # labels and text together
+            y = torch.where(drop, torch.full_like(y, null), y)
+        text = None if self.text is None else self.text[idx]
         if self.world_size > 1:
-            idx, t, eps, y = (v[self._rows] for v in (idx, t, eps, y))
+            idx, t, eps, y, drop = (v[self._rows] for v in (idx, t, eps, y, drop))
+            text = None if text is None else text[self._rows]
         x0 = self.x[self._to_device(idx) if self.x.device.type == "cuda" else idx]
         x0, t, eps, y = (self._to_device(v) for v in (x0, t, eps, y))
+        cond = {} if text is None else {"text": self._to_device(text), "text_drop": self._to_device(drop)}
         skip_sync = self._ddp is not None and not sync_grads
         with self._ddp.no_sync() if skip_sync else contextlib.nullcontext():
             with self._autocast():
-                loss = flow_matching_loss(self._forward, x0, y, t, eps)
+                loss = flow_matching_loss(self._forward, x0, y, t, eps, self.train_cfg.objective, self.teacher, **cond)
             if self.dist is None:
                 (loss / self.train_cfg.grad_accum).backward()
             else:
