@@ -635,6 +635,40 @@ def test_shutdown_after_the_dht_child_died():
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
 
 
+@pytest.mark.multiproc
+def test_a_dht_child_dying_mid_call_fails_that_call_and_the_next_at_once():
+    """A call in flight when the DHT child dies (here: stopped, then killed) ends with a DDMError within a second,
+    and the calls queued behind its pipe lock too: `visible_maddrs` once blocked forever and, holding the lock,
+    hung the stop of an island whose every process got SIGTERM (CI, 2026-12-03)."""
+    swarm = Swarm(Identity.generate(), secrets.token_hex(32))
+    child = psutil.Process(swarm.dht_pid)
+    outcomes: dict[str, str] = {}
+
+    def call(name, fn):
+        try:
+            fn()
+            outcomes[name] = "answered"
+        except DDMError as exc:
+            outcomes[name] = str(exc)
+
+    try:
+        child.suspend()  # alive, but answers nothing: the calls below wait in flight
+        threads = [threading.Thread(target=call, args=item, daemon=True)
+                   for item in (("maddrs", swarm.visible_maddrs), ("claims", lambda: swarm.claims(0)))]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        child.kill()
+        started = time.monotonic()
+        for t in threads:
+            t.join(timeout=10)
+        assert not any(t.is_alive() for t in threads), "a DHT call still waits on a dead child"
+        assert time.monotonic() - started < 5
+        assert "died" in outcomes["maddrs"] and "claims" in outcomes, outcomes  # a read answers [] at once
+    finally:
+        swarm.shutdown()
+
+
 _REAL_DHT = hivemind.DHT
 
 

@@ -175,7 +175,10 @@ class Swarm:
 
     def visible_maddrs(self) -> list[str]:
         """Multiaddrs other peers can use as `initial_peers` (each ends in /p2p/<peer id>)."""
-        return [str(m) for m in self._call(lambda: self._dht.get_visible_maddrs())]
+        # a future, not hivemind's blocking call: a DHT child that dies mid-call never answers, and the blocked call
+        # held the pipe lock, so every later call (the stop's claim release) hung too (a SIGTERM to every process)
+        maddrs = self._call_future(lambda: self._dht.run_coroutine(_visible_maddrs, return_future=True))
+        return [str(m) for m in maddrs]
 
 
     @staticmethod
@@ -329,6 +332,11 @@ def _start_child(host: str, port: int, **kwargs: Any) -> DHTChild:
         return DHTChild(host_maddrs=[f"/ip4/{host}/tcp/{port}"], **kwargs, **NO_CACHE_OPTIONS)
     except Exception as exc:  # hivemind raises assorted errors (bad maddr, unreachable peers)
         raise DDMError(f"cannot start the DHT on {host}:{port}: {exc}".splitlines()[0]) from None
+
+
+async def _visible_maddrs(_dht: hivemind.DHT, node: Any) -> list[Any]:
+    """Runs in the DHT process: this node's visible multiaddrs (hivemind's `get_visible_maddrs`, as a coroutine)."""
+    return await node.get_visible_maddrs()
 
 
 async def _connected_hosts(_dht: hivemind.DHT, node: Any) -> list[str]:
