@@ -49,18 +49,3 @@ def test_trainers_and_publishers_are_not_counted_as_mirrors():
 def test_a_lone_island_mirrors_what_it_did_not_train():
     targets = Mirror(**island("a", [], {0: "x", 1: "y", 2: "a"}, 3, 2, trained={2})).targets()
     assert list(targets) == [0, 1] and [c.publisher for c in targets[1]] == ["y"]  # records passed on, not re-read
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_idle_islands_mirror_before_islands_training_another_shard(seed):
-    """Two trainers and two idle islands, R = 2: each shard is mirrored by the two idle islands whatever the
-    rendezvous order says (a trainer of the other shard ranked first took the place of an idle island before)."""
-    t0, t1, a, b = (f"{seed}-{n}" for n in ("t0", "t1", "a", "b"))
-    peers = [peer(t0, shard=0), peer(t1, shard=1), peer(a), peer(b)]
-    placed = {p.public_key: sorted(Mirror(**island(p.public_key, peers, {0: t0, 1: t1}, 2, 2,
-                                                   active=p.shard if p.shard >= 0 else None)).targets())
-              for p in peers}
-    assert placed == {t0: [], t1: [], a: [0, 1], b: [0, 1]}, placed
-    # with one idle island only, a trainer of the other shard fills the second place
-    alone = [peer(t0, shard=0), peer(t1, shard=1), peer(a)]
-    assert sorted(Mirror(**island(t1, alone, {0: t0, 1: t1}, 2, 2, active=1)).targets()) == [0]

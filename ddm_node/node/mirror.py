@@ -65,26 +65,20 @@ class Mirror:
         Ranking the live peers per shard (not shards per peer) gives every shard R mirrors whenever R
         peers besides its trainers are alive; ranking shards per peer could leave a shard with none
         (two idle islands may both pick the same R shards). Peers that publish or train the shard are
-        left out of its order: they already hold it. Idle peers rank before peers training another shard: they
-        have the spare CPU, disk and bandwidth, and one of them is who claims the shard when its trainer dies, so
-        its copy makes the takeover local (busy peers still mirror when fewer than R idle ones are live). Returns
-        each such shard with its checkpoint records.
+        left out of its order: they already hold it. Returns each such shard with its checkpoint records.
         """
         peers = self.swarm.peers()
         live = {r.public_key for r in peers if r.state != Phase.LEAVING.value} | {self.me}  # leaving: fetches nothing
         training: dict[int, set[str]] = {}
         for r in peers:
             training.setdefault(r.shard, set()).add(r.public_key)
-        busy = {r.public_key for r in peers if r.shard >= 0}
         out = {}
         for shard in range(self.num_shards):
             if shard == self.state.active or shard in self.state.trained:
                 continue
             checkpoints = self.swarm.checkpoints(shard)
             holders = training.get(shard, set()) | {c.publisher for c in checkpoints}
-            free = sorted(live - holders)
-            order = (rendezvous(f"mirror/{shard}", [p for p in free if p not in busy])
-                     + rendezvous(f"mirror/{shard}", [p for p in free if p in busy]))
+            order = rendezvous(f"mirror/{shard}", sorted(live - holders))
             if self.me in order[: self.cfg.replicas]:
                 out[shard] = checkpoints
         return out
