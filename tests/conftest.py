@@ -92,16 +92,13 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-# Tests whose assertions bound wall-clock time (stop and claim bounds, TTL takeovers, kill-to-resume, stall and
-# trickle detection, ready lines). Under pytest-xdist they run one after another on one worker (`loadgroup`), so
-# two of them never load the 2 cores at once; the other worker runs everything else, the demo and the e2e
-# training included. Measured with both workers busy: load 4-7 on 2 cores, which these bounds have margin for.
-TIMED = ("test_stop.py", "test_daemon.py", "chaos/", "adversarial/test_slow_holders.py",
-         "adversarial/test_dht_hostile.py", "test_watch_live.py", "test_restart.py", "test_swarm.py")
+# Tests that run real daemons, DHT peers or gRPC servers (`multiproc`) run one after another on one pytest-xdist
+# worker (`--dist loadgroup`), the in-process tests on the other: two swarms at once pushed the load on 2 cores to
+# 9-10, past what the wall-clock bounds (stop, claim, takeover, stall detection) allow (3 failures in a run with
+# only the bounded tests grouped, 2026-12-03); one swarm beside one in-process test is a serial run's load.
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        if path.startswith("tests/") and any(path[len("tests/"):].startswith(t) for t in TIMED):
-            item.add_marker(pytest.mark.xdist_group("timed"))
+        if item.get_closest_marker("multiproc"):
+            item.add_marker(pytest.mark.xdist_group("swarm"))

@@ -138,10 +138,16 @@ def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
     trainers = {e.name for e in ev if e.kind is EventKind.CLAIM}
     idle = [p for p in net.procs if p.name not in trainers]
     assert len(idle) == 2
-    # idle islands mirror: each holds a verified copy of a shard it never trained (120 s: an idle island also
-    # mirrors the data packs first; 60 s ran out once on a quiet box, 2026-12-03)
-    net.wait_for(lambda _ev: all(any(ckpt.latest_checkpoint(p.work, s) for s in (0, 1)) for p in idle), 120,
-                 "idle islands to mirror")
+    # Mirrors: every shard's state is copied by R = 2 islands that do not train it (the rendezvous top 2 of the
+    # other three: an idle island, or the other shard's trainer). Not "each idle island holds a copy": an idle
+    # island ranked third for both shards holds none, as the placement rule says (2 runs in 9; a flake until
+    # 2026-12-03). 120 s: a mirror also fetches the data packs.
+    trainer_of = {e.shard: e.name for e in ev if e.kind is EventKind.CLAIM}
+
+    def copies(shard: int) -> list[str]:
+        return [p.name for p in net.procs if p.name != trainer_of[shard] and ckpt.latest_checkpoint(p.work, shard)]
+
+    net.wait_for(lambda _ev: all(len(copies(s)) >= 2 for s in (0, 1)), 120, "two mirrors of each shard")
 
 
 def test_node_loss_waiting_island_reclaims_within_two_ttl_and_resumes_from_mirror(net):
@@ -162,8 +168,12 @@ def test_node_loss_waiting_island_reclaims_within_two_ttl_and_resumes_from_mirro
     victim = next(p for p in islands if p.name == name)
     t_kill = time.time()
     net.kill(victim)
-    last = max(e.step for e in net.events() if e.kind is EventKind.CHECKPOINT and e.name == name
-               and e.shard == shard)
+    published = sorted(e.step for e in net.events() if e.kind is EventKind.CHECKPOINT and e.name == name
+                       and e.shard == shard)
+    # The newest checkpoint another island held when the victim died: the takeover must resume from it. One more
+    # may have been published between the check above and the kill (every 40 steps is ~0.5 s here) and never
+    # fetched: at most that interval is lost, which is the bound.
+    last = max((s for s in published if mirrored(net, name, shard, s)), default=0)
     takeover = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.CLAIM and e.shard == shard
                                              and e.name != name and e.t > t_kill), None), 4 * ttl,
                             "another island to claim the orphaned shard")
@@ -171,8 +181,7 @@ def test_node_loss_waiting_island_reclaims_within_two_ttl_and_resumes_from_mirro
     resume = net.wait_for(lambda ev: next((e for e in ev if e.kind is EventKind.RESUME and e.shard == shard
                                            and e.name == takeover.name and e.t >= takeover.t), None),
                           30, "the takeover to resume")
-    assert resume.step >= last, f"resumed at {resume.step}, killed island had published {last}"
-    # steps lost = steps the victim trained past its last checkpoint < the checkpoint interval
-    assert resume.step - last == 0 and every > 0
+    assert resume.step >= last, f"resumed at {resume.step}, a mirror held {last}"
+    assert published[-1] - resume.step <= every, f"resumed at {resume.step}, the victim had published {published}"
     net.wait_for(lambda ev: any(e.kind is EventKind.DONE and e.shard == shard for e in ev), 300, "the shard to finish")
     assert not victim.alive and victim.killed
