@@ -8,10 +8,13 @@ worker is its own run with its own tag (a worker must not count another's live d
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -92,13 +95,23 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-# Tests that run real daemons, DHT peers or gRPC servers (`multiproc`) run one after another on one pytest-xdist
-# worker (`--dist loadgroup`), the in-process tests on the other: two swarms at once pushed the load on 2 cores to
-# 9-10, past what the wall-clock bounds (stop, claim, takeover, stall detection) allow (3 failures in a run with
-# only the bounded tests grouped, 2026-12-03); one swarm beside one in-process test is a serial run's load.
+# Tests that run real daemons, DHT peers or gRPC servers (`multiproc`) run one at a time across the pytest-xdist
+# workers: each holds a file lock shared by the run's workers from its setup (module fixtures included) to its
+# teardown, while in-process tests go on beside it. Two swarms at once pushed the load on 2 cores to 9-10, past
+# what the wall-clock bounds (stop, claim, takeover, stall detection) allow (3 failures in one such run,
+# 2026-12-03); one swarm beside one in-process test is a serial run's load. (xdist's own `--dist loadgroup` did not
+# group anything with pytest 9.2 and xdist 3.8 here: a static `xdist_group` marker still spread over both workers.)
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("multiproc"):
-            item.add_marker(pytest.mark.xdist_group("swarm"))
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None or item.get_closest_marker("multiproc") is None:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / f"ddm-tests-swarm-{run}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

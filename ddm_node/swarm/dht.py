@@ -167,18 +167,15 @@ class Swarm:
         return self._call_future(lambda: self._dht.run_coroutine(partial(storage_stats, key=key), return_future=True))
 
     # -- identity and addresses -----------------------------------------------------------------
-
     @property
     def peer_id(self) -> str:
         """This node's libp2p peer id (base58)."""
         return self._peer_id
 
     def visible_maddrs(self) -> list[str]:
-        """Multiaddrs other peers can use as `initial_peers` (each ends in /p2p/<peer id>)."""
-        # a future, not hivemind's blocking call: a DHT child that dies mid-call never answers, and the blocked call
-        # held the pipe lock, so every later call (the stop's claim release) hung too (a SIGTERM to every process)
-        maddrs = self._call_future(lambda: self._dht.run_coroutine(_visible_maddrs, return_future=True))
-        return [str(m) for m in maddrs]
+        """Multiaddrs other peers can use as `initial_peers` (each ends in /p2p/<peer id>). Through a future: hivemind's
+        blocking call never returned when the DHT child died mid-call, and held the pipe lock."""
+        return [str(m) for m in self._call_future(lambda: self._dht.run_coroutine(_visible_maddrs, return_future=True))]
 
 
     @staticmethod
