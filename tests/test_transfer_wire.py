@@ -178,7 +178,7 @@ def test_part_writer_appends_hashes_reports_and_bounds_what_it_queues(tmp_path, 
         gate.wait(5)
         written.append(n)
 
-    monkeypatch.setattr(pf, "WRITEBACK", 1000)  # write-back hints on the way (a no-op where unsupported)
+    monkeypatch.setattr(pf, "FLUSH_EVERY", 1000)  # background flushes on the way
     pieces = [random_bytes(700, seed=i) for i in range(6)]
     with open(part, "ab") as f:
         w = PartWriter(f, hasher, slow_disk, limit=1500)
@@ -225,6 +225,38 @@ def test_a_write_error_reaches_the_receive_thread_and_nothing_after_it_is_writte
     with pytest.raises(OSError, match="No space"):
         w.close()
     assert f.data == b"0123456789"
+
+
+def test_part_writer_flushes_to_disk_on_the_way_and_a_flush_error_reaches_close(tmp_path, monkeypatch):
+    """Flushes run beside the writes (not only at the end), and an fdatasync error is not lost: close raises it."""
+    calls: list[int] = []
+    real = pf.os.fdatasync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(pf, "FLUSH_EVERY", 1000)
+    monkeypatch.setattr(pf.os, "fdatasync", counted)
+    part = tmp_path / "f.part"
+    with open(part, "ab") as f:
+        w = PartWriter(f, PartHash(part), None)
+        for i in range(5):
+            w.put(random_bytes(1500, seed=i))
+            time.sleep(0.05)
+        assert calls, "no flush while the file was being written"
+        w.close()
+    assert part.stat().st_size == 7500
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pf.os, "fdatasync", failing)
+    with open(tmp_path / "g.part", "ab") as f:
+        w = PartWriter(f, PartHash(tmp_path / "g.part"), None)
+        w.put(random_bytes(1500))
+        with pytest.raises(OSError, match="Input/output"):
+            w.close()
 
 
 def test_disk_errors_during_a_download_are_one_line_local_errors(tmp_path, net, monkeypatch):  # noqa: F811
