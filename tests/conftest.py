@@ -95,18 +95,22 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-# Tests that run real daemons, DHT peers or gRPC servers (`multiproc`) run one at a time across the pytest-xdist
-# workers: each holds a file lock shared by the run's workers from its setup (module fixtures included) to its
-# teardown, while in-process tests go on beside it. Two swarms at once pushed the load on 2 cores to 9-10, past
-# what the wall-clock bounds (stop, claim, takeover, stall detection) allow (3 failures in one such run,
-# 2026-12-03); one swarm beside one in-process test is a serial run's load. (xdist's own `--dist loadgroup` did not
-# group anything with pytest 9.2 and xdist 3.8 here: a static `xdist_group` marker still spread over both workers.)
+# Tests that start island daemons (`islands`: `ddm-node start` processes that train, torchrun groups) run one at a
+# time across the pytest-xdist workers: each holds a file lock shared by the run's workers from its setup (module
+# fixtures included) to its teardown, while other tests go on beside it. Two swarms at once pushed the load on 2
+# cores to 9-10, past what the wall-clock bounds (stop, claim, takeover, stall detection) allow (3 failures in one
+# such run, 2026-12-03); one swarm beside one other test is a serial run's load. Tests with DHT peers, gRPC servers
+# or one in-process island (`multiproc` alone) are not held: with every `multiproc` test locked, the suite's wall
+# time was the sum of those tests (21 min 36 s on a slow day, 2026-12-03). Files are the unit of distribution
+# (`--dist loadfile` in addopts), so a module fixture (a trained ensemble, a swarm) is built once, not once per
+# worker. (xdist's `--dist loadgroup` did not group anything with pytest 9.2 and xdist 3.8 here: a static
+# `xdist_group` marker still spread over both workers.)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None or item.get_closest_marker("multiproc") is None:
+    if run is None or item.get_closest_marker("islands") is None:
         yield
         return
     with open(Path(tempfile.gettempdir()) / f"ddm-tests-swarm-{run}.lock", "a") as lock:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.docker, pytest.mark.multiproc]
+pytestmark = [pytest.mark.docker, pytest.mark.multiproc, pytest.mark.islands]
 
 ROOT = Path(__file__).resolve().parents[1]
 ISLANDS = ["island1", "island2", "island3", "island4"]

@@ -18,7 +18,7 @@ from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.dht import Swarm, dht_time
 from ddm_node.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 BASE = """
 partition: {{experts: {k}}}

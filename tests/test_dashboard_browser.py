@@ -21,7 +21,7 @@ import pytest
 from live_swarm import config, log_tail, net  # noqa: F401 (net is a fixture)
 from test_watch_live import READY, free_port, wait_for
 
-pytestmark = [pytest.mark.browser, pytest.mark.multiproc]
+pytestmark = [pytest.mark.browser, pytest.mark.multiproc, pytest.mark.islands]
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ddm_node.core.events import EventKind, read_events
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 DEMO_TIMEOUT = 900.0  # --quick takes about 2 minutes on 2 idle cores
 QUICK_STEPS = 300

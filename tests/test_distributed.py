@@ -167,6 +167,7 @@ def run_ranks(job: str, world: int, *args: str, timeout: float = 300) -> None:
 
 
 @pytest.mark.multiproc
+@pytest.mark.islands
 def test_two_processes_match_one_and_checkpoints_cross_world_sizes(tmp_path):
     torch.set_num_threads(1)
     x, y = data()
@@ -229,6 +230,7 @@ def test_lazy_loss_path_is_the_same_training():
 
 
 @pytest.mark.multiproc
+@pytest.mark.islands
 def test_supervised_group_stops_with_a_final_checkpoint_and_resumes_in_one_process(tmp_path):
     from ddm_node.data.datasets import load_dataset
     from ddm_node.data.plan import make_plan
@@ -299,6 +301,7 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
 
 
 @pytest.mark.multiproc
+@pytest.mark.islands
 @pytest.mark.slow  # 90-150 s of torchrun start-ups on 2 cores: run with -m slow
 def test_island_with_two_processes_trains_to_budget_through_a_killed_worker(tmp_path):
     from ddm_node.cli.localnet import LocalNet

@@ -50,6 +50,7 @@ def _held(work: Path, plan: Plan) -> set[int]:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
+@pytest.mark.islands
 def test_islands_without_the_dataset_train_from_packs_and_evaluate(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     home, away = tmp_path / "home", tmp_path / "away"  # the data box's directory, and everyone else's

@@ -22,7 +22,7 @@ from ddm_node.core.identity import Identity
 from ddm_node.core.placement import rendezvous
 from ddm_node.swarm.dht import Swarm
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 K, R, STEPS, EVERY, ISLANDS = 2, 2, 600, 200, 4
 COPY_BOUND = 30.0  # seconds from the last shard's final checkpoint to R copies of every shard

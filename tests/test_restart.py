@@ -29,7 +29,7 @@ from ddm_node.core.identity import Identity
 from ddm_node.ensemble.bundle import read_index
 from ddm_node.swarm.dht import Swarm
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 CONFIG = """
 partition: {{experts: {k}}}

@@ -36,7 +36,7 @@ from ddm_node.core.workdir import WorkDir
 from ddm_node.swarm.dht import Swarm
 from ddm_node.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 STOP_BOUND = 45.0  # seconds from the signal to exit 0 (one training step, a checkpoint, release, hand-off, shutdown)
 GROUP_BOUND = 15.0  # the same for a signal to the whole process group (measured 4-7 s on a loaded 2-core box)

@@ -26,7 +26,7 @@ from ddm_node.data.plan import Plan
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.expert import train_shard
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 N, EVERY, TTL = 600, 200, 6.0
 

@@ -36,6 +36,7 @@ def wait_for(what: str, fn, timeout: float, proc):
 
 
 @pytest.mark.multiproc
+@pytest.mark.islands
 def test_a_training_island_talks_and_status_shows_live_step_and_loss_before_any_checkpoint(net):  # noqa: F811
     run_id = net.partition(config(k=1, steps=100000, every=50000))  # no checkpoint for minutes
     port = free_port()

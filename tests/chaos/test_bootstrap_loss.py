@@ -14,7 +14,7 @@ from ddm_node.swarm.dht import Swarm
 
 from .harness import island_log_tail, training_now, verified_copy
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow]  # ~75 s: run with -m slow
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands, pytest.mark.slow]  # ~75 s: run with -m slow
 
 TTL, EVERY = 4.0, 20
 CONFIG = f"""

@@ -27,7 +27,7 @@ from ddm_node.transfer.download import fetch_artifact
 
 from .harness import island_log_tail, tmpfs
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.usefixtures("need_mount")]  # -m slow
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands, pytest.mark.slow, pytest.mark.usefixtures("need_mount")]  # -m slow
 
 EVERY, STEPS = 20, 100
 CONFIG = """

@@ -49,7 +49,7 @@ from ddm_node.train.trainer import Trainer
 
 from .harness import checkpoint_steps, island_log_tail, live_maddr, maddr, scan_work_dirs, training_now, verified_copy
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 TTL, EVERY, K, ISLANDS = 4.0, 40, 2, 4
 MIRROR_INTERVAL = 0.5  # swarm.mirror_interval: a mirror waits this long between sweeps

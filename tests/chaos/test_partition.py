@@ -27,7 +27,7 @@ from ddm_node.swarm.dht import Swarm, dht_time
 
 from .harness import checkpoint_steps, island_log_tail, maddr, netlab, verified_copy
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.usefixtures("need_netns")]  # -m slow
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands, pytest.mark.slow, pytest.mark.usefixtures("need_netns")]  # -m slow
 
 TTL, EVERY = 10.0, 20  # ttl >= 10 s: see docs/CHAOS.md (a partitioned renewal waits out 3 s DHT timeouts)
 CONFIG = f"""

@@ -30,7 +30,7 @@ from ddm_node.swarm.dht import Swarm
 
 from .harness import maddr, netlab, verified_copy
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.usefixtures("need_netns")]
+pytestmark = [pytest.mark.multiproc, pytest.mark.islands, pytest.mark.usefixtures("need_netns")]
 
 RATE = "20mbit"
 CONFIG = """
