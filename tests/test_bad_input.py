@@ -259,7 +259,6 @@ START_NAMES = ["plan dir missing", "work dir under a file", "identity is a direc
 
 
 @pytest.mark.multiproc
-@pytest.mark.islands
 @pytest.mark.parametrize("name", START_NAMES)
 def test_start_fails_cleanly(start_cases, name):
     case = start_cases[name]

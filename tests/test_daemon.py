@@ -150,6 +150,7 @@ def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
     net.wait_for(lambda _ev: all(len(copies(s)) >= 2 for s in (0, 1)), 120, "two mirrors of each shard")
 
 
+@pytest.mark.slow  # ~45 s; the default suite's takeover, demo and short kill rounds cover a loss and its resume
 def test_node_loss_waiting_island_reclaims_within_two_ttl_and_resumes_from_mirror(net):
     ttl, every = 6.0, 40
     run_id = net.partition(BASE.format(k=2, steps=600, every=every, ttl=ttl))

@@ -31,7 +31,7 @@ from ddm_node.core.events import EventKind, read_events
 pytestmark = [pytest.mark.multiproc, pytest.mark.islands]
 
 DEMO_TIMEOUT = 900.0  # --quick takes about 2 minutes on 2 idle cores
-QUICK_STEPS = 300
+QUICK_STEPS = 200
 
 
 def installed_ddm_node() -> str:

@@ -119,7 +119,6 @@ BLOCKER = "import sys\nfor m in {mods!r}:\n    sys.modules[m] = None  # import m
 
 
 @pytest.mark.multiproc
-@pytest.mark.islands
 def test_gpu_check_cpu_path_runs_without_optional_packages(tmp_path):
     """Ground modules, trainer, self-test and bench/gpu_check.py import on a bare torch; its CPU path runs."""
     code = BLOCKER.format(mods=BLOCK) + (

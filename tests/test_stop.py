@@ -110,6 +110,7 @@ def alive_after(proc: psutil.Process, grace: float) -> bool:
         return False
 
 
+@pytest.mark.slow  # ~35 s; the group signal above stays in the default suite
 def test_sigterm_to_every_process_of_the_island_exits_at_once_with_the_checkpoint_on_disk(training_pair):  # noqa: F811
     """systemd's KillMode=control-group (docs/DEPLOY.md ships KillMode=mixed instead) signals every process of the
     unit at once: p2pd exits on SIGTERM whatever it inherits, so the DHT is gone before the daemon can announce.

@@ -580,7 +580,9 @@ def test_streams_capped_per_peer_and_cancelled_when_unread_or_too_long(tmp_path,
     caplog.set_level(logging.INFO, logger="ddm_node.transfer.server")
     server, sha, _ = _serve_big(tmp_path, streams_per_peer=2, read_grace=0.3, min_read_rate=1 << 20)
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        # No BDP probing: the HTTP/2 window stays small, so a stream the client does not read stops at the transport
+        # (with it, the window can grow past the whole 16 MiB under load and the "unread" streams simply finish).
+        with grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
             stub = ddm_pb2_grpc.DDMNodeStub(channel)
             held = [stub.Fetch(ddm_pb2.FetchRequest(sha256=sha), timeout=60) for _ in range(2)]
             assert _until(lambda: server.streams.count() == 2)

@@ -63,7 +63,7 @@ class Demo:
         Console(stderr=True).print(f"[bold cyan]demo[/] {time.time() - self.t0:6.1f}s  {msg}")
 
     def run(self) -> int:
-        steps, every, router_steps = (300, 50, 150) if self.quick else (1000, 100, 400)
+        steps, every, router_steps = (200, 40, 100) if self.quick else (1000, 100, 400)
         net = self.net
         run_id = net.partition(DEMO_CONFIG.format(steps=steps, every=every, router_steps=router_steps), "plan")
         self.say(f"run {run_id[:16]}: digits in 4 shards, {steps} steps each")
