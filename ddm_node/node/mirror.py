@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from ddm_node.core.config import SwarmConfig
 from ddm_node.core.errors import DDMError
@@ -17,7 +18,7 @@ from ddm_node.core.events import EventKind, EventLog
 from ddm_node.core.meter import Count, Gauge
 from ddm_node.core.placement import rendezvous
 from ddm_node.core.workdir import WorkDir, step_of
-from ddm_node.exchange.candidates import checkpoint_candidates
+from ddm_node.exchange.candidates import Candidate, checkpoint_candidates
 from ddm_node.exchange.fetch import (
     RejectedArtifact,
     RejectList,
@@ -113,16 +114,13 @@ class Mirror:
     def _mirror(self, shard: int, checkpoints: list[CheckpointRecord]) -> None:
         """Fetch the newest verified checkpoint of a shard newer than ours, if any."""
         local_step = step_of(ckpt.latest_checkpoint(self.work.root, shard))
-        trusted = list(self.cfg.trusted_keys) or None
         for c in checkpoint_candidates(checkpoints, self.swarm.replicas(shard), exclude_holder=self.me):
             if c.step <= local_step:
                 break
             if c.key in self.rejects:
                 continue
             try:
-                stats = [(r.manifest, r.grpc) for r in self.swarm.stats(shard)]
-                step_dir = fetch_checkpoint(self.work.root, shard, c, self.rules, trusted, stats,
-                                            progress=self.state.meter.adder(Count.BYTES_FETCHED))
+                step_dir = self._fetch(shard, c)
                 publisher = signed_publisher(step_dir)
                 self.publisher.checkpoint(step_dir, shard, mirrored_from=publisher)
                 ckpt.prune_checkpoints(self.work.root, shard, keep=KEEP)
@@ -134,3 +132,10 @@ class Mirror:
                 self.state.meter.add(Count.FETCH_FAILURES, label=failure_reason(exc))
                 log.warning("mirror of shard %d step %d failed: %s", shard, c.step, describe(exc),
                             exc_info=None if isinstance(exc, DDMError) else exc)
+
+    def _fetch(self, shard: int, c: Candidate) -> Path:
+        """A candidate's checkpoint (and the shard's statistics, when missing here) into the work dir through the one
+        verified fetch; its step dir."""
+        stats = [(r.manifest, r.grpc) for r in self.swarm.stats(shard)]
+        return fetch_checkpoint(self.work.root, shard, c, self.rules, list(self.cfg.trusted_keys) or None, stats,
+                                progress=self.state.meter.adder(Count.BYTES_FETCHED))

@@ -86,23 +86,24 @@ class Swarm:
         run_id: str,
         *,
         initial_peers: Sequence[str] = (),
-        host: str = "127.0.0.1",
-        port: int = 0,
+        host: str = "127.0.0.1", port: int = 0,
         announce_maddrs: Sequence[str] | None = None,
         identity_path: Path | None = None,
         shielded: bool = False,
         client_mode: bool = False,
         limits: StorageLimits | None = None,
         meter: Meter | None = None,
+        validator: Ed25519RecordValidator | None = None,
     ):
         """`announce_maddrs`: the DHT addresses peers should dial, if not those we listen on (swarm/own_addresses.py).
         `identity_path`: a libp2p key file (written on first use): the same peer id and multiaddrs after restarts.
         `shielded`: the DHT child leaves our process group and dies with us (swarm/dht_process.py; main thread
         only). `client_mode`: a reader that joins through others but accepts no connections and never enters
         routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's). `meter`:
-        observes the latency of every DHT get and store (Timer.DHT_CALL)."""
+        observes the latency of every DHT get and store (Timer.DHT_CALL). `validator`: the DHT's record validator
+        (default: `identity`'s; one that signs for several keys lets several islands share this DHT, bench.protocol)."""
         self.identity, self.run_id, self.public_key = identity, check_run_id(run_id), identity.public_hex
-        self.meter, self.validator = meter, Ed25519RecordValidator(identity)
+        self.meter, self.validator = meter, validator or Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
         self._lock, self._closed = threading.Lock(), True  # open once the child runs
         initial_peers = check_initial_peers(initial_peers)
@@ -176,7 +177,6 @@ class Swarm:
         """Multiaddrs other peers can use as `initial_peers` (each ends in /p2p/<peer id>). Through a future: hivemind's
         blocking call never returned when the DHT child died mid-call, and held the pipe lock."""
         return [str(m) for m in self._call_future(lambda: self._dht.run_coroutine(_visible_maddrs, return_future=True))]
-
 
     @staticmethod
     def now() -> float:
