@@ -36,6 +36,7 @@ from ddm_node.train.limits import ArtifactRules
 
 log = logging.getLogger(__name__)
 KEEP = 2  # mirrored checkpoints kept per shard
+FULL_SWEEP_EVERY = 12  # every 12th sweep reads every shard's checkpoint records (see Mirror.targets)
 
 
 class Mirror:
@@ -47,6 +48,8 @@ class Mirror:
         self.work, self.state, self.publisher, self.rejects, self.events = work, state, publisher, rejects, events
         self._paused: set[int] = set()
         self._lock = threading.Lock()
+        self._seen: dict[int, set[str]] = {}  # shard -> every trainer and publisher of it seen so far
+        self._sweeps = 0
 
     def pause(self, shard: int) -> None:
         with self._lock:
@@ -67,22 +70,38 @@ class Mirror:
         peers besides its trainers are alive; ranking shards per peer could leave a shard with none
         (two idle islands may both pick the same R shards). Peers that publish or train the shard are
         left out of its order: they already hold it. Returns each such shard with its checkpoint records.
+
+        A shard's checkpoint records (its publishers) are read only where this island ranks in the top R
+        even with every holder it has seen of the shard left out: leaving out more peers only raises its
+        rank, so no shard it would mirror is skipped, and each sweep reads about R keys, not K (at 32
+        islands the K reads per sweep of every island took both cores of the simulation: bench.protocol).
+        A holder never seen (it trained and published the shard between two looks, and stopped training it)
+        is found by the full sweep every FULL_SWEEP_EVERY-th time.
         """
         peers = self.swarm.peers()
         live = {r.public_key for r in peers if r.state != Phase.LEAVING.value} | {self.me}  # leaving: fetches nothing
         training: dict[int, set[str]] = {}
         for r in peers:
             training.setdefault(r.shard, set()).add(r.public_key)
+        full, self._sweeps = self._sweeps % FULL_SWEEP_EVERY == 0, self._sweeps + 1
         out = {}
         for shard in range(self.num_shards):
             if shard == self.state.active or shard in self.state.trained:
                 continue
+            seen = self._seen.setdefault(shard, set())
+            seen |= training.get(shard, set())
+            if not full and self.me not in self._top(shard, live - seen):
+                continue
             checkpoints = self.swarm.checkpoints(shard)
             holders = training.get(shard, set()) | {c.publisher for c in checkpoints}
-            order = rendezvous(f"mirror/{shard}", sorted(live - holders))
-            if self.me in order[: self.cfg.replicas]:
+            seen |= holders
+            if self.me in self._top(shard, live - holders):
                 out[shard] = checkpoints
         return out
+
+    def _top(self, shard: int, candidates: set[str]) -> list[str]:
+        """The first R of the shard's rendezvous order over `candidates` (peer keys)."""
+        return rendezvous(f"mirror/{shard}", sorted(candidates))[: self.cfg.replicas]
 
     def loop(self) -> None:
         while not self.state.stop.wait(self.cfg.mirror_interval):
