@@ -23,6 +23,7 @@ from ddm_node.core.events import EventKind, read_events
 from ddm_node.core.identity import Identity
 from ddm_node.core.placement import rendezvous
 from ddm_node.node.state import Phase
+from ddm_node.swarm.records import RecordKind
 
 GIB = float(1 << 30)
 
@@ -52,7 +53,8 @@ class SizeResult:
     traffic: dict[str, KindTraffic] = field(default_factory=dict)  # all islands' DHT calls in the window
     probe_get_ms: list[float] = field(default_factory=list)
     keys: dict[str, KeyStats] = field(default_factory=dict)
-    copies: list[int] = field(default_factory=list)  # per shard: islands announcing a mirror copy
+    copies: list[int] = field(default_factory=list)  # per shard: current mirror copies (see `placement`)
+    stale: list[int] = field(default_factory=list)  # per shard: older copies still announced
     held: list[int] = field(default_factory=list)  # per island: shards it mirrors
     placement_exact: int = 0  # shards whose mirrors are exactly the rule's top R
     assembly: AssemblyResult | None = None
@@ -60,6 +62,7 @@ class SizeResult:
     rss_gib: float = 0.0
     load: str = ""
     error: str = ""
+    note: str = ""
 
 
 class RaceCounter(logging.Handler):
@@ -118,34 +121,45 @@ def traffic_diff(before: list[dict[str, KindTraffic]], after: list[dict[str, Kin
     return out
 
 
-def key_stats(client: MeteredSwarm, shards: int) -> dict[str, KeyStats]:
-    """Records and bytes under each kind's keys, as one reader finds them."""
+def key_stats(client: MeteredSwarm, shards: int, peers: list) -> dict[str, KeyStats]:
+    """Records and bytes under each kind's keys, as one reader finds them (`peers`: the peers key read while the
+    islands ran: heartbeats expire soon after)."""
     out = {}
     for kind in KINDS_SHOWN:
-        per_key = [client.read(kind, k) for k in range(shards)] if kind.per_shard else [client.read(kind)]
-        records = [len(es) for es in per_key]
-        sizes = [sum(record_bytes(e.record) for e in es) for es in per_key]
+        if kind is RecordKind.PEERS:
+            per_key = [peers]
+        else:
+            per_key = [[e.record for e in client.read(kind, k)] for k in range(shards)]
+        records = [len(rs) for rs in per_key]
+        sizes = [sum(record_bytes(r) for r in rs) for rs in per_key]
         out[kind.value] = KeyStats(len(per_key), sum(records) / len(records), max(records),
                                    sum(sizes) / len(sizes), max(sizes))
     return out
 
 
-def placement(client: MeteredSwarm, shards: int, replicas: int, islands: list[SimIsland]) -> tuple[list, list, int]:
-    """(mirror copies per shard, shards mirrored per island, shards whose mirrors are exactly the rule's top R)."""
-    peers = client.peers()
+def placement(client: MeteredSwarm, peers: list, shards: int, settings: SimSettings,
+              islands: list[SimIsland]) -> tuple[list, list, list, int]:
+    """Mirror copies per shard: (current copies: mirrors holding one of the shard's two newest checkpoints; stale
+    copies: older replicas still announced, of mirrors the shard's order has since passed by; shards mirrored per
+    island, current copies; shards whose current mirrors are exactly the rule's top R). `peers`: the heartbeats read
+    while the islands ran."""
     live = {p.public_key for p in peers if p.state != Phase.LEAVING.value}
     training: dict[int, set[str]] = {}
     for p in peers:
         training.setdefault(p.shard, set()).add(p.public_key)
-    copies, exact, held = [], 0, Counter()
+    current, stale, exact, held = [], [], 0, Counter()
     for k in range(shards):
-        holders = training.get(k, set()) | {c.publisher for c in client.checkpoints(k)}
-        want = set(rendezvous(f"mirror/{k}", sorted(live - holders))[:replicas])
-        have = {r.holder_key for r in client.replicas(k)}
-        copies.append(len(have))
+        checkpoints = client.checkpoints(k)
+        newest = max((c.step for c in checkpoints), default=0)
+        holders = training.get(k, set()) | {c.publisher for c in checkpoints}
+        want = set(rendezvous(f"mirror/{k}", sorted(live - holders))[:settings.swarm.replicas])
+        replicas = client.replicas(k)
+        have = {r.holder_key for r in replicas if r.step >= newest - settings.steps_per_checkpoint}
+        current.append(len(have))
+        stale.append(len({r.holder_key for r in replicas} - have))
         exact += have == want
         held.update(have)
-    return copies, [held[i.me] for i in islands], exact
+    return current, stale, [held[i.me] for i in islands], exact
 
 
 @dataclass
@@ -209,12 +223,14 @@ def measure(res: SizeResult, islands: list[SimIsland], client: MeteredSwarm, pla
     res.window_s = time.monotonic() - t
     res.traffic = traffic_diff(before, [i.swarm.traffic.snapshot() for i in islands])
     res.rss_gib, res.load = tree_rss(), " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    peers = client.peers()
+    stop_all(islands, None, [])  # the client's reads below, in a swarm whose records stay but whose islands rest
     for k in range(n):
         t = time.perf_counter()
         client.claims(k)
         res.probe_get_ms.append((time.perf_counter() - t) * 1000)
-    res.keys = key_stats(client, n)
-    res.copies, res.held, res.placement_exact = placement(client, n, settings.swarm.replicas, islands)
+    res.keys = key_stats(client, n, peers)
+    res.copies, res.stale, res.held, res.placement_exact = placement(client, peers, n, settings, islands)
     res.assembly = assemble_once(client, plan, root / "assembly")
     log(f"n={n}: window {res.window_s:.0f} s, CPU {res.cpu:.0f}%, assembly {res.assembly.seconds:.1f} s "
         f"({res.assembly.experts} of {n} experts, {res.assembly.manifest_fetches} manifest fetches)")
