@@ -72,6 +72,9 @@ def test_sweeps_between_full_ones_read_few_keys_and_place_as_a_full_read(seed):
         assert len(reads) == shards - 1  # the first sweep is a full one
         reads.clear()
         assert mirror.targets() == first
+        if len(reads) == shards - 1:  # this island's periodic full sweep: the next one is not
+            reads.clear()
+            assert mirror.targets() == first
         assert set(first) <= set(reads) and len(reads) <= 2 * len(first) + 2, (reads, first)
 
 

@@ -178,12 +178,17 @@ class SimIsland:
                           shard=-1 if active is None else active, **self.state.live_fields())
 
     def stop(self) -> None:
-        """Stop the threads and give the claim back (the lease would otherwise expire)."""
+        """Stop the threads and give the claim back (the lease would otherwise expire). The work loop releases its
+        claim as it ends; then this island's swarm view closes, so a sweep or tick still in DHT calls ends at once."""
         self.state.stop.set()
         for t in self._threads:
-            t.join(timeout=30)
+            if t.name.endswith("-work"):
+                t.join(timeout=30)
         for shard in self.claims.held():
             try:
                 self.claims.release(shard)
             except Exception as exc:  # the DHT may be gone already; the lease then expires
                 log.debug("release of shard %d: %s", shard, exc)
+        self.swarm.shutdown()
+        for t in self._threads:
+            t.join(timeout=30)

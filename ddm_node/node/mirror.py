@@ -8,6 +8,7 @@ gRPC and announced as a replica, so whoever takes the shard over next resumes fr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -50,6 +51,8 @@ class Mirror:
         self._lock = threading.Lock()
         self._seen: dict[int, set[str]] = {}  # shard -> every trainer and publisher of it seen so far
         self._sweeps = 0
+        # the full sweeps of islands that started together fall on different sweeps (after the first, full one)
+        self._phase = int(hashlib.sha256(me.encode()).hexdigest(), 16) % FULL_SWEEP_EVERY
 
     def pause(self, shard: int) -> None:
         with self._lock:
@@ -76,14 +79,15 @@ class Mirror:
         rank, so no shard it would mirror is skipped, and each sweep reads about R keys, not K (at 32
         islands the K reads per sweep of every island took both cores of the simulation: bench.protocol).
         A holder never seen (it trained and published the shard between two looks, and stopped training it)
-        is found by the full sweep every FULL_SWEEP_EVERY-th time.
+        is found by a full sweep: the first, then every FULL_SWEEP_EVERY-th (at a phase of this island's own).
         """
         peers = self.swarm.peers()
         live = {r.public_key for r in peers if r.state != Phase.LEAVING.value} | {self.me}  # leaving: fetches nothing
         training: dict[int, set[str]] = {}
         for r in peers:
             training.setdefault(r.shard, set()).add(r.public_key)
-        full, self._sweeps = self._sweeps % FULL_SWEEP_EVERY == 0, self._sweeps + 1
+        full = self._sweeps == 0 or self._sweeps % FULL_SWEEP_EVERY == self._phase
+        self._sweeps += 1
         out = {}
         for shard in range(self.num_shards):
             if shard == self.state.active or shard in self.state.trained:
