@@ -14,8 +14,11 @@ from ddm_node.node.state import NodeState
 def island(me: str, peers: list[SimpleNamespace], publishers: dict[int, str], shards: int, replicas: int,
            trained: set[int] = frozenset(), active: int | None = None) -> dict:
     """What Mirror.targets reads (a fake swarm, the island's state), as Mirror's keyword arguments."""
-    swarm = SimpleNamespace(peers=lambda: peers,
-                            checkpoints=lambda s: [SimpleNamespace(publisher=publishers[s])] if s in publishers else [])
+    def checkpoints(shard: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(publisher=publishers[shard])] if shard in publishers else []
+
+    swarm = SimpleNamespace(peers=lambda: peers, checkpoints=checkpoints)
+    swarm.read_many = lambda kind, shards: {s: [SimpleNamespace(record=c) for c in swarm.checkpoints(s)] for s in shards}
     return dict(swarm=swarm, me=me, num_shards=shards, rules=None, cfg=SimpleNamespace(replicas=replicas), work=None,
                 state=NodeState(active=active, trained=set(trained)), publisher=None, rejects=None, events=None)
 

@@ -17,6 +17,7 @@ which a real swarm spreads over N machines. Rates are reported per island per mi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from bench.common import BENCHMARKS_MD, print_ratio, write_section
 from bench.protocol.island import SimSettings
-from bench.protocol.report import NAME, View, exponent, render
+from bench.protocol.report import NAME, View, exponent, exponents, render
 from bench.protocol.run import SizeResult, Sizing, run_size
 from ddm_node.core.config import SwarmConfig
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=float, default=None, help="simulated checkpoint interval, s")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run")
     ap.add_argument("--doc", type=Path, default=None, help=f"markdown file (default {BENCHMARKS_MD.name}; quick: none)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures per size and the exponents here")
     args = ap.parse_args(argv)
     if args.per_host < 1:
         ap.error("--per-host must be >= 1")
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Swarm protocol at scale, simulated islands without torch")
     if doc is not None:
         write_section(doc, NAME, md)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary(results, scale), indent=1))
     print(md)
     done = [View(r, scale) for r in results if not r.error]
     e = exponent([v.r.n for v in done], [v.claim for v in done])
@@ -128,3 +132,15 @@ def setup(settings: SimSettings, sizing: Sizing, scale: float, seconds: float) -
 def reading(results: list[SizeResult], scale: float) -> list[str]:
     notes = [f"- {r.note}" for r in results if r.note]
     return notes
+
+
+def summary(results: list[SizeResult], scale: float) -> dict:
+    """What the tests check: per size the claim, placement and assembly figures; the growth exponents."""
+    views = [View(r, scale) for r in results if not r.error]
+    sizes = [{"n": r.n, "error": r.error, "unclaimed": r.unclaimed, "double_held": r.double_held,
+              "claimed": len(r.claim_s), "lost_races": r.lost_races, "copies": r.copies, "stale": r.stale,
+              "held": r.held, "placement_exact": r.placement_exact, "peers_records": r.keys["peers"].records_mean
+              if "peers" in r.keys else None, "heartbeats_per_min": View(r, scale).heartbeat[0],
+              "experts": r.assembly.experts if r.assembly else 0,
+              "manifest_fetches": r.assembly.manifest_fetches if r.assembly else 0} for r in results]
+    return {"sizes": sizes, "exponents": {name: e for name, e, _ in exponents(views)}}

@@ -103,6 +103,16 @@ class MeteredSwarm(Swarm):
         self.traffic.get(kind, len(entries), sum(record_bytes(e.record) for e in entries), time.perf_counter() - t)
         return entries
 
+    def read_many(self, kind, shards) -> dict[int, list[Entry]]:
+        """Counted as one get (one traversal) with every key's records."""
+        t = time.perf_counter()
+        found = super().read_many(kind, shards)
+        if found:
+            entries = [e for es in found.values() for e in es]
+            self.traffic.get(kind, len(entries), sum(record_bytes(e.record) for e in entries),
+                             time.perf_counter() - t)
+        return found
+
 
 class IslandSwarm(MeteredSwarm):
     """One island's `Swarm` on a DHT peer another `Swarm` (its host's) started: its own key and owner subkey, the

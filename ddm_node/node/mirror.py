@@ -31,7 +31,7 @@ from ddm_node.exchange.fetch import (
 from ddm_node.node.publisher import Publisher
 from ddm_node.node.state import NodeState, Phase
 from ddm_node.swarm.dht import Swarm
-from ddm_node.swarm.records import CheckpointRecord
+from ddm_node.swarm.records import CheckpointRecord, RecordKind
 from ddm_node.train import checkpoint as ckpt
 from ddm_node.train.limits import ArtifactRules
 
@@ -77,7 +77,8 @@ class Mirror:
         A shard's checkpoint records (its publishers) are read only where this island ranks in the top R
         even with every holder it has seen of the shard left out: leaving out more peers only raises its
         rank, so no shard it would mirror is skipped, and each sweep reads about R keys, not K (at 32
-        islands the K reads per sweep of every island took both cores of the simulation: bench.protocol).
+        islands the K reads per sweep of every island took both cores of the simulation: bench.protocol),
+        all in one DHT traversal (`Swarm.read_many`).
         A holder never seen (it trained and published the shard between two looks, and stopped training it)
         is found by a full sweep: the first, then every FULL_SWEEP_EVERY-th (at a phase of this island's own).
         """
@@ -88,17 +89,19 @@ class Mirror:
             training.setdefault(r.shard, set()).add(r.public_key)
         full = self._sweeps == 0 or self._sweeps % FULL_SWEEP_EVERY == self._phase
         self._sweeps += 1
-        out = {}
+        read = []
         for shard in range(self.num_shards):
             if shard == self.state.active or shard in self.state.trained:
                 continue
             seen = self._seen.setdefault(shard, set())
             seen |= training.get(shard, set())
-            if not full and self.me not in self._top(shard, live - seen):
-                continue
-            checkpoints = self.swarm.checkpoints(shard)
+            if full or self.me in self._top(shard, live - seen):
+                read.append(shard)
+        out = {}
+        for shard, entries in self.swarm.read_many(RecordKind.CKPT, read).items():  # one DHT traversal
+            checkpoints = [e.record for e in entries]
             holders = training.get(shard, set()) | {c.publisher for c in checkpoints}
-            seen |= holders
+            self._seen[shard] |= holders
             if self.me in self._top(shard, live - holders):
                 out[shard] = checkpoints
         return out
