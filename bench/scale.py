@@ -30,6 +30,7 @@ import argparse
 import io
 import logging
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -296,7 +297,14 @@ def report(results: list[SizeResult], every: int, settle: float, quick: bool, se
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--protocol" in argv:  # the protocol alone, simulated islands without torch (bench/protocol/main.py)
+        from bench.protocol.main import main as protocol_main
+
+        return protocol_main([a for a in argv if a != "--protocol"])
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", action="store_true", help="the swarm protocol alone at 8-128+ islands, no torch "
+                    "(`--protocol --help` for its options)")
     ap.add_argument("--quick", action="store_true", help="smoke run: n = 2, 4")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="islands = shards (default 4 8 16)")
     ap.add_argument("--every", type=int, default=10, help="checkpoint interval in steps")

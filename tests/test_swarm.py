@@ -35,6 +35,7 @@ from ddm_node.swarm.records import (
     Claim,
     PeerRecord,
     PlanRecord,
+    RecordKind,
     ReplicaRecord,
     RouterRecord,
     StatsRecord,
@@ -411,6 +412,21 @@ _shards = itertools.count(100)  # each test uses its own shards, so tests do not
 
 def _ckpt(swarm: Swarm, shard: int, step: int) -> CheckpointRecord:
     return CheckpointRecord(shard, step, H, H2, swarm.public_key, "127.0.0.1:50051", False)
+
+
+@pytest.mark.multiproc
+def test_read_many_finds_what_a_read_per_key_finds(trio):
+    a, b, c = trio
+    shards = [next(_shards) for _ in range(5)]
+    for i, shard in enumerate(shards[:4]):
+        assert (a if i % 2 else b).announce(_ckpt(a if i % 2 else b, shard, 10 + i), ttl=30)
+    assert b.announce(_ckpt(b, shards[1], 7), ttl=30)  # two owners under one key
+    many = c.read_many(RecordKind.CKPT, shards)
+    assert list(many) == shards and many[shards[4]] == []  # nothing under the last key
+    assert {s: [e.record for e in es] for s, es in many.items()} == {s: c.checkpoints(s) for s in shards}
+    assert len(many[shards[1]]) == 2 and c.read_many(RecordKind.CKPT, []) == {}
+    with pytest.raises(DDMError):
+        c.read_many("nonsense", shards)
 
 
 @pytest.mark.multiproc

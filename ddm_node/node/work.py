@@ -42,22 +42,29 @@ class WorkLoop:
         self.stop = state.stop
 
     def run(self) -> None:
-        """Claim and train shards until none is left, then the router job."""
+        """Claim and train shards until none is left, then the router job.
+
+        Each shard is checked for done just before it is tried (two DHT reads), in this island's rendezvous order
+        (over all shards: the order of the shards not done is the same), rather than every shard first: that cost
+        2K sequential DHT reads before an island's first claim (bench.protocol, 32 simulated islands started together:
+        the last claim after 126 s with the reads first, 15 s without)."""
         while not self.stop.is_set() and not self.state.disk_full:
-            pending = self.progress.pending()
-            if not pending:
-                if self.progress.router_done() or self._router_job():
-                    return
-                continue
-            for shard in rendezvous(self.me, pending):
+            left = False
+            for shard in rendezvous(self.me, list(range(len(self.plan.shards)))):
                 if self.stop.is_set():
                     return
+                if self.progress.shard_done(shard):
+                    continue
+                left = True
                 if self._claim(shard):
                     self._train(shard)
                     break
             else:
-                self.state.phase = Phase.WAITING
-                self.stop.wait(self.timing.claim_retry)
+                if left:
+                    self.state.phase = Phase.WAITING
+                    self.stop.wait(self.timing.claim_retry)
+                elif self.progress.router_done() or self._router_job():
+                    return
 
     def _held_by_other(self, slot: int) -> bool:
         owner = self.claims.owner(slot)

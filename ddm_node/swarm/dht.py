@@ -86,23 +86,24 @@ class Swarm:
         run_id: str,
         *,
         initial_peers: Sequence[str] = (),
-        host: str = "127.0.0.1",
-        port: int = 0,
+        host: str = "127.0.0.1", port: int = 0,
         announce_maddrs: Sequence[str] | None = None,
         identity_path: Path | None = None,
         shielded: bool = False,
         client_mode: bool = False,
         limits: StorageLimits | None = None,
         meter: Meter | None = None,
+        validator: Ed25519RecordValidator | None = None,
     ):
         """`announce_maddrs`: the DHT addresses peers should dial, if not those we listen on (swarm/own_addresses.py).
         `identity_path`: a libp2p key file (written on first use): the same peer id and multiaddrs after restarts.
         `shielded`: the DHT child leaves our process group and dies with us (swarm/dht_process.py; main thread
         only). `client_mode`: a reader that joins through others but accepts no connections and never enters
         routing tables (status, assemble). `limits`: the storage caps (default: swarm/storage.py's). `meter`:
-        observes the latency of every DHT get and store (Timer.DHT_CALL)."""
+        observes the latency of every DHT get and store (Timer.DHT_CALL). `validator`: the DHT's record validator
+        (default: `identity`'s; one that signs for several keys lets several islands share this DHT, bench.protocol)."""
         self.identity, self.run_id, self.public_key = identity, check_run_id(run_id), identity.public_hex
-        self.meter, self.validator = meter, Ed25519RecordValidator(identity)
+        self.meter, self.validator = meter, validator or Ed25519RecordValidator(identity)
         self.marker = self.validator.local_marker
         self._lock, self._closed = threading.Lock(), True  # open once the child runs
         initial_peers = check_initial_peers(initial_peers)
@@ -177,7 +178,6 @@ class Swarm:
         blocking call never returned when the DHT child died mid-call, and held the pipe lock."""
         return [str(m) for m in self._call_future(lambda: self._dht.run_coroutine(_visible_maddrs, return_future=True))]
 
-
     @staticmethod
     def now() -> float:
         return dht_time()
@@ -225,38 +225,27 @@ class Swarm:
 
     def read(self, kind: str, shard: int | None = None, run_id: str | None = None) -> list[Entry]:
         """All valid records under a key, sorted by owner; invalid ones are logged and skipped."""
-        spec = KINDS.get(kind)
-        if spec is None:
-            raise DDMError(f"unknown DHT record kind {kind!r} (known: {', '.join(KINDS)})")
-        key = dht_key(run_id or self.run_id, kind, shard)
+        key = dht_key(run_id or self.run_id, kind, shard)  # DDMError for an unknown kind
         self._ensure_open()
         try:
             found = self._call_future(lambda: self._dht.get(key, latest=True, return_future=True), "get")
         except Exception as exc:
             logger.warning("DHT get of %s failed: %s", key, exc)
             return []
-        if found is None:
-            return []
-        if not isinstance(found.value, dict):
-            logger.warning("DHT key %s holds a plain value, not owned records; skipped", key)
-            return []
-        entries = []
-        skipped = 0
+        return _entries(kind, key, shard, found, self._dialable)
 
-        def skip(message: str, *args: Any) -> None:  # a flood of bad records logs a few lines, not one each
-            nonlocal skipped
-            skipped += 1
-            (logger.warning if skipped <= LOUD_SKIPS else logger.debug)(message, *args)
-
-        for subkey, item in found.value.items():
-            entry = parse_entry(kind, spec, key, shard, subkey, item, skip)
-            entry = self._dialable(kind, entry) if entry is not None else None  # addresses this node may dial
-            if entry is not None:
-                entries.append(entry)
-        if skipped > LOUD_SKIPS:
-            logger.warning("skipped %d records under %s in all (%d read)", skipped, key, len(entries))
-        entries.sort(key=lambda e: e.owner)
-        return entries
+    def read_many(self, kind: str, shards: Iterable[int]) -> dict[int, list[Entry]]:
+        """`read` of several shards' keys of one kind in ONE DHT traversal (hivemind's get_many: each peer on the way
+        answers for all the keys it holds), where a get per key costs a traversal each (~bucket-size peers asked)."""
+        keys = {dht_key(self.run_id, kind, s): s for s in shards}
+        self._ensure_open()
+        try:
+            found = self._call_future(lambda: self._dht.run_coroutine(partial(_get_many, keys=list(keys)),
+                                                                      return_future=True), "get") if keys else {}
+        except Exception as exc:
+            logger.warning("DHT get of %d %s keys failed: %s", len(keys), kind, exc)
+            found = {}
+        return {s: _entries(kind, key, s, found.get(key), self._dialable) for key, s in keys.items()}
 
     # -- typed readers --------------------------------------------------------------------------
 
@@ -321,6 +310,37 @@ class Swarm:
                 self._ensure_open(running=True)
                 future = fn()
             return self._child.result(future, RPC_TIMEOUT)
+
+
+def _entries(kind: str, key: str, shard: int | None, found: Any, dialable: DialFilter) -> list[Entry]:
+    """The valid records of one key's lookup result, sorted by owner, with only addresses this node may dial;
+    anything else is skipped (a few warnings, then debug lines and one summary)."""
+    if found is None:
+        return []
+    if not isinstance(found.value, dict):
+        logger.warning("DHT key %s holds a plain value, not owned records; skipped", key)
+        return []
+    entries, skipped, spec = [], 0, KINDS[RecordKind(kind)]
+
+    def skip(message: str, *args: Any) -> None:  # a flood of bad records logs a few lines, not one each
+        nonlocal skipped
+        skipped += 1
+        (logger.warning if skipped <= LOUD_SKIPS else logger.debug)(message, *args)
+
+    for subkey, item in found.value.items():
+        entry = parse_entry(kind, spec, key, shard, subkey, item, skip)
+        entry = dialable(kind, entry) if entry is not None else None
+        if entry is not None:
+            entries.append(entry)
+    if skipped > LOUD_SKIPS:
+        logger.warning("skipped %d records under %s in all (%d read)", skipped, key, len(entries))
+    entries.sort(key=lambda e: e.owner)
+    return entries
+
+
+async def _get_many(_dht: hivemind.DHT, node: Any, keys: list[str]) -> dict:
+    """Runs in the DHT process: the newest value of every key, found in one traversal (`Swarm.read_many`)."""
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
 
 def _start_child(host: str, port: int, **kwargs: Any) -> DHTChild:

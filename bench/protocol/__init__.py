@@ -1,0 +1,1 @@
+"""The protocol-only swarm of `python -m bench.scale --protocol` (see bench/protocol/main.py)."""
