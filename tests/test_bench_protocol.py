@@ -52,6 +52,7 @@ def test_shared_dht_peer_signs_each_islands_records_with_its_own_key():
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # about 45 s of simulated islands at full CPU: beside the island tests it would load their bounds
 def test_protocol_quick_run(tmp_path):
     from tests.test_bench import run_script
 
