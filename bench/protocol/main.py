@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     "doubling while the 20-minute budget lasts)")
     ap.add_argument("--per-host", type=int, default=4, help="islands sharing one DHT peer and gRPC server")
     ap.add_argument("--time-scale", type=float, default=None, help="product timing x this (default 4; quick 0.4)")
-    ap.add_argument("--window", type=float, default=None, help="steady window in seconds (default 150; quick 12)")
+    ap.add_argument("--window", type=float, default=None, help="steady window in seconds (default 150; quick 8)")
     ap.add_argument("--checkpoint-every", type=float, default=None, help="simulated checkpoint interval, s")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run")
     ap.add_argument("--doc", type=Path, default=None, help=f"markdown file (default {BENCHMARKS_MD.name}; quick: none)")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     scale = args.time_scale or (0.4 if q else 4.0)
     settings = sim_settings(scale, args.checkpoint_every or (4.0 if q else None))
-    sizing = Sizing(args.per_host, args.window or (12.0 if q else 150.0), 60.0 if q else 600.0)
+    sizing = Sizing(args.per_host, args.window or (8.0 if q else 150.0), 60.0 if q else 600.0)
     sizes = sorted(args.sizes or ([4, 8] if q else [8, 32, 128]))
     if sizes[0] < 2:
         ap.error("sizes must be >= 2")
