@@ -47,7 +47,7 @@ class WorkLoop:
         Each shard is checked for done just before it is tried (two DHT reads), in this island's rendezvous order
         (over all shards: the order of the shards not done is the same), rather than every shard first: that cost
         2K sequential DHT reads before an island's first claim (bench.protocol, 32 simulated islands started together:
-        the last claim after 126 s with the reads first, 15 s without)."""
+        the last claim after 126 s with the reads first, 7-15 s without; docs/SCALE.md)."""
         while not self.stop.is_set() and not self.state.disk_full:
             left = False
             for shard in rendezvous(self.me, list(range(len(self.plan.shards)))):
