@@ -93,8 +93,8 @@ class Mirror:
         for shard in range(self.num_shards):
             if shard == self.state.active or shard in self.state.trained:
                 continue
-            seen = self._seen.setdefault(shard, set())
-            seen |= training.get(shard, set())
+            # only live peers matter below (live - seen): keeping the rest would grow with every identity ever seen
+            seen = self._seen[shard] = (self._seen.get(shard, set()) | training.get(shard, set())) & live
             if full or self.me in self._top(shard, live - seen):
                 read.append(shard)
         out = {}
