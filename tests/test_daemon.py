@@ -54,7 +54,8 @@ def flip_byte(path, offset=100):
     path.write_bytes(bytes(data))
 
 
-def test_three_islands_train_assemble_verify_and_survive_a_dead_publisher(net, tmp_path, capsys):
+def test_three_islands_train_assemble_verify_and_survive_a_dead_and_a_lying_publisher(net, tmp_path, capsys,
+                                                                                     caplog):
     run_id = net.partition(BASE.format(k=3, steps=60, every=20, ttl=6))
     islands, maddr = start_swarm(net, run_id, 3)
     ev = net.wait_for(all_done(3), 240, "3 shards and the router")
@@ -73,14 +74,21 @@ def test_three_islands_train_assemble_verify_and_survive_a_dead_publisher(net, t
     assert main(["verify", str(tmp_path / "b1")]) != 0
     assert "expert_1/model.safetensors" in capsys.readouterr().err
 
-    # The publisher of shard 0 dies after its mirrors caught up: assembly still gets it from a mirror.
+    # Once the mirrors caught up, shard 0's publisher serves altered bytes under the registered hash (it is tried
+    # first, as the manifest's publisher), then dies: assembly gets the shard from a mirror both times, verified.
     publisher = next(p for p in islands if p.name == done[0].name)
     net.wait_for(lambda _ev: mirrored(net, publisher.name, 0, 60), 60, "a mirror of shard 0 at step 60")
+    flip_byte(ckpt.checkpoint_dir(publisher.work, 0, 60) / "expert" / "model.safetensors")
+    caplog.clear()
+    assert main(["assemble", "--initial-peers", maddr, "--run", run_id, "--out", str(tmp_path / "b2"),
+                 "--min-experts", "3"]) == 0
+    assert main(["verify", str(tmp_path / "b2")]) == 0
+    assert "sha256" in caplog.text or "mismatch" in caplog.text.lower(), "the altered copy was not noticed"
     net.kill(publisher)
     assert main(["assemble", "--initial-peers", net.wait_ready(next(p for p in islands if p.alive))["maddrs"][0],
-                 "--run", run_id, "--out", str(tmp_path / "b2"), "--min-experts", "3"]) == 0
-    assert main(["verify", str(tmp_path / "b2")]) == 0
-    assert read_index(tmp_path / "b2")["experts"][0]["step"] == 60
+                 "--run", run_id, "--out", str(tmp_path / "b3"), "--min-experts", "3"]) == 0
+    assert main(["verify", str(tmp_path / "b3")]) == 0
+    assert [e["step"] for e in read_index(tmp_path / "b3")["experts"]] == [60, 60, 60]
 
     # SIGTERM: every remaining island exits 0.
     codes = net.stop_all()
@@ -102,21 +110,7 @@ def mirrored(net: LocalNet, publisher: str, shard: int, step: int) -> bool:
     return False
 
 
-def test_tampered_copy_is_rejected_and_the_good_one_fetched(net, tmp_path, caplog):
-    run_id = net.partition(BASE.format(k=2, steps=40, every=20, ttl=6))
-    islands, maddr = start_swarm(net, run_id, 2)
-    ev = net.wait_for(all_done(2), 240, "2 shards and the router")
-    publisher = next(e.name for e in ev if e.kind is EventKind.DONE and e.shard == 0)
-    net.wait_for(lambda _ev: mirrored(net, publisher, 0, 40), 60, "a mirror of shard 0")
-    served = ckpt.checkpoint_dir(net.root / "islands" / publisher, 0, 40) / "expert" / "model.safetensors"
-    flip_byte(served)  # the publisher now serves altered bytes under the registered hash
-    assert main(["assemble", "--initial-peers", maddr, "--run", run_id, "--out", str(tmp_path / "b"),
-                 "--min-experts", "2"]) == 0
-    assert main(["verify", str(tmp_path / "b")]) == 0
-    assert "sha256" in caplog.text or "mismatch" in caplog.text.lower()
-
-
-def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
+def test_claim_race_has_one_winner_per_shard(net):
     run_id = net.partition(BASE.format(k=2, steps=5000, every=50, ttl=8))  # nobody finishes during the test
     first = net.start("island1", "--plan", str(net.root / "plan"))
     maddr = net.wait_ready(first)["maddrs"][0]
@@ -138,16 +132,7 @@ def test_claim_race_has_one_winner_per_shard_and_idle_islands_mirror(net):
     trainers = {e.name for e in ev if e.kind is EventKind.CLAIM}
     idle = [p for p in net.procs if p.name not in trainers]
     assert len(idle) == 2
-    # Mirrors: every shard's state is copied by R = 2 islands that do not train it (the rendezvous top 2 of the
-    # other three: an idle island, or the other shard's trainer). Not "each idle island holds a copy": an idle
-    # island ranked third for both shards holds none, as the placement rule says (2 runs in 9; a flake until
-    # 2026-12-03). 120 s: a mirror also fetches the data packs.
-    trainer_of = {e.shard: e.name for e in ev if e.kind is EventKind.CLAIM}
-
-    def copies(shard: int) -> list[str]:
-        return [p.name for p in net.procs if p.name != trainer_of[shard] and ckpt.latest_checkpoint(p.work, shard)]
-
-    net.wait_for(lambda _ev: all(len(copies(s)) >= 2 for s in (0, 1)), 120, "two mirrors of each shard")
+    # Where the idle islands' mirror copies go (R per shard, on the rendezvous top R) is tests/test_placement.py.
 
 
 @pytest.mark.slow  # ~45 s; the default suite's takeover, demo and short kill rounds cover a loss and its resume
