@@ -143,7 +143,8 @@ def test_compose_runs_end_to_end_survives_a_killed_island_and_restarts_cleanly(c
     bad = {s: (c["State"]["Status"], c["State"]["ExitCode"], c["RestartCount"]) for s, c in after.items()
            if c["RestartCount"] or (s != "assembler" and c["State"]["Status"] != "running")
            or c["State"]["ExitCode"] not in (0,)}
-    assert not bad, f"containers failing after the restart (status, exit code, restarts): {bad}"
+    since_restart = {s: compose("logs", "--no-color", "--since", since, s, check=False).stdout[-2000:] for s in bad}
+    assert not bad, f"containers failing after the restart (status, exit code, restarts): {bad}\n{since_restart}"
     assert state["ExitCode"] == 0
     for s in ["bootstrap", *ISLANDS]:
         assert "shard" in compose.logs(s), f"{s} logs nothing useful at INFO"

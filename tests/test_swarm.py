@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 
@@ -750,3 +751,43 @@ def test_a_dht_child_that_hangs_during_start_is_started_again(monkeypatch):
         assert live == {p.pid for p in dht_process.descendants(swarm.dht_pid)}  # the hung child is gone
     finally:
         swarm.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# joining as a client (assemble, status)
+
+
+def test_a_join_with_a_wait_outlasts_a_bootstrap_restart(tmp_path):
+    """`assemble --wait` while its only initial peer restarts (as in `docker compose restart`, where one docker test
+    run saw the assembler exit non-zero once and be restarted; a join that fails exits 1 at once): without a wait
+    the join fails at once with one line; with one it is tried again until the peer is back on the same address
+    (its libp2p key file and port)."""
+    from ddm_node.exchange.peers import join_swarm
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = tmp_path / "p2p.key"
+    boot = Swarm(Identity.generate(), H, port=port, identity_path=key)
+    maddr = boot.visible_maddrs()[0]
+    boot.shutdown()
+    with pytest.raises(DDMError, match="^cannot start the DHT") as err:
+        join_swarm([maddr], H)
+    assert "\n" not in str(err.value)
+
+    back: list[Swarm] = []
+    restart = threading.Timer(4.0, lambda: back.append(Swarm(Identity.generate(), H, port=port, identity_path=key)))
+    t0 = time.monotonic()
+    restart.start()
+    try:
+        joined = join_swarm([maddr], H, wait=60)
+        joined_s = time.monotonic() - t0
+        try:
+            assert back and back[0].visible_maddrs()[0] == maddr
+            assert joined_s >= 4.0, f"joined after {joined_s:.1f}s, before the peer was back"
+        finally:
+            joined.shutdown()
+    finally:
+        restart.join()
+        for swarm in back:
+            swarm.shutdown()

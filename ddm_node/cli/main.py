@@ -324,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", dest="run_id", required=True, metavar="RUN_ID")
     p.add_argument("--out", required=True)
     p.add_argument("--min-experts", type=positive("--min-experts"), default=1)
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for unfinished shards")
+    p.add_argument("--wait", type=float, default=0.0,
+                   help="seconds to wait for the swarm (a join no initial peer answers is tried again) and for "
+                        "unfinished shards")
     p.add_argument("--identity", help="key file for this peer's DHT records (default: a throwaway key)")
     p.set_defaults(func=cmd_assemble)
 

@@ -304,8 +304,10 @@ def run_assemble(initial_peers: list[str], run_id: str, out: str | Path, identit
                  min_experts: int = 1, wait: float = 0.0) -> int:
     """`ddm-node assemble`: join the run's swarm, fetch verified experts (and router), write the bundle."""
     _check_out(Path(out))
-    swarm = join_swarm(initial_peers, run_id, identity)
+    started = time.monotonic()
+    swarm = join_swarm(initial_peers, run_id, identity, wait=wait)
     try:
+        wait = max(0.0, wait - (time.monotonic() - started))
         plan = fetch_plan(swarm, run_id, timeout=max(PLAN_TIMEOUT, wait))
         out = assemble(swarm, plan, out, min_experts=min_experts, wait=wait)
     finally:

@@ -25,20 +25,32 @@ log = logging.getLogger(__name__)
 
 PLAN_POLL = 1.0  # seconds between plan look-ups while nobody serves it yet
 PLAN_CALL_TIMEOUT = 10.0  # seconds for one GetPlan call
+JOIN_RETRY, JOIN_RETRY_MAX = 2.0, 30.0  # seconds between joins that failed, doubling (join_swarm with a wait)
 
 
 def join_swarm(initial_peers: Sequence[str], run_id: str, identity: Identity | None = None,
-               host: str = "127.0.0.1") -> Swarm:
+               host: str = "127.0.0.1", wait: float = 0.0) -> Swarm:
     """A DHT peer of run `run_id` joined through `initial_peers` (multiaddrs); the caller shuts it down.
 
     Without `identity` a throwaway key is generated: a reader writes no records, so its key only
-    has to sign the validator's (unused) writes.
+    has to sign the validator's (unused) writes. With `wait` > 0, a join that fails (no initial peer
+    answers: the bootstrap is restarting, or not up yet) is tried again until `wait` seconds pass.
     """
     if not initial_peers:
         raise DDMError("give at least one --initial-peers multiaddr of a running peer")
     check_initial_peers(initial_peers, "--initial-peers")
-    return Swarm(identity or Identity.generate(), run_id, initial_peers=list(initial_peers), host=host,
-                 client_mode=True)
+    deadline, pause = time.monotonic() + max(0.0, wait), JOIN_RETRY
+    while True:
+        try:
+            return Swarm(identity or Identity.generate(), run_id, initial_peers=list(initial_peers), host=host,
+                         client_mode=True)
+        except DDMError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("%s; trying again in %.0f s (--wait: %.0f s left)", exc, min(pause, left), left)
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, JOIN_RETRY_MAX)
 
 
 def fetch_plan(swarm: Swarm, run_id: str, timeout: float = 20.0, stop: threading.Event | None = None) -> Plan:
