@@ -774,6 +774,10 @@ def test_a_join_with_a_wait_outlasts_a_bootstrap_restart(tmp_path):
     with pytest.raises(DDMError, match="^cannot start the DHT") as err:
         join_swarm([maddr], H)
     assert "\n" not in str(err.value)
+    t0 = time.monotonic()
+    with pytest.raises(DDMError, match="^run id must be 64"):  # bad input is not retried, whatever the wait
+        join_swarm([maddr], "nothex", wait=60)
+    assert time.monotonic() - t0 < 5
 
     back: list[Swarm] = []
     restart = threading.Timer(4.0, lambda: back.append(Swarm(Identity.generate(), H, port=port, identity_path=key)))

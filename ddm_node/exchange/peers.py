@@ -18,6 +18,7 @@ from ddm_node.core.identity import Identity
 from ddm_node.data.plan import Plan
 from ddm_node.exchange.fetch import describe
 from ddm_node.swarm.dht import Swarm
+from ddm_node.swarm.keys import check_run_id
 from ddm_node.swarm.own_addresses import check_initial_peers
 from ddm_node.transfer.client import NodeClient
 
@@ -39,6 +40,7 @@ def join_swarm(initial_peers: Sequence[str], run_id: str, identity: Identity | N
     if not initial_peers:
         raise DDMError("give at least one --initial-peers multiaddr of a running peer")
     check_initial_peers(initial_peers, "--initial-peers")
+    check_run_id(run_id)  # bad input fails at once; only a join nobody answers is tried again
     deadline, pause = time.monotonic() + max(0.0, wait), JOIN_RETRY
     while True:
         try:
